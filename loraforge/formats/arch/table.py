@@ -1,0 +1,82 @@
+"""The data model of an architecture table.
+
+An architecture is data: the list of checkpoint tensors (key, shape, dtype,
+component) and the list of LoRA-targetable modules (their kohya and diffusers
+names, the checkpoint key they live in, and their LoRA-Block-Weight block).
+Everything else - key maps, block-weight tables, synthetic models for tests
+and benchmarks - is derived from these two lists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+# Components a checkpoint tensor belongs to. SD1/SD2 have one text encoder
+# ("te"); SDXL has two ("te1" = CLIP ViT-L, "te2" = OpenCLIP ViT-bigG).
+COMPONENTS = ("unet", "te", "te1", "te2", "vae", "other")
+TEXT_ENCODERS = ("te", "te1", "te2")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a checkpoint."""
+
+    key: str  # checkpoint key, e.g. "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype code: "F32", "I64", ...
+    component: str  # one of COMPONENTS
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """One LoRA-targetable weight (a linear or conv layer, or a slice of a fused one)."""
+
+    kohya: str  # kohya module name, e.g. "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    diffusers: str  # diffusers/PEFT name with component prefix, e.g. "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    key: str  # checkpoint weight key this module modifies
+    rows: tuple[int, int] | None  # [start, stop) slice of the weight's first axis (fused qkv), else None
+    shape: tuple[int, ...]  # shape of the target: the weight, or its row slice
+    block: str  # LoRA-Block-Weight block id: "BASE", "IN00".."IN11", "M00", "OUT00".."OUT11"
+    component: str  # one of COMPONENTS (never "vae"/"other")
+    bias_key: str | None = None  # checkpoint bias key of the same layer (for .diff_b), if any
+
+    @property
+    def is_conv(self) -> bool:
+        return len(self.shape) == 4
+
+    @property
+    def is_text_encoder(self) -> bool:
+        return self.component in TEXT_ENCODERS
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A Stable Diffusion family member at one size ("full" or "tiny")."""
+
+    name: str  # "sd1", "sd2", "sdxl"
+    title: str  # "Stable Diffusion 1.x"
+    size: str  # "full" or "tiny" (same keys, small channel counts)
+    modelspec_architecture: str  # "stable-diffusion-v1", "stable-diffusion-v2-768-v", "stable-diffusion-xl-v1-base"
+    ss_base_model_version: str  # kohya metadata: "sd_v1", "sd_v2", "sdxl_base_v1-0"
+    tensors: tuple[TensorSpec, ...]
+    modules: tuple[ModuleSpec, ...]
+    # LoRA-Block-Weight forms: vector length -> the block id of each position.
+    block_forms: dict[int, tuple[str, ...]] = field(hash=False, compare=False)
+
+    @cached_property
+    def tensor_by_key(self) -> dict[str, TensorSpec]:
+        return {t.key: t for t in self.tensors}
+
+    @cached_property
+    def module_by_kohya(self) -> dict[str, ModuleSpec]:
+        return {m.kohya: m for m in self.modules}
+
+    @cached_property
+    def module_by_diffusers(self) -> dict[str, ModuleSpec]:
+        return {m.diffusers: m for m in self.modules}
+
+    @cached_property
+    def full_block_form(self) -> tuple[str, ...]:
+        """The longest form: it names every block."""
+        return self.block_forms[max(self.block_forms)]
