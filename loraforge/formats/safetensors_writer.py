@@ -1,0 +1,318 @@
+"""Streaming, atomic, reproducible .safetensors writer.
+
+The whole header is known up front (names, dtypes and shapes come from a
+plan), so it is written first and the tensors follow one at a time; nothing
+but the tensor being written is ever in memory. Bytes go to a temporary file
+next to the target while both the whole-file and the data-section sha256 are
+computed; ``commit`` fsyncs and renames it into place, so the target path only
+ever holds a complete file. See docs/safetensors.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import torch
+
+from loraforge.errors import BuildError
+from loraforge.formats import dtypes
+from loraforge.formats.safetensors_reader import LENGTH_PREFIX, MAX_HEADER_SIZE, METADATA_KEY
+
+BytesLike = Union[bytes, bytearray, memoryview]
+
+# Distinguishes temp files of several writers in one process.
+_temp_counter = itertools.count()
+
+
+class SafetensorsWriteError(ValueError):
+    """The caller broke the plan (wrong order, dtype, shape, metadata type): a bug in the caller."""
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One tensor the writer will receive, in file order."""
+
+    name: str
+    dtype: str  # safetensors dtype code
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * dtypes.itemsize(self.dtype)
+
+    @classmethod
+    def of(cls, name: str, tensor: torch.Tensor) -> TensorPlan:
+        return cls(name, dtypes.dtype_code(tensor.dtype), tuple(tensor.shape))
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    path: Path
+    size: int
+    sha256: str  # of the whole file
+    data_sha256: str  # of the bytes after the header (kohya sshs_model_hash)
+
+
+def encode_header(plan: Sequence[TensorPlan], metadata: Mapping[str, str] | None) -> bytes:
+    """The header JSON: metadata first (keys sorted), tensors in plan order, space-padded to a multiple of 8."""
+    _check_plan(plan)
+    header: dict[str, object] = {}
+    if metadata is not None:
+        header[METADATA_KEY] = {key: metadata[key] for key in sorted(_checked_metadata(metadata))}
+    offset = 0
+    for item in plan:
+        end = offset + item.nbytes
+        header[item.name] = {"dtype": item.dtype, "shape": list(item.shape), "data_offsets": [offset, end]}
+        offset = end
+    try:
+        text = json.dumps(header, ensure_ascii=False, separators=(",", ":"))
+        encoded = text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise SafetensorsWriteError(f"a tensor name or metadata string is not encodable as UTF-8: {error}") from None
+    encoded += b" " * (-len(encoded) % 8)
+    if len(encoded) > MAX_HEADER_SIZE:
+        raise SafetensorsWriteError(
+            f"the header would be {len(encoded)} bytes, over the {MAX_HEADER_SIZE}-byte limit readers enforce; "
+            "store less metadata"
+        )
+    return len(encoded).to_bytes(LENGTH_PREFIX, "little") + encoded
+
+
+def _checked_metadata(metadata: Mapping[str, str]) -> Mapping[str, str]:
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise SafetensorsWriteError(
+                f"safetensors metadata must map strings to strings, but {key!r} maps to a "
+                f"{type(value).__name__}; convert the value with str() or json.dumps()"
+            )
+    return metadata
+
+
+def _check_plan(plan: Sequence[TensorPlan]) -> None:
+    seen: set[str] = set()
+    for item in plan:
+        if not isinstance(item.name, str) or not item.name or item.name == METADATA_KEY:
+            raise SafetensorsWriteError(f"invalid tensor name {item.name!r} in the write plan")
+        if item.name in seen:
+            raise SafetensorsWriteError(f"tensor {item.name!r} appears twice in the write plan")
+        seen.add(item.name)
+        if not dtypes.is_known_code(item.dtype):
+            raise SafetensorsWriteError(f"tensor {item.name!r} has unknown dtype {item.dtype!r} in the write plan")
+        if not all(type(d) is int and d >= 0 for d in item.shape):
+            raise SafetensorsWriteError(f"tensor {item.name!r} has invalid shape {item.shape!r} in the write plan")
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A view of the tensor's bytes in C order; copies only if the tensor is not already contiguous on the CPU."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+class SafetensorsWriter:
+    """Write a planned set of tensors to ``path``, atomically.
+
+    Use as a context manager; leaving the block through an exception (or
+    calling ``abort``) deletes the temporary file and leaves ``path`` untouched.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        plan: Sequence[TensorPlan],
+        metadata: Mapping[str, str] | None = None,
+    ):
+        self.path = Path(path)
+        self.plan = tuple(plan)
+        header = encode_header(self.plan, metadata)
+        self.header_size = len(header)
+        self.size = self.header_size + sum(item.nbytes for item in self.plan)
+        self._file_hash = hashlib.sha256()
+        self._data_hash = hashlib.sha256()
+        self._index = 0  # plan position of the tensor being written
+        self._written = 0  # bytes of that tensor written so far
+        self._result: WriteResult | None = None
+        self._temp_path, self._handle = self._open_temp()
+        self._guarded(self._emit_header, header)
+
+    def _open_temp(self):
+        directory = self.path.parent
+        while True:
+            temp = directory / f".{self.path.name}.tmp-{os.getpid()}-{next(_temp_counter)}"
+            try:
+                return temp, open(temp, "xb")
+            except FileExistsError:
+                continue
+            except OSError as error:
+                raise BuildError(
+                    f"cannot create a temporary file in {directory} to write {self.path.name}: {error}. "
+                    "Check that the directory exists and is writable."
+                ) from None
+
+    def _emit_header(self, header: bytes) -> None:
+        self._handle.write(header)
+        self._file_hash.update(header)
+
+    def _emit(self, data: memoryview) -> None:
+        self._handle.write(data)
+        self._file_hash.update(data)
+        self._data_hash.update(data)
+
+    def _guarded(self, action, *args):
+        """Run an I/O step; on an OS error remove the temp file and explain."""
+        try:
+            return action(*args)
+        except OSError as error:
+            self.abort()
+            raise BuildError(
+                f"writing {self.path} failed: {error}. Check free disk space and permissions, then build again; "
+                "nothing was written at the target path."
+            ) from error
+
+    # ---- writing -----------------------------------------------------------
+
+    def _expect(self, name: str) -> TensorPlan:
+        if self._handle.closed:
+            raise SafetensorsWriteError(f"the writer for {self.path} is already committed or aborted")
+        if self._index >= len(self.plan):
+            raise SafetensorsWriteError(f"{name!r} is beyond the write plan of {self.path}: every tensor is written")
+        item = self.plan[self._index]
+        if name != item.name:
+            raise SafetensorsWriteError(
+                f"{self.path}: got tensor {name!r} but the plan expects {item.name!r} next (position {self._index})"
+            )
+        return item
+
+    def _as_bytes(self, item: TensorPlan, data: torch.Tensor | BytesLike, whole: bool) -> memoryview:
+        if isinstance(data, torch.Tensor):
+            code = dtypes.dtype_code(data.dtype)
+            if code != item.dtype:
+                raise SafetensorsWriteError(f"{self.path}: tensor {item.name!r} is {code}, the plan says {item.dtype}")
+            if whole and tuple(data.shape) != item.shape:
+                raise SafetensorsWriteError(
+                    f"{self.path}: tensor {item.name!r} has shape {tuple(data.shape)}, the plan says {item.shape}"
+                )
+            return _tensor_bytes(data)
+        return memoryview(data).cast("B")
+
+    def write(self, name: str, data: torch.Tensor | BytesLike) -> None:
+        """Write the whole next planned tensor (a tensor of the planned dtype and shape, or its raw bytes)."""
+        item = self._expect(name)
+        if self._written:
+            raise SafetensorsWriteError(f"{self.path}: tensor {name!r} was started with write_part; finish it so")
+        view = self._as_bytes(item, data, whole=True)
+        if len(view) != item.nbytes:
+            raise SafetensorsWriteError(
+                f"{self.path}: tensor {name!r} got {len(view)} bytes, the plan needs {item.nbytes}"
+            )
+        self._guarded(self._emit, view)
+        self._index += 1
+
+    def write_part(self, name: str, data: torch.Tensor | BytesLike) -> None:
+        """Append the next piece of the next planned tensor (C order); it is complete once all its bytes arrived."""
+        item = self._expect(name)
+        view = self._as_bytes(item, data, whole=False)
+        if self._written + len(view) > item.nbytes:
+            raise SafetensorsWriteError(
+                f"{self.path}: tensor {name!r} got {self._written + len(view)} bytes, the plan needs {item.nbytes}"
+            )
+        self._guarded(self._emit, view)
+        self._written += len(view)
+        if self._written == item.nbytes:
+            self._index += 1
+            self._written = 0
+
+    def _finish(self) -> None:
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+        os.replace(self._temp_path, self.path)
+        _fsync_directory(self.path.parent)
+
+    def commit(self) -> WriteResult:
+        """Check every planned tensor was written, make the file durable and move it onto the target path."""
+        if self._result is not None:
+            return self._result
+        if self._handle.closed:
+            raise SafetensorsWriteError(f"the writer for {self.path} was aborted; nothing to commit")
+        if self._index < len(self.plan):
+            missing = [item.name for item in self.plan[self._index :]]
+            self.abort()
+            raise SafetensorsWriteError(
+                f"{self.path}: {len(missing)} planned tensors were not written (first: {missing[0]!r}); "
+                "the file was discarded"
+            )
+        self._guarded(self._finish)
+        self._result = WriteResult(self.path, self.size, self._file_hash.hexdigest(), self._data_hash.hexdigest())
+        return self._result
+
+    @property
+    def result(self) -> WriteResult | None:
+        """The committed file's result (None before commit)."""
+        return self._result
+
+    def abort(self) -> None:
+        """Discard the temporary file; the target path is left as it was."""
+        if self._result is not None:
+            return
+        if not self._handle.closed:
+            self._handle.close()
+        try:
+            os.unlink(self._temp_path)
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif self._result is None:
+            self.commit()
+
+    def __del__(self) -> None:
+        # A writer dropped without commit must not leave its temp file behind.
+        handle = getattr(self, "_handle", None)
+        if handle is not None and self._result is None:
+            try:
+                self.abort()
+            except Exception:
+                pass
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename durable; not possible (nor needed) on Windows."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_file_order(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The data order safetensors.save_file uses: by dtype rank (descending), then by name."""
+    return sorted(tensors, key=lambda name: (-dtypes.save_file_rank(dtypes.dtype_code(tensors[name].dtype)), name))
+
+
+def save_tensors(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+) -> WriteResult:
+    """Write tensors in memory to a file, laid out exactly as safetensors.save_file lays them out."""
+    order = save_file_order(tensors)
+    plan = [TensorPlan.of(name, tensors[name]) for name in order]
+    with SafetensorsWriter(path, plan, metadata) as writer:
+        for name in order:
+            writer.write(name, tensors[name])
+        return writer.commit()
