@@ -1,0 +1,120 @@
+"""The `loraforge` command line.
+
+Each command is a thin layer: parse arguments, call the library, render the
+result. Errors a user can fix (loraforge.errors) are printed as one paragraph
+without a traceback and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from loraforge import __version__
+from loraforge.errors import LoraforgeError
+
+app = typer.Typer(
+    name="loraforge",
+    help="Declarative, reproducible builds of Stable Diffusion model releases.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+stdout = Console(highlight=False, soft_wrap=True)
+stderr = Console(stderr=True, highlight=False)
+
+
+def _fail(error: LoraforgeError) -> None:
+    stderr.print(f"[bold red]error:[/] {error}", markup=True, soft_wrap=True)
+    raise typer.Exit(error.exit_code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        stdout.print(f"loraforge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Declarative, reproducible builds of Stable Diffusion model releases."""
+
+
+@app.command()
+def inspect(
+    file: Path = typer.Argument(..., help="A .safetensors checkpoint or adapter."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """Identify a .safetensors file: architecture, adapter kind, ranks, blocks, metadata, hashes."""
+    from loraforge.inspect import inspect_file
+    from loraforge.render import render_inspect
+
+    try:
+        report = inspect_file(file)
+    except LoraforgeError as error:
+        _fail(error)
+    if as_json:
+        stdout.print_json(json.dumps(report))
+    else:
+        render_inspect(stdout, report)
+
+
+@app.command()
+def plan(
+    recipe: Path = typer.Argument(..., help="The recipe YAML file."),
+    targets: Optional[List[str]] = typer.Argument(None, help="Targets to plan (default: all)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a tree."),
+) -> None:
+    """Show what a build would do: inputs, targets, key matching, bytes, up-to-date status."""
+    from loraforge.plan.report import plan_report
+    from loraforge.render import render_plan
+
+    try:
+        report = plan_report(_plan(recipe, targets or []))
+    except LoraforgeError as error:
+        _fail(error)
+    if as_json:
+        stdout.print_json(json.dumps(report))
+    else:
+        render_plan(stdout, report)
+
+
+@app.command()
+def build(
+    recipe: Path = typer.Argument(..., help="The recipe YAML file."),
+    targets: Optional[List[str]] = typer.Argument(None, help="Targets to build, with what they need (default: all)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (overrides the recipe)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Build the recipe's targets; outputs are written atomically with provenance metadata."""
+    from loraforge.execute.build import run_build
+    from loraforge.render import BuildProgress, render_build_result
+
+    try:
+        build_plan = _plan(recipe, targets or [])
+        with BuildProgress(stderr, enabled=not quiet) as progress:
+            results = run_build(build_plan, device=device, progress=progress.for_target)
+    except LoraforgeError as error:
+        _fail(error)
+    except KeyboardInterrupt:
+        stderr.print("interrupted: no partial output was left behind.")
+        raise typer.Exit(130)
+    render_build_result(stdout, results)
+
+
+def _plan(recipe: Path, targets: list[str]):
+    from loraforge.plan.planner import plan_build
+    from loraforge.recipe.loader import load_recipe
+
+    return plan_build(load_recipe(recipe), targets)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

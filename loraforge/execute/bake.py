@@ -1,0 +1,182 @@
+"""Streaming bake executor: one base tensor in memory at a time.
+
+The base is read tensor by tensor in file order while a background thread
+reads ahead, so disk reads overlap with computing the current weight. Only
+the weights that adapters touch are computed; every other tensor is copied as
+raw bytes (or converted, when the save dtype differs). Adapter factors are
+read per module when their weight comes up, so memory stays at about one base
+tensor plus its deltas, whatever the checkpoint's size.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from loraforge.errors import BuildError
+from loraforge.formats.adapters import load_factors, module_delta
+from loraforge.formats.dtypes import torch_dtype
+from loraforge.formats.hashing import modelspec_hash
+from loraforge.formats.metadata import HASH_KEY, checkpoint_metadata, provenance_json, release_date
+from loraforge.formats.safetensors_reader import SafetensorsFile, open_safetensors
+from loraforge.formats.safetensors_writer import SafetensorsWriter, TensorPlan, WriteResult
+from loraforge.ops.bake import Contribution, bake_weight
+from loraforge.ops.deltas import dora_effective_delta
+from loraforge.plan.action_key import target_parameters_json
+from loraforge.plan.layout import OutputTensor, output_layout
+from loraforge.plan.model import BakeTarget, BuildPlan, ModuleApplication
+
+PREFETCH_DEPTH = 2  # tensors read ahead of the one being computed
+
+ProgressCallback = Callable[[int], None]  # called with the bytes just written
+
+
+@dataclass(frozen=True)
+class BakeResult:
+    target: str
+    written: WriteResult
+    baked_tensors: int
+    copied_tensors: int
+    converted_tensors: int
+
+
+def run_bake(
+    plan: BuildPlan,
+    target: BakeTarget,
+    device: torch.device,
+    on_progress: ProgressCallback = lambda nbytes: None,
+) -> BakeResult:
+    """Build one checkpoint target into its output path (atomically)."""
+    with ExitStack() as stack:
+        base = stack.enter_context(open_safetensors(target.base_path))
+        adapters = [stack.enter_context(open_safetensors(i.path)) for i in target.ingredients]
+        layout = output_layout(base, target.save, baked=target.applications)
+        _check_base_matches_plan(base, target)
+        target.output.parent.mkdir(parents=True, exist_ok=True)
+        writer = stack.enter_context(
+            SafetensorsWriter(
+                target.output,
+                [TensorPlan(t.name, t.dtype, t.shape) for t in layout],
+                _output_metadata(plan, target),
+            )
+        )
+        for entry, data in _prefetched(base, layout):
+            if entry.action == "bake":
+                data = _bake_tensor(data, target.applications[entry.name], adapters, device, torch_dtype(entry.dtype))
+            elif entry.action == "convert":
+                data = data.to(torch_dtype(entry.dtype))
+            writer.write(entry.name, data)
+            on_progress(entry.nbytes)
+        written = writer.commit(deferred_metadata={HASH_KEY: modelspec_hash})
+    counts = {action: sum(1 for t in layout if t.action == action) for action in ("bake", "copy", "convert")}
+    return BakeResult(target.name, written, counts["bake"], counts["copy"], counts["convert"])
+
+
+def _bake_tensor(
+    weight: torch.Tensor,
+    applications: Sequence[ModuleApplication],
+    adapters: Sequence[SafetensorsFile],
+    device: torch.device,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    weight = weight.to(device)
+    contributions = _contributions(weight, applications, adapters, device)
+    return bake_weight(weight, contributions, out_dtype).cpu()
+
+
+def _contributions(weight, applications, adapters, device) -> Iterator[Contribution]:
+    """Each application's scaled delta, computed lazily so only one is alive at a time."""
+    for application in applications:
+        factors = load_factors(adapters[application.ingredient], application.module, device=device)
+        rows = application.spec.rows
+        target = weight if rows is None else weight[rows[0]:rows[1]]
+        if application.part == "bias":
+            delta = factors["diff_b"].to(torch.float64)
+        else:
+            delta = module_delta(application.module, factors, tuple(target.shape))
+            if application.module.dora:
+                delta = dora_effective_delta(target.to(torch.float64), delta, factors["dora_scale"])
+        yield Contribution(application.coefficient, delta, rows)
+
+
+def _prefetched(base: SafetensorsFile, layout: Sequence[OutputTensor]) -> Iterator[tuple[OutputTensor, object]]:
+    """(entry, data) in layout order, reading up to PREFETCH_DEPTH tensors ahead.
+
+    Raw bytes for plain copies (no decode, no copy), tensors otherwise.
+    """
+
+    def load(entry: OutputTensor):
+        return base.read_bytes(entry.name) if entry.action == "copy" else base.read(entry.name)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraforge-read") as pool:
+        pending: deque = deque()
+        for entry in layout:
+            pending.append((entry, pool.submit(load, entry)))
+            if len(pending) > PREFETCH_DEPTH:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
+
+
+def _check_base_matches_plan(base: SafetensorsFile, target: BakeTarget) -> None:
+    for key, applications in target.applications.items():
+        if key not in base:
+            raise BuildError(
+                f"{base.path}: the base changed since planning: tensor {key} (targeted by "
+                f"{applications[0].module.name}) is missing. Re-run the build."
+            )
+
+
+def _output_metadata(plan: BuildPlan, target: BakeTarget) -> dict[str, str]:
+    recipe = plan.loaded.recipe
+    title = recipe.title or recipe.name
+    if target.name != recipe.name and len(recipe.targets) > 1:
+        title = f"{title} ({target.name})"
+    inputs = {name: plan.input_sha256[name] for name in recipe.dependencies(target.name) if name in plan.input_sha256}
+    return checkpoint_metadata(
+        target.architecture,
+        title=title,
+        date=release_date(recipe.date),
+        merged_from=[target.base, *(i.use for i in target.ingredients)],
+        provenance={
+            "action_key": target.action_key,
+            "inputs": provenance_json(inputs),
+            "recipe": _recipe_slice_json(plan, target.name),
+            "target": target.name,
+        },
+    )
+
+
+def _recipe_slice_json(plan: BuildPlan, name: str) -> str:
+    """The part of the recipe this target depends on (itself, its inputs, the targets it reads).
+
+    Only that part, so that editing an unrelated target does not change this output's bytes.
+    """
+    recipe = plan.loaded.recipe
+    names, stack = set(), [name]
+    while stack:
+        current = stack.pop()
+        if current not in names:
+            names.add(current)
+            if current in recipe.targets:
+                stack.extend(recipe.dependencies(current))
+    header = recipe.model_dump(mode="json", include={"loraforge", "name", "title", "date", "seed"})
+    return provenance_json(
+        {
+            **header,
+            "inputs": {n: recipe.inputs[n].model_dump(mode="json") for n in sorted(names) if n in recipe.inputs},
+            "targets": {
+                n: json.loads(target_parameters_json(plan.loaded, n))
+                for n in sorted(names)
+                if n in recipe.targets
+            },
+        }
+    )

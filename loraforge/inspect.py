@@ -1,0 +1,118 @@
+"""`loraforge inspect`: what a .safetensors file is, as plain data.
+
+The report is a JSON-ready dict; the CLI renders it as tables or prints it as
+JSON. Nothing here loads more than the header and (for adapters) the 0-d
+alpha tensors.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from loraforge.errors import FormatError
+from loraforge.formats.adapters import AdapterFile, parse_adapter
+from loraforge.formats.adapters.matching import detect_adapter_architecture, match_adapter
+from loraforge.formats.arch import detect_architecture
+from loraforge.formats.hashing import autov2, data_sha256, file_sha256
+from loraforge.formats.safetensors_reader import SafetensorsFile, open_safetensors
+
+
+def inspect_file(path: Path) -> dict:
+    with open_safetensors(path) as file:
+        report = {
+            "file": str(path),
+            "size": file.file_size,
+            "tensors": len(file),
+            "dtypes": dict(sorted(Counter(file.info(n).dtype for n in file.names()).items())),
+            "metadata": dict(sorted(file.metadata.items())),
+        }
+        report.update(_describe(file))
+    sha = file_sha256(path)
+    data = data_sha256(path)
+    report["hashes"] = {
+        "sha256": sha,
+        "autov2": autov2(sha),
+        "data_sha256": data,
+        "a1111_lora_hash": data[:12],
+    }
+    return report
+
+
+def _describe(file: SafetensorsFile) -> dict:
+    shapes = {name: tuple(file.info(name).shape) for name in file.names()}
+    try:
+        return _describe_checkpoint(file, detect_architecture(shapes))
+    except FormatError as checkpoint_error:
+        adapter = parse_adapter(file)
+        if not adapter.modules:
+            return {"kind": "unknown", "note": f"neither a checkpoint nor an adapter: {checkpoint_error}"}
+        return _describe_adapter(adapter)
+
+
+def _describe_checkpoint(file: SafetensorsFile, detection) -> dict:
+    arch = detection.architecture
+    components: dict[str, dict[str, int]] = {}
+    for name in file.names():
+        spec = arch.tensor_by_key.get(name)
+        component = spec.component if spec else "extra"
+        entry = components.setdefault(component, {"tensors": 0, "bytes": 0})
+        entry["tensors"] += 1
+        entry["bytes"] += file.info(name).nbytes
+    return {
+        "kind": "checkpoint",
+        "architecture": arch.name,
+        "architecture_title": arch.title,
+        "size_class": arch.size,
+        "inpaint": detection.inpaint,
+        "v_prediction": detection.v_prediction,
+        "components": dict(sorted(components.items())),
+        "missing_keys": list(detection.missing),
+        "extra_keys": list(detection.extra),
+    }
+
+
+def _describe_adapter(adapter: AdapterFile) -> dict:
+    try:
+        arch = detect_adapter_architecture(adapter)
+    except FormatError as error:
+        return {"kind": "adapter", "adapter_kind": adapter.kind, "modules": len(adapter.modules), "note": str(error)}
+    match = match_adapter(adapter, arch)
+    per_block = Counter(spec.block for _, spec in match.matched)
+    return {
+        "kind": "adapter",
+        "adapter_kind": adapter.kind,
+        "architecture": arch.name,
+        "architecture_title": arch.title,
+        "size_class": arch.size,
+        "modules": len(adapter.modules),
+        "conv_modules": sum(1 for m in adapter.modules if m.is_conv),
+        "text_encoder_modules": sum(1 for _, s in match.matched if s.is_text_encoder),
+        "modules_per_block": {b: per_block[b] for b in arch.full_block_form if per_block[b]},
+        "module_kinds": dict(sorted(Counter(_variant(m) for m in adapter.modules).items())),
+        "ranks": _histogram(m.rank for m in adapter.modules),
+        "alphas": _histogram(m.alpha for m in adapter.modules),
+        "unmatched_modules": sorted(m.name for m in match.unmatched),
+        "shape_mismatches": sorted(m.name for m, _ in match.shape_mismatches),
+        "unclaimed_keys": list(adapter.unclaimed),
+    }
+
+
+def _variant(module) -> str:
+    return module.kind + ("+tucker" if module.tucker else "") + ("+dora" if module.dora else "")
+
+
+def _histogram(values) -> dict[str, int]:
+    counts = Counter("none" if v is None else _number(v) for v in values)
+    return dict(sorted(counts.items(), key=lambda kv: (kv[0] == "none", _sort_number(kv[0]))))
+
+
+def _number(value) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _sort_number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return float("inf")

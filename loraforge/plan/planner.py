@@ -1,0 +1,320 @@
+"""Recipe -> BuildPlan: resolve names, order targets, match every adapter key.
+
+Planning reads only safetensors headers and the (small) adapter files' alpha
+values; it computes nothing. Every problem a user can fix is reported here,
+with the recipe line, before a single output byte is written.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from loraforge.errors import FormatError, LoraforgeError, PlanError
+from loraforge.formats.adapters import AdapterFile, parse_adapter
+from loraforge.formats.adapters.matching import detect_adapter_architecture, match_adapter
+from loraforge.formats.arch import Detection, detect_architecture
+from loraforge.formats.arch.block_weights import BlockWeightError, parse_block_weights
+from loraforge.formats.dtypes import precision_code
+from loraforge.formats.safetensors_reader import open_safetensors
+from loraforge.plan.action_key import bake_action_key
+from loraforge.plan.layout import output_layout
+from loraforge.plan.model import BakeTarget, BuildPlan, LoraIngredient, ModuleApplication
+from loraforge.recipe.loader import LoadedRecipe
+from loraforge.resolve.local import ResolvedInput, locate_input, verify_input
+
+MAX_LISTED = 8  # how many offending keys an error message lists before "and N more"
+
+
+def plan_build(loaded: LoadedRecipe, selected: Sequence[str] = ()) -> BuildPlan:
+    """Plan the selected targets (all when none are named) and what they depend on."""
+    recipe = loaded.recipe
+    order = _dependency_order(loaded)
+    wanted = _with_dependencies(loaded, selected or order)
+    order = [name for name in order if name in wanted]
+    inputs = _locate_inputs(loaded, order)
+    input_sha256 = {name: verify_input(inputs[name]) for name in sorted(inputs)}
+    _check_outputs(loaded, inputs, order)
+    planned: dict[str, BakeTarget] = {}
+    for name in order:
+        planned[name] = _plan_bake(loaded, name, inputs, input_sha256, planned)
+    skipped = tuple(name for name in recipe.targets if name not in wanted)
+    return BuildPlan(loaded, inputs, input_sha256, tuple(planned[n] for n in order), skipped)
+
+
+# --- target graph ------------------------------------------------------------
+
+
+def _dependency_order(loaded: LoadedRecipe) -> list[str]:
+    """Targets in an order where each comes after the targets it reads.
+
+    Ties keep recipe order, so the order (and so every log) is reproducible.
+    """
+    recipe = loaded.recipe
+    for name in recipe.targets:
+        for dep in recipe.dependencies(name):
+            if dep not in recipe.inputs and dep not in recipe.targets:
+                raise loaded.error(
+                    _reference_path(loaded, name, dep),
+                    f"'{dep}' is neither an input nor a target of this recipe.",
+                    f"Define it under `inputs:` or `targets:`, or fix the name "
+                    f"(inputs: {_names(recipe.inputs)}; targets: {_names(recipe.targets)}).",
+                )
+    order: list[str] = []
+    state: dict[str, str] = {}
+
+    def visit(name: str, chain: list[str]) -> None:
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "visiting":
+            cycle = chain[chain.index(name):] + [name]
+            raise loaded.error(
+                ("targets", name),
+                f"targets form a cycle: {' -> '.join(cycle)}.",
+                "A target cannot (directly or indirectly) read its own output; break the cycle.",
+            )
+        state[name] = "visiting"
+        for dep in recipe.dependencies(name):
+            if dep in recipe.targets:
+                visit(dep, chain + [name])
+        state[name] = "done"
+        order.append(name)
+
+    for name in recipe.targets:
+        visit(name, [])
+    return order
+
+
+def _with_dependencies(loaded: LoadedRecipe, names: Iterable[str]) -> set[str]:
+    recipe = loaded.recipe
+    wanted: set[str] = set()
+    stack = list(names)
+    while stack:
+        name = stack.pop()
+        if name not in recipe.targets:
+            raise PlanError(
+                f"{loaded.path}: there is no target named '{name}'. "
+                f"Targets in this recipe: {_names(recipe.targets)}."
+            )
+        if name not in wanted:
+            wanted.add(name)
+            stack.extend(d for d in recipe.dependencies(name) if d in recipe.targets)
+    return wanted
+
+
+def _reference_path(loaded: LoadedRecipe, target: str, ref: str) -> tuple:
+    """The recipe field that names `ref` inside `target` (for error positions)."""
+    spec = loaded.recipe.targets[target]
+    if spec.base == ref:
+        return ("targets", target, "base")
+    for i, lora in enumerate(spec.loras):
+        if lora.use == ref:
+            return ("targets", target, "loras", i, "use")
+    return ("targets", target)
+
+
+def _names(mapping) -> str:
+    return ", ".join(sorted(mapping)) or "(none)"
+
+
+# --- inputs and outputs ------------------------------------------------------
+
+
+def _locate_inputs(loaded: LoadedRecipe, order: Sequence[str]) -> dict[str, ResolvedInput]:
+    recipe = loaded.recipe
+    used = sorted({d for name in order for d in recipe.dependencies(name) if d in recipe.inputs})
+    located = {}
+    for name in used:
+        spec = recipe.inputs[name]
+        try:
+            located[name] = locate_input(name, spec.source, spec.sha256, loaded.root)
+        except LoraforgeError as error:
+            raise loaded.error(("inputs", name, "source"), str(error)) from None
+    return located
+
+
+def _check_outputs(loaded: LoadedRecipe, inputs: dict[str, ResolvedInput], order: Sequence[str]) -> None:
+    """Refuse outputs that would overwrite an input or another target's output."""
+    recipe = loaded.recipe
+    input_paths = {resolved.path: name for name, resolved in inputs.items()}
+    seen: dict[Path, str] = {}
+    for name in recipe.targets:
+        output = recipe.output_path(name, loaded.root).resolve()
+        if output in input_paths:
+            raise loaded.error(
+                ("targets", name, "output"),
+                f"the output {output} is the file of input '{input_paths[output]}'; "
+                "building would overwrite an input.",
+                "Choose another `output:` path (the default is dist/<target>.safetensors).",
+            )
+        if output in seen:
+            raise loaded.error(
+                ("targets", name, "output"),
+                f"targets '{seen[output]}' and '{name}' both write {output}.",
+                "Give each target its own `output:` path.",
+            )
+        seen[output] = name
+
+
+# --- one bake target ---------------------------------------------------------
+
+
+def _plan_bake(
+    loaded: LoadedRecipe,
+    name: str,
+    inputs: dict[str, ResolvedInput],
+    input_sha256: dict[str, str],
+    planned: dict[str, BakeTarget],
+) -> BakeTarget:
+    recipe = loaded.recipe
+    spec = recipe.targets[name]
+    base_path, structure_path, detection, base_bytes = _plan_base(loaded, name, inputs, planned)
+    ingredients, applications = [], {}
+    for index, lora in enumerate(spec.loras):
+        ingredient, module_applications = _plan_ingredient(loaded, name, index, inputs, detection)
+        ingredients.append(ingredient)
+        for application in module_applications:
+            key = application.spec.bias_key if application.part == "bias" else application.spec.key
+            applications.setdefault(key, []).append(application)
+    precision = recipe.effective_precision(name)
+    save = "same" if precision.save == "same" else precision_code(precision.save)
+    dependency_keys = {d: planned[d].action_key for d in recipe.dependencies(name) if d in planned}
+    dependency_hashes = {d: input_sha256[d] for d in recipe.dependencies(name) if d in input_sha256}
+    ordered = {key: tuple(applications[key]) for key in sorted(applications)}
+    return BakeTarget(
+        name=name,
+        base=spec.base,
+        base_path=base_path,
+        structure_path=structure_path,
+        output=recipe.output_path(name, loaded.root).resolve(),
+        detection=detection,
+        save=save,
+        device=recipe.effective_device(name),
+        ingredients=tuple(ingredients),
+        applications=ordered,
+        dependencies=tuple(d for d in recipe.dependencies(name) if d in recipe.targets),
+        action_key=bake_action_key(loaded, name, {**dependency_hashes, **dependency_keys}),
+        read_bytes=base_bytes + sum(i.path.stat().st_size for i in ingredients),
+        write_bytes=_estimated_output_bytes(structure_path, save),
+    )
+
+
+def _plan_base(loaded, name, inputs, planned) -> tuple[Path, Path, Detection, int]:
+    """Where the base comes from and what architecture it is."""
+    base = loaded.recipe.targets[name].base
+    if base in planned:
+        producer = planned[base]
+        return producer.output, producer.structure_path, producer.detection, producer.write_bytes
+    if base in loaded.recipe.targets:
+        raise loaded.error(("targets", name, "base"), f"target '{base}' cannot be used as a base here.")
+    path = inputs[base].path
+    try:
+        with open_safetensors(path) as base_file:
+            shapes = {n: base_file.info(n).shape for n in base_file.names()}
+        detection = detect_architecture(shapes)
+    except FormatError as error:
+        raise loaded.error(("targets", name, "base"), f"base '{base}' is not a usable checkpoint: {error}") from None
+    return path, path, detection, path.stat().st_size
+
+
+def _plan_ingredient(loaded, target, index, inputs, detection) -> tuple[LoraIngredient, list[ModuleApplication]]:
+    spec = loaded.recipe.targets[target]
+    lora = spec.loras[index]
+    where = ("targets", target, "loras", index)
+    if lora.use in loaded.recipe.targets:
+        raise loaded.error(
+            (*where, "use"),
+            f"target '{lora.use}' produces a checkpoint, not a LoRA, so it cannot be baked in.",
+            "Name a LoRA input (or a LoRA-producing target) here.",
+        )
+    resolved = inputs[lora.use]
+    adapter = _parse_adapter(loaded, where, resolved)
+    arch = detection.architecture
+    match = match_adapter(adapter, arch)
+    if adapter.modules and not match.matched:
+        raise loaded.error((*where, "use"), _architecture_mismatch(adapter, lora.use, arch, spec.base))
+    if match.shape_mismatches:
+        raise loaded.error((*where, "use"), _shape_mismatch_message(lora.use, adapter, match.shape_mismatches))
+    unmatched = tuple(sorted([m.name for m in match.unmatched] + list(adapter.unclaimed)))
+    if unmatched and not spec.allow_unmatched:
+        raise loaded.error(
+            (*where, "use"),
+            f"{len(unmatched)} key(s) of '{lora.use}' ({resolved.path.name}) map to nothing in the "
+            f"{arch.title} base: {_listing(unmatched)}.",
+            "Check that the LoRA was made for this base model, or set `allow_unmatched: true` on the "
+            "target to skip them (they are then listed by `loraforge plan`).",
+        )
+    blocks = _block_weights(loaded, (*where, "blocks"), lora.blocks, arch)
+    te = lora.strength if lora.te is None else lora.te
+    applications = []
+    for module, module_spec in match.matched:
+        try:
+            weight = blocks.weight(module_spec.block)
+        except BlockWeightError as error:
+            raise loaded.error((*where, "blocks"), f"{error} (module {module.name} of '{lora.use}')") from None
+        coefficient = (te if module_spec.is_text_encoder else lora.strength) * weight
+        if coefficient != 0.0:
+            applications.append(ModuleApplication(index, module, module_spec, coefficient))
+            if "diff_b" in module.keys and module_spec.bias_key:
+                applications.append(ModuleApplication(index, module, module_spec, coefficient, part="bias"))
+    ingredient = LoraIngredient(
+        index=index,
+        use=lora.use,
+        path=resolved.path,
+        strength=lora.strength,
+        te=te,
+        blocks=blocks,
+        adapter=adapter,
+        matched=len(match.matched),
+        applied=len(applications),
+        unmatched=unmatched,
+        blocks_used=dict(sorted(Counter(s.block for _, s in match.matched).items())),
+    )
+    return ingredient, applications
+
+
+def _parse_adapter(loaded, where, resolved: ResolvedInput) -> AdapterFile:
+    try:
+        with open_safetensors(resolved.path) as adapter_file:
+            return parse_adapter(adapter_file)
+    except FormatError as error:
+        raise loaded.error((*where, "use"), f"input '{resolved.name}' is not a usable adapter: {error}") from None
+
+
+def _block_weights(loaded, where, spec, arch):
+    try:
+        return parse_block_weights(spec, arch)
+    except BlockWeightError as error:
+        raise loaded.error(where, str(error)) from None
+
+
+def _architecture_mismatch(adapter: AdapterFile, use: str, arch, base: str) -> str:
+    try:
+        other = detect_adapter_architecture(adapter)
+        seen = f"it looks like a {other.title} adapter"
+    except FormatError:
+        seen = "its modules match no supported architecture"
+    return (
+        f"no module of '{use}' ({adapter.path}) matches the {arch.title} base '{base}': {seen}. "
+        "Use a LoRA made for the base's architecture, or a base of the LoRA's architecture."
+    )
+
+
+def _shape_mismatch_message(use, adapter, mismatches) -> str:
+    described = [f"{m.name} gives {tuple(m.delta_shape)}, {s.key} needs {tuple(s.shape)}" for m, s in mismatches]
+    return (
+        f"{len(mismatches)} module(s) of '{use}' ({adapter.path}) have shapes that do not fit the base: "
+        f"{_listing(described)}. The LoRA was made for a different model size or variant."
+    )
+
+
+def _listing(items: Sequence[str]) -> str:
+    shown = ", ".join(items[:MAX_LISTED])
+    return shown + (f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else "")
+
+
+def _estimated_output_bytes(structure_path: Path, save: str) -> int:
+    with open_safetensors(structure_path) as base_file:
+        layout = output_layout(base_file, save)
+    return sum(entry.nbytes for entry in layout)

@@ -1,0 +1,58 @@
+"""A BuildPlan as plain JSON-ready data (for `plan --json` and the rich view)."""
+
+from __future__ import annotations
+
+from loraforge.plan.model import BakeTarget, BuildPlan
+from loraforge.plan.status import output_status
+
+
+def plan_report(plan: BuildPlan) -> dict:
+    return {
+        "recipe": str(plan.loaded.path),
+        "inputs": {
+            name: {
+                "source": resolved.source,
+                "path": str(resolved.path),
+                "size": resolved.size,
+                "sha256": plan.input_sha256[name],
+            }
+            for name, resolved in sorted(plan.inputs.items())
+        },
+        "targets": [_target_report(target) for target in plan.targets],
+        "not_selected": list(plan.skipped),
+    }
+
+
+def _target_report(target: BakeTarget) -> dict:
+    return {
+        "name": target.name,
+        "kind": "checkpoint",
+        "status": output_status(target),
+        "base": target.base,
+        "architecture": target.architecture.name,
+        "output": str(target.output),
+        "save_dtype": target.save,
+        "device": target.device,
+        "depends_on": list(target.dependencies),
+        "action_key": target.action_key,
+        "read_bytes": target.read_bytes,
+        "write_bytes": target.write_bytes,
+        "weights_baked": len(target.applications),
+        "modules_per_block": target.modules_per_block(),
+        "loras": [
+            {
+                "use": ingredient.use,
+                "path": str(ingredient.path),
+                "adapter_kind": ingredient.adapter.kind,
+                "strength": ingredient.strength,
+                "te": ingredient.te,
+                "block_weights": dict(ingredient.blocks.weights),
+                "modules": len(ingredient.adapter.modules),
+                "matched": ingredient.matched,
+                "applied": ingredient.applied,
+                "modules_per_block": dict(ingredient.blocks_used),
+                "unmatched": list(ingredient.unmatched),
+            }
+            for ingredient in target.ingredients
+        ],
+    }
