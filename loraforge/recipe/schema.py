@@ -1,0 +1,421 @@
+"""The recipe v1 schema (pydantic v2).
+
+Every model forbids unknown fields and is frozen. Validators raise
+``PydanticCustomError`` of type :data:`CUSTOM_ERROR` whose context carries a
+``hint`` (how to fix it) and, for checks that span several fields, ``problems``:
+a tuple of ``(path suffix, reason, hint)`` so the loader can point at the exact
+key. The loader turns these into positioned :class:`loraforge.errors.RecipeError`.
+
+What is *not* checked here (the planner does it, with positions from the
+loader): that ``use:``/``base:`` name an existing input or target, that the
+graph has no cycles, and what a block-weight spec means for an architecture.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+from loraforge.recipe.sources import SourceSyntaxError, parse_source
+
+SCHEMA_VERSION = 1
+CUSTOM_ERROR = "loraforge"
+
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
+NAME_MAX_LENGTH = 100
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda|cuda:[0-9]+")
+SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes a signed 64-bit seed
+
+COMPUTE_DTYPES = ("float32", "float64")
+SAVE_DTYPES = ("float16", "bfloat16", "float32", "same")
+# Spellings people use elsewhere (kohya, A1111) mapped to ours, for hints.
+DTYPE_ALIASES = {
+    "fp16": "float16", "half": "float16", "f16": "float16",
+    "bf16": "bfloat16",
+    "fp32": "float32", "float": "float32", "f32": "float32", "single": "float32",
+    "fp64": "float64", "double": "float64", "f64": "float64",
+}
+
+
+def custom_error(reason: str, hint: str = "", problems: tuple = ()) -> PydanticCustomError:
+    """A validation error with a fix-it hint (and optional per-key sub-problems)."""
+    return PydanticCustomError(CUSTOM_ERROR, "{reason}", {"reason": reason, "hint": hint, "problems": problems})
+
+
+def describe_value(value: Any) -> str:
+    """How a YAML value reads to the user: 'the text "0.8"', 'true', 'a list'."""
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, str):
+        return f"the text {value!r}"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    if value is None:
+        return "an empty value (null)"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+# --- field validators (run before pydantic's own type check) ---------------
+
+
+def _check_name(value: Any) -> str:
+    if not isinstance(value, str):
+        raise custom_error(
+            f"a name must be text, got {describe_value(value)}",
+            "use lowercase letters, digits, '-', '_' and '.', e.g. neon-noir; quote it if YAML reads it as a number or boolean",
+        )
+    if len(value) > NAME_MAX_LENGTH or not NAME_PATTERN.fullmatch(value):
+        suggestion = re.sub(r"[^a-z0-9._-]+", "-", value.lower()).strip("-._") or "my-name"
+        raise custom_error(
+            f"the name {value!r} is not allowed",
+            f"names start with a lowercase letter or digit and contain only a-z, 0-9, '-', '_' and '.' "
+            f"(at most {NAME_MAX_LENGTH} characters); for example {suggestion!r}",
+        )
+    return value
+
+
+def _check_real(value: Any) -> float:
+    if isinstance(value, bool):
+        raise custom_error(f"expected a number, got {describe_value(value)}", "write a number such as 0.8 (YAML reads yes/no/on/off as booleans)")
+    if isinstance(value, str):
+        hint = "write a number such as 0.8"
+        try:
+            float(value)
+            hint = f"remove the quotes: write {value.strip()} instead of {value!r}"
+        except ValueError:
+            pass
+        raise custom_error(f"expected a number, got {describe_value(value)}", hint)
+    if not isinstance(value, (int, float)):
+        raise custom_error(f"expected a number, got {describe_value(value)}", "write a number such as 0.8")
+    if not math.isfinite(value):
+        raise custom_error(f"expected a finite number, got {value!r}", "write an ordinary number such as 0.8")
+    return float(value)
+
+
+def _check_schema_version(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise custom_error(f"the schema version must be the number {SCHEMA_VERSION}, got {describe_value(value)}", f"write loraforge: {SCHEMA_VERSION}")
+    if value != SCHEMA_VERSION:
+        raise custom_error(
+            f"unsupported recipe schema version {value}; this loraforge reads version {SCHEMA_VERSION}",
+            f"write loraforge: {SCHEMA_VERSION}, or use the loraforge release that introduced version {value}",
+        )
+    return value
+
+
+def _check_seed(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise custom_error(f"the seed must be a whole number, got {describe_value(value)}", "write e.g. seed: 0")
+    if not 0 <= value < SEED_LIMIT:
+        raise custom_error(f"the seed {value} is out of range", f"use a whole number from 0 to {SEED_LIMIT - 1}")
+    return value
+
+
+def _check_device(value: Any) -> str:
+    if not isinstance(value, str) or not DEVICE_PATTERN.fullmatch(value):
+        raise custom_error(
+            f"unknown device {value!r}" if isinstance(value, str) else f"the device must be text, got {describe_value(value)}",
+            "use one of: auto, cpu, cuda, cuda:N (N = GPU index, e.g. cuda:0)",
+        )
+    return value
+
+
+def _choice_checker(allowed: tuple[str, ...], what: str):
+    def check(value: Any) -> str:
+        if isinstance(value, str) and value in allowed:
+            return value
+        hint = "use one of: " + ", ".join(allowed)
+        alias = DTYPE_ALIASES.get(value.lower()) if isinstance(value, str) else None
+        if alias in allowed:
+            hint = f"write {alias} instead of {value!r} ({hint})"
+        shown = repr(value) if isinstance(value, str) else describe_value(value)
+        raise custom_error(f"unknown {what} {shown}", hint)
+
+    return check
+
+
+def _check_sha256(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+        shown = f"{len(value)} characters" if isinstance(value, str) else describe_value(value)
+        raise custom_error(
+            f"a sha256 must be 64 hexadecimal digits, got {shown}",
+            "copy the full SHA256 of the file (e.g. from `sha256sum` or the Civitai/Hugging Face file page), quoted",
+        )
+    return value.lower()
+
+
+def _check_source(value: Any) -> str:
+    if not isinstance(value, str):
+        raise custom_error(f"the source must be text, got {describe_value(value)}", "give a file path or a URL such as hf://org/repo@main/file.safetensors")
+    try:
+        parse_source(value)
+    except SourceSyntaxError as error:
+        raise custom_error(str(error), error.hint) from None
+    return value
+
+
+def _check_date(value: Any) -> str:
+    # YAML reads an unquoted 2026-11-01 as a date; accept it and keep the ISO text.
+    if isinstance(value, _dt.date) and not isinstance(value, _dt.datetime):
+        return value.isoformat()
+    if isinstance(value, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+        try:
+            return _dt.date.fromisoformat(value).isoformat()
+        except ValueError:
+            pass
+    raise custom_error(f"the date must be a calendar date YYYY-MM-DD, got {describe_value(value)}", 'write e.g. date: "2026-11-01"')
+
+
+def _check_text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise custom_error(f"expected text, got {describe_value(value)}", "quote the value")
+    return value
+
+
+def _check_output(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip() or "\x00" in value:
+        raise custom_error(f"the output must be a file path, got {describe_value(value)}", "write e.g. output: dist/model.safetensors")
+    if not value.endswith(".safetensors"):
+        raise custom_error(f"the output {value!r} does not end in .safetensors", "loraforge writes safetensors only; name the file <something>.safetensors")
+    return value
+
+
+def _check_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise custom_error(f"expected true or false, got {describe_value(value)}", "write true or false without quotes")
+    return value
+
+
+def _check_blocks(value: Any) -> str | tuple[float, ...] | dict[str, float]:
+    """Check the *shape* of a block-weight spec; its meaning needs the architecture."""
+    hint = 'give a preset name (e.g. OUTD), a list of numbers, or a mapping such as {default: 0, IN04: 0.5, "OUT03-OUT06": 1}'
+    if isinstance(value, str):
+        if not value.strip():
+            raise custom_error("the block weights are empty", hint)
+        return value
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise custom_error("the block-weight list is empty", hint)
+        return tuple(_block_number(item, f"item {index}") for index, item in enumerate(value))
+    if isinstance(value, Mapping):
+        if not value:
+            raise custom_error("the block-weight mapping is empty", hint)
+        return {_block_key(key): _block_number(number, f"block {key!r}") for key, number in value.items()}
+    raise custom_error(f"block weights must be a preset, a list or a mapping, got {describe_value(value)}", hint)
+
+
+def _block_key(key: Any) -> str:
+    if not isinstance(key, str):
+        raise custom_error(f"block ids are text such as IN04 or OUT03-OUT06, got {describe_value(key)}", "write the block id, e.g. IN04: 0.5")
+    return key
+
+
+def _block_number(value: Any, where: str) -> float:
+    try:
+        return _check_real(value)
+    except PydanticCustomError as error:
+        raise custom_error(f"block weight {where}: {error.context['reason']}", error.context["hint"]) from None
+
+
+Name = Annotated[str, BeforeValidator(_check_name)]
+RealNumber = Annotated[float, BeforeValidator(_check_real)]
+Device = Annotated[str, BeforeValidator(_check_device)]
+Text = Annotated[str, BeforeValidator(_check_text)]
+StrictFlag = Annotated[bool, BeforeValidator(_check_bool)]
+ComputeDtype = Annotated[Literal["float32", "float64"], BeforeValidator(_choice_checker(COMPUTE_DTYPES, "compute precision"))]
+SaveDtype = Annotated[Literal["float16", "bfloat16", "float32", "same"], BeforeValidator(_choice_checker(SAVE_DTYPES, "save precision"))]
+# The raw spec, normalised only in form (numbers become floats, lists tuples).
+BlockSpec = Annotated[Union[str, tuple[float, ...], dict[str, float]], BeforeValidator(_check_blocks)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- models ------------------------------------------------------------------
+
+
+class PrecisionOverride(_Strict):
+    """A per-target precision: each field left out inherits the recipe's."""
+
+    compute: ComputeDtype | None = None
+    save: SaveDtype | None = None
+
+
+class Precision(_Strict):
+    """Numeric policy. ``save: same`` keeps each base tensor's dtype."""
+
+    compute: ComputeDtype = "float32"
+    save: SaveDtype = "same"
+
+    def merged_with(self, override: PrecisionOverride | Precision | None) -> Precision:
+        """This precision with every field the override sets replaced."""
+        if override is None:
+            return self
+        changes = {name: getattr(override, name) for name in override.model_fields_set if getattr(override, name) is not None}
+        return self.model_copy(update=changes)
+
+
+class InputSpec(_Strict):
+    """A file the recipe reads. ``source`` is kept exactly as written."""
+
+    source: Annotated[str, BeforeValidator(_check_source)]
+    sha256: Annotated[str, BeforeValidator(_check_sha256)] | None = None
+
+
+class LoraUse(_Strict):
+    """One adapter applied by a target, with its strengths and block weights."""
+
+    use: Name
+    strength: RealNumber = Field(1.0, validation_alias=AliasChoices("strength", "ratio"))
+    te: RealNumber | None = None
+    blocks: BlockSpec | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strength_xor_ratio(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "strength" in data and "ratio" in data:
+            reason = "both 'strength' and its alias 'ratio' are given"
+            hint = "keep only one of them (ratio is another name for strength)"
+            raise custom_error(reason, hint, problems=((("ratio",), reason, hint),))
+        return data
+
+    @property
+    def te_strength(self) -> float:
+        """The text-encoder strength: ``te`` if given, else ``strength``."""
+        return self.strength if self.te is None else self.te
+
+
+class _TargetBase(_Strict):
+    """Fields every target kind has."""
+
+    output: Annotated[str, BeforeValidator(_check_output)] | None = None
+    precision: PrecisionOverride | None = None
+    device: Device | None = None
+
+    def dependencies(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+
+class CheckpointTarget(_TargetBase):
+    """Bake LoRAs into a base checkpoint."""
+
+    kind: Literal["checkpoint"]
+    base: Name
+    loras: tuple[LoraUse, ...] = ()
+    allow_unmatched: StrictFlag = False
+
+    def dependencies(self) -> tuple[str, ...]:
+        return _unique((self.base, *(lora.use for lora in self.loras)))
+
+
+# New kinds ("lora", "extract") join this union; ``kind`` picks the model.
+Target = Annotated[Union[CheckpointTarget], Field(discriminator="kind")]
+TARGET_KINDS = ("checkpoint",)
+
+
+class Recipe(_Strict):
+    """A whole recipe file."""
+
+    loraforge: Annotated[int, BeforeValidator(_check_schema_version)]
+    name: Name
+    title: Text | None = None  # filled with ``name`` when absent
+    description: Text | None = None
+    date: Annotated[str, BeforeValidator(_check_date)] | None = None
+    seed: Annotated[int, BeforeValidator(_check_seed)] = 0
+    device: Device = "auto"
+    precision: Precision = Precision()
+    inputs: dict[Name, InputSpec] = Field(min_length=1)
+    targets: dict[Name, Target] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _title_defaults_to_name(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "title" not in data and "name" in data:
+            return {**data, "title": data["name"]}
+        return data
+
+    @model_validator(mode="after")
+    def _names_and_outputs_are_unique(self) -> Recipe:
+        problems = [*self._name_clashes(), *self._output_clashes()]
+        if problems:
+            raise custom_error("; ".join(reason for _, reason, _ in problems), problems[0][2], problems=tuple(problems))
+        return self
+
+    def _name_clashes(self) -> list[tuple]:
+        return [
+            (
+                ("targets", name),
+                f"the name {name!r} is used by an input and by a target",
+                "inputs and targets share one namespace; rename the target or the input",
+            )
+            for name in self.targets
+            if name in self.inputs
+        ]
+
+    def _output_clashes(self) -> list[tuple]:
+        first_writer: dict[str, str] = {}
+        problems = []
+        for name in self.targets:
+            output = self.default_output(name)
+            normalised = os.path.normpath(output)
+            if normalised in first_writer:
+                problems.append(
+                    (
+                        ("targets", name, "output") if self.targets[name].output else ("targets", name),
+                        f"targets {first_writer[normalised]!r} and {name!r} both write {output!r}",
+                        "give each target its own output path",
+                    )
+                )
+            else:
+                first_writer[normalised] = name
+        return problems
+
+    # --- helpers for later stages ---------------------------------------
+
+    def default_output(self, target_name: str) -> str:
+        """The target's output path as written, or dist/<target>.safetensors."""
+        return self.targets[target_name].output or f"dist/{target_name}.safetensors"
+
+    def output_path(self, target_name: str, root: Path) -> Path:
+        """Where the target is written: its output path resolved against ``root``."""
+        return Path(root) / self.default_output(target_name)
+
+    def effective_precision(self, target_name: str) -> Precision:
+        return self.precision.merged_with(self.targets[target_name].precision)
+
+    def effective_device(self, target_name: str) -> str:
+        return self.targets[target_name].device or self.device
+
+    def dependencies(self, target_name: str) -> tuple[str, ...]:
+        """Input and target names the target reads, first use first, no repeats."""
+        return self.targets[target_name].dependencies()
+
+    def canonical_json(self) -> str:
+        """The recipe with defaults filled in as stable, compact JSON (provenance).
+
+        Keys are sorted, numbers are in Python's shortest round-trip form, and
+        each target's output is the effective (default-filled) path, so two
+        recipes that mean the same thing give the same bytes.
+        """
+        data = self.model_dump(mode="json")
+        for name, target in data["targets"].items():
+            target["output"] = self.default_output(name)
+        return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def _unique(names: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(names))
