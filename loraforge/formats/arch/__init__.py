@@ -1,1 +1,25 @@
+"""Architecture tables (SD 1.x, SD 2.x, SDXL base), detection and block weights.
 
+    get_architecture(name, size="full") -> Architecture
+    detect_architecture({key: shape}) -> Detection
+    parse_block_weights(spec, arch) -> BlockWeights   (block_weights.py)
+"""
+
+from .detect import Detection, detect_architecture
+from .registry import ARCHITECTURE_NAMES, SIZES, UnknownArchitectureError, get_architecture, get_config
+from .table import COMPONENTS, TEXT_ENCODERS, Architecture, ModuleSpec, TensorSpec
+
+__all__ = [
+    "ARCHITECTURE_NAMES",
+    "COMPONENTS",
+    "SIZES",
+    "TEXT_ENCODERS",
+    "Architecture",
+    "Detection",
+    "ModuleSpec",
+    "TensorSpec",
+    "UnknownArchitectureError",
+    "detect_architecture",
+    "get_architecture",
+    "get_config",
+]
