@@ -1,0 +1,237 @@
+"""Per-block LoRA strengths (LoRA Block Weight convention) from a recipe spec.
+
+A spec is one of:
+
+* ``None``: every block at 1.0;
+* a preset name (``PRESETS``, the 17-value presets of the LoRA Block Weight
+  extension);
+* a vector, as a list of numbers or a comma-separated string, whose length is
+  one of the architecture's forms (SD 1.x/2.x: 17 or 26, SDXL: 12 or 20);
+* a mapping of block ids, inclusive ranges within one prefix (``OUT03-OUT06``)
+  and an optional ``default`` to numbers.
+
+The result names a weight for some blocks. A block that the spec does not name
+has no weight at all: asking for it is an error (never a silent 0 or 1), so a
+17-value vector cannot quietly skip a LoCon layer that lives in IN00.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from ...errors import PlanError
+from .blocks import SD_BLOCKS_17
+from .table import Architecture
+
+
+class BlockWeightError(PlanError):
+    """A block-weight spec that is malformed or does not cover a block that is needed."""
+
+
+# The presets of the LoRA Block Weight extension, in the SD 1.x/2.x 17-value form
+# (BASE, IN01, IN02, IN04, IN05, IN07, IN08, M00, OUT03 ... OUT11).
+PRESETS: dict[str, tuple[float, ...]] = {
+    "NONE": (0.0,) * 17,
+    "ALL": (1.0,) * 17,
+    "INS": (1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+    "IND": (1, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+    "INALL": (1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+    "MIDD": (1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0),
+    "OUTD": (1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0),
+    "OUTS": (1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1),
+    "OUTALL": (1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1),
+    "ALL0.5": (0.5,) * 17,
+}
+PRESETS = {name: tuple(float(v) for v in values) for name, values in PRESETS.items()}
+PRESET_FORM: tuple[str, ...] = SD_BLOCKS_17
+
+# Presets whose value is the same for every block carry over to any form of any
+# architecture; the others describe positions in the SD 1.x/2.x UNet and have
+# no SDXL meaning (SDXL has other levels), so they are refused there.
+UNIFORM_PRESETS: tuple[str, ...] = tuple(name for name, values in PRESETS.items() if len(set(values)) == 1)
+
+DEFAULT_KEY = "default"
+_BLOCK_ID = re.compile(r"^(BASE|M|IN|OUT)(\d\d)?$")
+
+
+@dataclass(frozen=True)
+class BlockWeights:
+    """The weight of each block a spec names (in the order of the architecture's full form)."""
+
+    weights: Mapping[str, float]
+    description: str = "block weights"  # how the spec was given, for error messages
+    valid_forms: tuple[int, ...] = ()  # the architecture's vector lengths, for error messages
+
+    def covers(self, block: str) -> bool:
+        return block in self.weights
+
+    def weight(self, block: str) -> float:
+        if block in self.weights:
+            return self.weights[block]
+        full = max(self.valid_forms, default=0)
+        raise BlockWeightError(
+            f"The block weights ({self.description}) name no weight for block {block}, which this adapter "
+            f"modifies. Give the {full}-value form, which names every block, or a mapping such as "
+            f"{{default: 1, {block}: 0.5}}."
+        )
+
+    def __hash__(self) -> int:
+        return hash((tuple(self.weights.items()), self.description))
+
+
+def parse_block_weights(spec: object, arch: Architecture) -> BlockWeights:
+    """Turn a recipe's ``blocks:`` value into per-block weights for ``arch``."""
+    full_form = arch.full_block_form
+    if spec is None:
+        return _result(dict.fromkeys(full_form, 1.0), "default: every block 1.0", arch)
+    if isinstance(spec, str):
+        return _parse_string(spec.strip(), arch)
+    if isinstance(spec, Mapping):
+        return _parse_mapping(spec, arch)
+    if isinstance(spec, Sequence) and not isinstance(spec, (bytes, bytearray)):
+        values = [_number(value, f"position {i + 1} of the block-weight vector") for i, value in enumerate(spec)]
+        return _from_vector(values, arch, f"{len(values)}-value vector")
+    raise BlockWeightError(
+        f"Block weights must be a preset name, a list of numbers, a comma-separated string of numbers or a "
+        f"mapping of block ids to numbers; got {spec!r} ({type(spec).__name__}). "
+        f"Presets: {', '.join(PRESETS)}."
+    )
+
+
+def _result(weights: dict[str, float], description: str, arch: Architecture) -> BlockWeights:
+    ordered = {block: weights[block] for block in arch.full_block_form if block in weights}
+    return BlockWeights(MappingProxyType(ordered), description, tuple(sorted(arch.block_forms, reverse=True)))
+
+
+def _valid_lengths(arch: Architecture) -> str:
+    return " or ".join(str(n) for n in sorted(arch.block_forms, reverse=True))
+
+
+def _parse_string(text: str, arch: Architecture) -> BlockWeights:
+    preset = {name.upper(): name for name in PRESETS}.get(text.upper())
+    if preset is not None:
+        return _from_preset(preset, arch)
+    if "," not in text:
+        raise BlockWeightError(
+            f"Unknown block-weight preset {text!r}. Presets: {', '.join(PRESETS)}; or give a vector of "
+            f"{_valid_lengths(arch)} comma-separated numbers for {arch.title}, or a mapping such as "
+            "{default: 0, IN04: 0.5, OUT03-OUT06: 1}."
+        )
+    values = [_number(part.strip(), f"position {i + 1} of the block-weight vector {text!r}")
+              for i, part in enumerate(text.split(","))]
+    return _from_vector(values, arch, f"{len(values)}-value vector")
+
+
+def _from_preset(name: str, arch: Architecture) -> BlockWeights:
+    values = PRESETS[name]
+    if len(PRESET_FORM) in arch.block_forms and arch.block_forms[len(PRESET_FORM)] == PRESET_FORM:
+        return _result(dict(zip(PRESET_FORM, values)), f"preset {name}", arch)
+    if name in UNIFORM_PRESETS:
+        short_form = arch.block_forms[min(arch.block_forms)]
+        return _result(dict.fromkeys(short_form, values[0]), f"preset {name}", arch)
+    raise BlockWeightError(
+        f"Block-weight preset {name} is defined for the 17 blocks of SD 1.x/2.x and has no meaning for "
+        f"{arch.title}, whose UNet has different levels. Presets valid for {arch.title}: "
+        f"{', '.join(UNIFORM_PRESETS)}; otherwise give a vector of {_valid_lengths(arch)} numbers or a mapping "
+        "such as {default: 0, IN04: 1, OUT00-OUT02: 0.5}."
+    )
+
+
+def _from_vector(values: list[float], arch: Architecture, description: str) -> BlockWeights:
+    form = arch.block_forms.get(len(values))
+    if form is None:
+        raise BlockWeightError(
+            f"A block-weight vector for {arch.title} must have {_valid_lengths(arch)} values; this one has "
+            f"{len(values)}. The {len(arch.full_block_form)}-value form is "
+            f"{', '.join(arch.full_block_form)}; the short form is "
+            f"{', '.join(arch.block_forms[min(arch.block_forms)])}."
+        )
+    return _result(dict(zip(form, values)), description, arch)
+
+
+def _parse_mapping(spec: Mapping, arch: Architecture) -> BlockWeights:
+    full_form = arch.full_block_form
+    named: dict[str, float] = {}
+    default = None
+    for raw_key, raw_value in spec.items():
+        key = str(raw_key).strip()
+        value = _number(raw_value, f"block weight {key!r}")
+        if key.lower() == DEFAULT_KEY:
+            default = value
+            continue
+        for block in _expand_key(key.upper(), arch):
+            if block in named:
+                raise BlockWeightError(
+                    f"Block {block} is given twice in the block-weight mapping (again by {key!r}). "
+                    "Name each block once; use 'default' for the blocks you do not list."
+                )
+            named[block] = value
+    weights = dict.fromkeys(full_form, default) if default is not None else {}
+    weights.update(named)
+    shown = ", ".join(f"{k}: {v}" for k, v in spec.items())
+    return _result(weights, f"mapping {{{shown}}}", arch)
+
+
+def _expand_key(key: str, arch: Architecture) -> list[str]:
+    """A block id, or an inclusive range of ids with the same prefix, in form order."""
+    full_form = arch.full_block_form
+    if "-" not in key:
+        _check_block(key, arch)
+        return [key]
+    start, _, stop = (part.strip() for part in key.partition("-"))
+    _check_block(start, arch, within=key)
+    _check_block(stop, arch, within=key)
+    if _prefix(start) != _prefix(stop):
+        raise BlockWeightError(
+            f"Block range {key!r} crosses from {_prefix(start)} to {_prefix(stop)} blocks; a range must stay "
+            f"within one prefix (IN..IN or OUT..OUT). Split it into one entry per prefix, e.g. "
+            f"'{start}-{_edge_of(start, arch, last=True)}' and '{_edge_of(stop, arch, last=False)}-{stop}' "
+            "(and M00 on its own if it lies between)."
+        )
+    first, last = full_form.index(start), full_form.index(stop)
+    if first > last:
+        raise BlockWeightError(f"Block range {key!r} runs backwards; write it as '{stop}-{start}'.")
+    return list(full_form[first:last + 1])
+
+
+def _prefix(block: str) -> str:
+    match = _BLOCK_ID.match(block)
+    return match.group(1) if match else block
+
+
+def _edge_of(block: str, arch: Architecture, last: bool) -> str:
+    """The last (or first) block id with the same prefix as ``block``."""
+    same_prefix = [b for b in arch.full_block_form if _prefix(b) == _prefix(block)]
+    return same_prefix[-1] if last else same_prefix[0]
+
+
+def _check_block(block: str, arch: Architecture, within: str | None = None) -> None:
+    if block in arch.full_block_form:
+        return
+    where = f" in range {within!r}" if within else ""
+    raise BlockWeightError(
+        f"Unknown block id {block!r}{where} for {arch.title}. Valid block ids: "
+        f"{', '.join(arch.full_block_form)} (ranges such as 'OUT03-OUT06' and the key 'default' are also accepted)."
+    )
+
+
+def _number(value: object, what: str) -> float:
+    if isinstance(value, bool):
+        raise BlockWeightError(f"The value of {what} is {value!r}; a block weight must be a number such as 0, 0.5 or 1.")
+    if isinstance(value, (int, float)):
+        number = float(value)
+    else:
+        try:
+            number = float(str(value).strip())
+        except ValueError:
+            raise BlockWeightError(
+                f"The value of {what} is {value!r}, which is not a number; a block weight must be a number "
+                "such as 0, 0.5 or 1."
+            ) from None
+    if not math.isfinite(number):
+        raise BlockWeightError(f"The value of {what} is {value!r}; a block weight must be a finite number.")
+    return number
