@@ -39,7 +39,11 @@ def get_config(name: str, size: str = "full") -> ArchitectureConfig:
     return _CONFIG_FACTORIES[name](size)
 
 
-@lru_cache(maxsize=None)
 def get_architecture(name: str, size: str = "full") -> Architecture:
     """The architecture table ``name`` ("sd1", "sd2", "sdxl") at ``size`` ("full", "tiny"); built once."""
+    return _build(name, size)
+
+
+@lru_cache(maxsize=None)
+def _build(name: str, size: str) -> Architecture:
     return assemble(get_config(name, size))
