@@ -34,12 +34,15 @@ class RecipeProblem:
     file: str
     line: int
     column: int
-    path: tuple
+    path: tuple | None  # field path; None for problems of the file itself (YAML syntax, size)
     message: str
     hint: str = ""
 
     def __str__(self) -> str:
-        text = f"{self.file}:{self.line}:{self.column}: {format_path(self.path)}: {self.message.rstrip('.')}."
+        where = f"{self.file}:{self.line}:{self.column}: "
+        if self.path is not None:
+            where += f"{format_path(self.path)}: "
+        text = f"{where}{self.message.rstrip('.')}."
         if self.hint:
             text += f" Fix: {self.hint.rstrip('.')}."
         return text
@@ -47,7 +50,7 @@ class RecipeProblem:
 
 def recipe_error(problems: Iterable[RecipeProblem]) -> RecipeError:
     """One RecipeError reporting every problem, sorted by position."""
-    ordered = tuple(sorted(problems, key=lambda p: (p.line, p.column, format_path(p.path), p.message)))
+    ordered = tuple(sorted(problems, key=lambda p: (p.line, p.column, format_path(p.path or ()), p.message)))
     if len(ordered) == 1:
         text = str(ordered[0])
     else:
@@ -94,7 +97,7 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
         raise recipe_error([RecipeProblem(display_name, problem.line, problem.column, problem.path, problem.message, problem.hint)]) from None
     frozen_positions = MappingProxyType(dict(positions))
     if data is None:
-        raise recipe_error([RecipeProblem(display_name, 1, 1, (), "the recipe is empty", "start from an example in docs/recipes.md")])
+        raise recipe_error([RecipeProblem(display_name, 1, 1, None, "the recipe is empty", "start from an example in docs/recipes.md")])
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as error:
@@ -118,7 +121,7 @@ def _problem_at(file: str, positions: Mapping[tuple, tuple[int, int]], problem: 
 
 def _read_text(path: Path, display_name: str) -> str:
     def fail(message: str, hint: str) -> RecipeError:
-        return recipe_error([RecipeProblem(display_name, 1, 1, (), message, hint)])
+        return recipe_error([RecipeProblem(display_name, 1, 1, None, message, hint)])
 
     try:
         with path.open("rb") as handle:
@@ -146,5 +149,5 @@ def _decode(raw: bytes, display_name: str) -> str:
         line = before.count(b"\n") + 1
         column = len(before) - (before.rfind(b"\n") + 1) + 1
         raise recipe_error(
-            [RecipeProblem(display_name, line, column, (), "the recipe is not UTF-8 text", "save the file as UTF-8")]
+            [RecipeProblem(display_name, line, column, None, "the recipe is not UTF-8 text", "save the file as UTF-8")]
         ) from None

@@ -209,25 +209,29 @@ def _check_blocks(value: Any) -> str | tuple[float, ...] | dict[str, float]:
     if isinstance(value, (list, tuple)):
         if not value:
             raise custom_error("the block-weight list is empty", hint)
-        return tuple(_block_number(item, f"item {index}") for index, item in enumerate(value))
+        return tuple(_block_number(item, index) for index, item in enumerate(value))
     if isinstance(value, Mapping):
         if not value:
             raise custom_error("the block-weight mapping is empty", hint)
-        return {_block_key(key): _block_number(number, f"block {key!r}") for key, number in value.items()}
+        return {_block_key(key): _block_number(number, key) for key, number in value.items()}
     raise custom_error(f"block weights must be a preset, a list or a mapping, got {describe_value(value)}", hint)
 
 
 def _block_key(key: Any) -> str:
     if not isinstance(key, str):
-        raise custom_error(f"block ids are text such as IN04 or OUT03-OUT06, got {describe_value(key)}", "write the block id, e.g. IN04: 0.5")
+        reason = f"block ids are text such as IN04 or OUT03-OUT06, got {describe_value(key)}"
+        hint = "write the block id, e.g. IN04: 0.5"
+        raise custom_error(reason, hint, problems=(((key,), reason, hint),))
     return key
 
 
-def _block_number(value: Any, where: str) -> float:
+def _block_number(value: Any, at: int | str) -> float:
+    """A weight of a list item or mapping entry; errors point at that item."""
     try:
         return _check_real(value)
     except PydanticCustomError as error:
-        raise custom_error(f"block weight {where}: {error.context['reason']}", error.context["hint"]) from None
+        reason, hint = f"block weight: {error.context['reason']}", error.context["hint"]
+        raise custom_error(reason, hint, problems=(((at,), reason, hint),)) from None
 
 
 Name = Annotated[str, BeforeValidator(_check_name)]

@@ -37,7 +37,7 @@ Positions = dict[tuple, tuple[int, int]]
 class YamlProblem(Exception):
     """A YAML-level problem at a 1-based position."""
 
-    def __init__(self, line: int, column: int, message: str, hint: str, path: tuple = ()):
+    def __init__(self, line: int, column: int, message: str, hint: str, path: tuple | None = None):
         super().__init__(message)
         self.line = line
         self.column = column
@@ -143,6 +143,9 @@ def _syntax_problem(error: yaml.MarkedYAMLError) -> YamlProblem:
     problem = error.problem or "invalid YAML"
     if error.context:
         problem = f"{error.context}, {problem}"
+        if error.context_mark and error.problem_mark and error.context_mark.line != error.problem_mark.line:
+            started_line, started_column = _position(error.context_mark)
+            problem += f" (that part started at line {started_line}, column {started_column})"
     return YamlProblem(line, column, f"YAML syntax error: {problem}", _syntax_hint(problem))
 
 
