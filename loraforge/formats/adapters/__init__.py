@@ -1,1 +1,31 @@
+"""Adapter files: kohya LoRA/LoCon, LyCORIS LoHa and LoKr, DoRA, full diffs, diffusers/PEFT.
 
+``parse_adapter(file)`` reads a SafetensorsFile's header into an
+:class:`AdapterFile` of :class:`AdapterModule` s; ``load_factors`` reads one
+module's tensors; ``module_delta`` turns them into the dense ΔW of a target
+shape (math in :mod:`loraforge.ops.deltas`); ``matching`` maps modules onto an
+architecture. docs/adapters.md describes every format and convention.
+"""
+
+from .model import AdapterFile, AdapterModule, describe_kind, module_label
+from .parse import (
+    load_factors,
+    module_bias_delta,
+    module_delta,
+    module_effective_delta,
+    parse_adapter,
+    split_key,
+)
+
+__all__ = [
+    "AdapterFile",
+    "AdapterModule",
+    "describe_kind",
+    "load_factors",
+    "module_bias_delta",
+    "module_delta",
+    "module_effective_delta",
+    "module_label",
+    "parse_adapter",
+    "split_key",
+]

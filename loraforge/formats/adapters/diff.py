@@ -1,0 +1,39 @@
+"""Full weight differences: ``<name>.diff`` (ΔW itself) and optional ``<name>.diff_b`` (Δbias).
+
+Written by LyCORIS "full" training (``lycoris/modules/full.py``) and by
+extraction tools; no factors, no alpha, scale 1.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from loraforge.ops import deltas
+
+from .model import AdapterModule, ModuleKeys
+
+KIND = "diff"
+SUFFIXES = {"diff": "diff", "diff_b": "diff_b"}
+
+
+def build(mk: ModuleKeys) -> AdapterModule:
+    mk.require("diff")
+    shape = mk.ndim_in("diff", (1, 2, 3, 4, 5))
+    if "diff_b" in mk.keys:
+        bias = mk.ndim_in("diff_b", (1,))
+        if bias[0] != shape[0]:
+            raise mk.error(
+                f"has {mk.keys['diff_b']} of length {bias[0]} but {mk.keys['diff']} has {shape[0]} output rows",
+                "A bias difference has one value per output row; re-export the adapter.",
+            )
+    if mk.alpha is not None:
+        raise mk.error(
+            "has an alpha next to a full difference, which has no rank to scale by",
+            "Remove the alpha tensor, or check that the file is not two adapters merged by name.",
+        )
+    return mk.build(kind=KIND, tucker=False, rank=None, delta_shape=shape)
+
+
+def natural_delta(module: AdapterModule, factors: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+    return deltas.diff_delta(factors["diff"], dtype=dtype)

@@ -1,0 +1,77 @@
+"""Map adapter modules onto an architecture's LoRA-targetable modules, and guess the architecture."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loraforge.errors import FormatError
+from loraforge.formats.arch import ARCHITECTURE_NAMES, SIZES, Architecture, ModuleSpec, get_architecture
+from loraforge.ops.deltas import delta_fits
+
+from .model import AdapterFile, AdapterModule
+
+
+@dataclass(frozen=True)
+class AdapterMatch:
+    """How one adapter lands on one architecture; every module is in exactly one of the three lists."""
+
+    matched: tuple[tuple[AdapterModule, ModuleSpec], ...]
+    unmatched: tuple[AdapterModule, ...]  # name not in the architecture
+    shape_mismatches: tuple[tuple[AdapterModule, ModuleSpec], ...]  # name found, ΔW does not fit
+
+
+def find_spec(module: AdapterModule, arch: Architecture) -> ModuleSpec | None:
+    """The architecture module an adapter module names, by kohya or diffusers name.
+
+    diffusers names without a component prefix (a UNet saved on its own with
+    ``save_lora_adapter``) are looked up as UNet modules.
+    """
+    if module.naming == "kohya":
+        return arch.module_by_kohya.get(module.name)
+    spec = arch.module_by_diffusers.get(module.name)
+    if spec is None and not module.component:
+        spec = arch.module_by_diffusers.get("unet." + module.name)
+    return spec
+
+
+def match_adapter(adapter: AdapterFile, arch: Architecture) -> AdapterMatch:
+    matched, unmatched, mismatched = [], [], []
+    for module in adapter.modules:
+        spec = find_spec(module, arch)
+        if spec is None:
+            unmatched.append(module)
+        elif delta_fits(module.delta_shape, spec.shape):
+            matched.append((module, spec))
+        else:
+            mismatched.append((module, spec))
+    return AdapterMatch(tuple(matched), tuple(unmatched), tuple(mismatched))
+
+
+def candidate_architectures() -> tuple[Architecture, ...]:
+    """Every table detection considers, in tie-break order (sd1, sd2, sdxl; full before tiny)."""
+    return tuple(get_architecture(name, size) for name in ARCHITECTURE_NAMES for size in SIZES)
+
+
+def detect_adapter_architecture(adapter: AdapterFile) -> Architecture:
+    """The architecture (name and size) on which most modules land with fitting shapes.
+
+    Ties go to fewer shape mismatches, then to the earlier candidate
+    (:func:`candidate_architectures`). SD1 and SD2 share module names; their
+    cross-attention and text-encoder widths (768 vs 1024) tell them apart, so
+    an adapter that touches only self-attention can be ambiguous and reads as SD1.
+    """
+    best: tuple[int, int, int] | None = None
+    best_arch: Architecture | None = None
+    for order, arch in enumerate(candidate_architectures()):
+        match = match_adapter(adapter, arch)
+        score = (len(match.matched), -len(match.shape_mismatches), -order)
+        if match.matched and (best is None or score > best):
+            best, best_arch = score, arch
+    if best_arch is None:
+        first = ", ".join(m.name for m in adapter.modules[:3]) or ", ".join(adapter.unclaimed[:3]) or "(none)"
+        raise FormatError(
+            f"no module of {adapter.path} matches SD1/SD2/SDXL (names and shapes); first modules: {first}. "
+            "The adapter is for another model family, or uses a naming loraforge does not know; check where "
+            "it came from."
+        )
+    return best_arch

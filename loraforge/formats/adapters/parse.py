@@ -1,0 +1,216 @@
+"""Split an adapter file's keys into modules and hand each to its kind's parser.
+
+Only the safetensors header is consulted (names, shapes, dtypes), plus the
+tiny 0-d alpha tensors, so parsing a large adapter costs no tensor reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from . import diff, dora, loha, lokr, lora, peft
+from .model import ALPHA, DORA_SCALE, AdapterFile, AdapterModule, ModuleKeys, describe_kind, module_error
+
+# Which parser owns a family of suffixes. PEFT halves parse like kohya LoRA.
+_FAMILIES: dict[str, ModuleType] = {"lora": lora, "peft": peft, "loha": loha, "lokr": lokr, "diff": diff}
+_SHARED = "shared"
+_SHARED_SUFFIXES = {"alpha": ALPHA, "dora_scale": DORA_SCALE, **peft.DORA_SUFFIXES}
+
+# (suffix, family, role), longest suffix first so "lora_A.default.weight" wins over shorter ones.
+_SUFFIX_TABLE: tuple[tuple[str, str, str], ...] = tuple(
+    sorted(
+        [(s, family, role) for family, mod in _FAMILIES.items() for s, role in mod.SUFFIXES.items()]
+        + [(s, _SHARED, role) for s, role in _SHARED_SUFFIXES.items()],
+        key=lambda row: (-len(row[0]), row[0]),
+    )
+)
+
+# Dtypes a factor may be stored in; integer or bool tensors are never adapter factors.
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+
+
+def split_key(key: str) -> tuple[str, str, str] | None:
+    """(module name, family, role) of a key, or None when no adapter suffix matches."""
+    for suffix, family, role in _SUFFIX_TABLE:
+        if key.endswith("." + suffix) and len(key) > len(suffix) + 1:
+            return key[: -len(suffix) - 1], family, role
+    return None
+
+
+@dataclasses.dataclass
+class _Group:
+    keys: dict[str, str] = dataclasses.field(default_factory=dict)  # role -> key
+    families: set[str] = dataclasses.field(default_factory=set)
+
+
+def _group_keys(path: str, names: list[str]) -> tuple[dict[str, _Group], list[str]]:
+    groups: dict[str, _Group] = {}
+    unclaimed: list[str] = []
+    for key in sorted(names):
+        split = split_key(key)
+        if split is None:
+            unclaimed.append(key)
+            continue
+        name, family, role = split
+        group = groups.setdefault(name, _Group())
+        if role in group.keys:
+            raise module_error(
+                path, name, [group.keys[role], key],
+                f"has two tensors for its {role}: {group.keys[role]} and {key}",
+                "Keep one of them; the file mixes two export formats for the same layer.",
+            )
+        group.keys[role] = key
+        if family != _SHARED:
+            group.families.add(family)
+    return groups, unclaimed
+
+
+def _family_of(path: str, name: str, group: _Group) -> str | None:
+    if not group.families:
+        return None
+    if len(group.families) > 1:
+        raise module_error(
+            path, name, group.keys,
+            f"mixes keys of several adapter kinds ({', '.join(sorted(group.families))})",
+            "One layer can carry one adapter kind; the file was merged by name from different adapters. "
+            "Split it, or re-export it with one tool.",
+        )
+    return next(iter(group.families))
+
+
+def _read_alpha(file, name: str, keys: Mapping[str, str]) -> float | None:
+    key = keys.get(ALPHA)
+    if key is None:
+        return None
+    shape = tuple(file.info(key).shape)
+    if shape != ():
+        raise module_error(
+            file.path, name, keys,
+            f"has {key} of shape {list(shape)}; alpha must be a single 0-d number",
+            "Re-save the alpha as a scalar tensor (torch.tensor(alpha)), or re-export the adapter.",
+        )
+    value = float(file.read(key).to(torch.float64))
+    if not math.isfinite(value):
+        raise module_error(
+            file.path, name, keys,
+            f"has alpha {value}, which is not a finite number",
+            "Re-export the adapter; a finite alpha (usually the rank or half of it) is required.",
+        )
+    return value
+
+
+def _check_dtypes(file, name: str, keys: Mapping[str, str]) -> None:
+    for role, key in keys.items():
+        dtype = file.info(key).dtype
+        if dtype not in FLOAT_DTYPES:
+            raise module_error(
+                file.path, name, keys,
+                f"stores {key} as {dtype}, which is not a floating-point type",
+                "Adapter tensors are F16, BF16, F32 or F64; re-export the adapter.",
+            )
+
+
+def _parse_module(file, name: str, group: _Group, family: str, adapter_config) -> AdapterModule:
+    _check_dtypes(file, name, group.keys)
+    mk = ModuleKeys(
+        path=str(file.path),
+        name=name,
+        keys=group.keys,
+        shapes={role: tuple(int(d) for d in file.info(key).shape) for role, key in group.keys.items()},
+        alpha=_read_alpha(file, name, group.keys),
+    )
+    module = _FAMILIES[family].build(mk)
+    if module.kind == "lora" and module.naming == "diffusers" and module.alpha is None:
+        alpha = peft.config_alpha(str(file.path), adapter_config, name, module.rank or 1)
+        module = dataclasses.replace(module, alpha=alpha)
+    dora.check_dora_scale(str(file.path), module)
+    return module
+
+
+def parse_adapter(file) -> AdapterFile:
+    """Parse an open SafetensorsFile into modules; raise FormatError on an inconsistent module.
+
+    Every key ends up in exactly one module or in ``unclaimed`` (keys with no
+    adapter suffix, and alphas or dora_scales with no factors beside them). A
+    file with no adapter module at all (a checkpoint, say) parses to no
+    modules, kind "empty", every key unclaimed; callers decide what that means.
+    """
+    path = str(file.path)
+    groups, unclaimed = _group_keys(path, list(file.names()))
+    adapter_config = peft.read_adapter_config(path, file.metadata or {})
+    modules: list[AdapterModule] = []
+    for name in sorted(groups):
+        group = groups[name]
+        family = _family_of(path, name, group)
+        if family is None:
+            unclaimed.extend(group.keys.values())
+            continue
+        modules.append(_parse_module(file, name, group, family, adapter_config))
+    modules_tuple = tuple(modules)
+    return AdapterFile(
+        path=path,
+        modules=modules_tuple,
+        unclaimed=tuple(sorted(unclaimed)),
+        metadata=dict(sorted((file.metadata or {}).items())),
+        kind=describe_kind(modules_tuple),
+    )
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def load_factors(file, module: AdapterModule, device="cpu", dtype: torch.dtype = torch.float64) -> dict[str, Tensor]:
+    """Read every tensor of ``module`` except alpha (already in ``module.alpha``), by role."""
+    return {
+        role: file.read(key).to(device=device, dtype=dtype)
+        for role, key in module.keys.items()
+        if role != ALPHA
+    }
+
+
+_NATURAL_DELTA: dict[str, Callable[[AdapterModule, dict[str, Tensor], torch.dtype], Tensor]] = {
+    "lora": lora.natural_delta,
+    "loha": loha.natural_delta,
+    "lokr": lokr.natural_delta,
+    "diff": diff.natural_delta,
+}
+
+
+def module_delta(
+    module: AdapterModule,
+    factors: Mapping[str, Tensor],
+    target_shape,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """The scaled ΔW of ``module`` in ``target_shape`` (DoRA not applied; see module_effective_delta)."""
+    from loraforge.ops import deltas
+
+    natural = _NATURAL_DELTA[module.kind](module, dict(factors), dtype)
+    return deltas.fit_delta(natural, target_shape)
+
+
+def module_effective_delta(
+    module: AdapterModule,
+    factors: Mapping[str, Tensor],
+    weight: Tensor,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """What strength multiplies when baking: ΔW, or W_dora − W for a DoRA module."""
+    from loraforge.ops import deltas
+
+    delta = module_delta(module, factors, tuple(weight.shape), dtype)
+    if not module.dora:
+        return delta
+    return deltas.dora_effective_delta(weight, delta, factors[DORA_SCALE], dtype=dtype)
+
+
+def module_bias_delta(module: AdapterModule, factors: Mapping[str, Tensor], dtype: torch.dtype = torch.float64):
+    """The bias difference of a full-diff module (``.diff_b``), or None."""
+    bias = factors.get("diff_b")
+    return None if bias is None else bias.to(dtype=dtype)

@@ -1,0 +1,276 @@
+"""Dense weight deltas (ΔW) of every supported adapter kind.
+
+Pure tensor math: no I/O, no knowledge of file layouts or key names. Every
+function computes in ``dtype`` (float64 by default, so that outputs rounded
+once to the save dtype are identical on every device) on the device its factor
+tensors already live on.
+
+Conventions follow LyCORIS (``lycoris/modules/{locon,loha,lokr}.py`` and
+``lycoris/functional/{locon,loha,lokr,general}.py``) and kohya sd-scripts
+(``networks/lora.py``); docs/adapters.md states each one with its source.
+
+A "natural" ΔW is the shape the factors imply. It is either the target's
+shape or a flattened form of it (out, in·kh·kw): LoHa and LoKr store 3×3 conv
+factors flattened, and SD1 ``proj_in``/``proj_out`` are 1×1 convs that linear
+LoRAs target. :func:`fit_delta` reshapes a natural ΔW onto its target.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+# LyCORIS divides by ``norm + eps`` with eps of the dtype it normalises in,
+# which is float32 (the dtype dora_scale is trained and stored in).
+DORA_NORM_EPS = float(torch.finfo(torch.float32).eps)
+
+Shape = tuple[int, ...]
+
+
+# --------------------------------------------------------------------------- scale rules
+
+
+def lora_scale(alpha: float | None, rank: int) -> float:
+    """kohya/LyCORIS LoRA, LoCon and LoHa scale: alpha / rank; no alpha (or 0) means 1."""
+    if alpha is None or alpha == 0:
+        return 1.0
+    return float(alpha) / rank
+
+
+def lokr_scale(alpha: float | None, rank: int | None) -> float:
+    """LoKr scale: alpha / rank only when a factor is factorised (``rank`` is then known).
+
+    LyCORIS forces alpha = rank when both w1 and w2 are full matrices, so a
+    file's alpha is ignored then (``lycoris/modules/lokr.py``).
+    """
+    if rank is None:
+        return 1.0
+    return lora_scale(alpha, rank)
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+def flat_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """(out, in·kh·kw): the matrix view of a linear or conv weight."""
+    return (int(shape[0]), math.prod(int(d) for d in shape[1:]))
+
+
+def delta_fits(delta_shape: Sequence[int], target_shape: Sequence[int]) -> bool:
+    """Whether a natural ΔW of ``delta_shape`` can be placed on a weight of ``target_shape``.
+
+    Equal shapes fit. Otherwise the matrix views must agree and at least one
+    side must be a matrix or a 1×1 conv: a flattened k×k conv delta (LoHa,
+    LoKr) fits its conv, and a linear delta fits a 1×1 conv and vice versa.
+    Two conv shapes with different kernels never fit.
+    """
+    delta_shape, target_shape = tuple(delta_shape), tuple(target_shape)
+    if delta_shape == target_shape:
+        return True
+    if len(delta_shape) < 2 or len(target_shape) < 2:
+        return False
+    if flat_shape(delta_shape) != flat_shape(target_shape):
+        return False
+    return not (len(delta_shape) > 2 and len(target_shape) > 2)
+
+
+def fit_delta(delta: Tensor, target_shape: Sequence[int]) -> Tensor:
+    """Reshape a natural ΔW onto its target; raises ValueError when it does not fit."""
+    target_shape = tuple(int(d) for d in target_shape)
+    if not delta_fits(tuple(delta.shape), target_shape):
+        raise ValueError(f"a delta of shape {tuple(delta.shape)} does not fit a weight of shape {target_shape}")
+    return delta.reshape(target_shape)
+
+
+def lora_delta_shape(up_shape: Shape, down_shape: Shape, mid_shape: Shape | None = None) -> Shape:
+    """ΔW shape implied by LoRA/LoCon factors (up [out,r(,1,1)], down [r,in(,kh,kw)], mid [r,r,kh,kw])."""
+    if mid_shape is not None:
+        return (up_shape[0], down_shape[1], *mid_shape[2:])
+    return (up_shape[0], *down_shape[1:])
+
+
+def loha_delta_shape(w1a_shape: Shape, w1b_shape: Shape, t1_shape: Shape | None = None) -> Shape:
+    """ΔW shape implied by LoHa factors (plain: w1a [out,r], w1b [r,in…]; Tucker: w1a [r,out], w1b [r,in], t1 [r,r,kh,kw])."""
+    if t1_shape is not None:
+        return (w1a_shape[1], w1b_shape[1], *t1_shape[2:])
+    return (w1a_shape[0], *w1b_shape[1:])
+
+
+def lokr_factor_shape(
+    full: Shape | None, a: Shape | None, b: Shape | None, t: Shape | None = None
+) -> Shape:
+    """Shape of one Kronecker factor: a full matrix, a @ b, or the Tucker form (a [r,out], b [r,in], t [r,r,k…])."""
+    if full is not None:
+        return tuple(full)
+    assert a is not None and b is not None
+    if t is not None:
+        return (a[1], b[1], *t[2:])
+    return (a[0], *b[1:])
+
+
+def lokr_delta_shape(w1_shape: Shape, w2_shape: Shape) -> Shape:
+    """ΔW shape of kron(w1, w2): w1 [a,c] and w2 [b,d(,k…)] give [a·b, c·d(,k…)]."""
+    return (w1_shape[0] * w2_shape[0], w1_shape[1] * w2_shape[1], *w2_shape[2:])
+
+
+# --------------------------------------------------------------------------- deltas
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t.to(dtype=dtype)
+
+
+def lora_delta(
+    up: Tensor,
+    down: Tensor,
+    *,
+    scale: float = 1.0,
+    mid: Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """kohya LoRA / LoCon ΔW = scale · up @ down, in the shape the factors imply.
+
+    Conv factors are multiplied as matrices (up.flatten(1) @ down.flatten(1))
+    and reshaped to (out, in, kh, kw). With ``mid`` (LoCon Tucker/CP:
+    down [r,in,1,1], mid [r,r,kh,kw], up [out,r,1,1]) the delta is
+    ΔW[o,c,h,w] = Σ_ij up[o,i] · mid[i,j,h,w] · down[j,c]
+    (``lycoris/modules/locon.py``, ``make_weight``).
+    """
+    up2 = _as(up, dtype).reshape(up.shape[0], -1)
+    if mid is not None:
+        down2 = _as(down, dtype).reshape(down.shape[0], -1)
+        # Contract the rank axes of the core with up (rows) and down (columns).
+        core = _as(mid, dtype)
+        delta = torch.einsum("oi,ijhw,jc->ochw", up2, core, down2)
+    else:
+        down2 = _as(down, dtype).reshape(down.shape[0], -1)
+        delta = (up2 @ down2).reshape(lora_delta_shape(tuple(up.shape), tuple(down.shape)))
+    return delta * scale
+
+
+def _tucker_rebuild(t: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """LyCORIS Tucker rebuild: out[p,q,…] = Σ_ij t[i,j,…] · a[i,p] · b[j,q] (``rebuild_tucker``)."""
+    return torch.einsum("ij...,ip,jq->pq...", t, a, b)
+
+
+def loha_delta(
+    w1a: Tensor,
+    w1b: Tensor,
+    w2a: Tensor,
+    w2b: Tensor,
+    *,
+    scale: float = 1.0,
+    t1: Tensor | None = None,
+    t2: Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """LoHa ΔW = scale · (w1a @ w1b) ⊙ (w2a @ w2b) (``lycoris/functional/loha.py``).
+
+    Plain: w?a [out,r], w?b [r,in·kh·kw] (LyCORIS stores conv factors
+    flattened; a 4-D w?b is reshaped the same way). Tucker: w?a [r,out],
+    w?b [r,in], t? [r,r,kh,kw], each half rebuilt as Σ t·a·b.
+    """
+    if t1 is not None and t2 is not None:
+        half1 = _tucker_rebuild(_as(t1, dtype), _as(w1a, dtype), _as(w1b, dtype))
+        half2 = _tucker_rebuild(_as(t2, dtype), _as(w2a, dtype), _as(w2b, dtype))
+        return half1 * half2 * scale
+    shape = loha_delta_shape(tuple(w1a.shape), tuple(w1b.shape))
+    half1 = _as(w1a, dtype) @ _as(w1b, dtype).reshape(w1b.shape[0], -1)
+    half2 = _as(w2a, dtype) @ _as(w2b, dtype).reshape(w2b.shape[0], -1)
+    return (half1 * half2 * scale).reshape(shape)
+
+
+def lokr_factor(
+    full: Tensor | None,
+    a: Tensor | None,
+    b: Tensor | None,
+    t: Tensor | None = None,
+    *,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """One Kronecker factor: the full matrix, a @ b (b may be 4-D, kept as [·,d,k…]), or Tucker Σ t·a·b."""
+    if full is not None:
+        return _as(full, dtype)
+    assert a is not None and b is not None
+    if t is not None:
+        return _tucker_rebuild(_as(t, dtype), _as(a, dtype), _as(b, dtype))
+    product = _as(a, dtype) @ _as(b, dtype).reshape(b.shape[0], -1)
+    return product.reshape(a.shape[0], *b.shape[1:])
+
+
+def lokr_delta(w1: Tensor, w2: Tensor, *, scale: float = 1.0) -> Tensor:
+    """LoKr ΔW = scale · kron(w1, w2) (``lycoris/functional/lokr.py``, ``make_kron``).
+
+    w1 is [a,c]; w2 is [b,d] or a conv factor [b,d,kh,kw], in which case w1 is
+    given trailing unit axes so the kernel comes entirely from w2. Build the
+    factors with :func:`lokr_factor`; both must already be in the compute dtype.
+    """
+    w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - w1.dim())))
+    return torch.kron(w1.contiguous(), w2.contiguous()) * scale
+
+
+def diff_delta(diff: Tensor, *, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Full-diff ΔW: the stored difference itself (``.diff``; ``.diff_b`` for the bias)."""
+    return _as(diff, dtype)
+
+
+# --------------------------------------------------------------------------- DoRA
+
+
+def dora_norm_axis(weight_shape: Sequence[int], scale_shape: Sequence[int]) -> str | None:
+    """Which norm a dora_scale of ``scale_shape`` stands for, on a weight of ``weight_shape``.
+
+    "out": one magnitude per output row, norm over all other axes (LyCORIS
+    ``wd_on_out=True``, shape [out,1,…]; PEFT ``lora_magnitude_vector``, shape
+    [out]). "in": one magnitude per input channel, norm over the output and
+    kernel axes (LyCORIS default, shape [1,in,1,…]). None: neither.
+    """
+    weight_shape, scale_shape = tuple(weight_shape), tuple(scale_shape)
+    out, cin = weight_shape[0], (weight_shape[1] if len(weight_shape) > 1 else 1)
+    if not scale_shape:
+        return None
+    # Trailing unit axes are not compared, so a [1,in] scale saved for a linear
+    # layer still applies to the same layer stored as a 1×1 conv.
+    if scale_shape[0] == out and math.prod(scale_shape[1:]) == 1:
+        # A [1,1] scale on a one-row weight reads as "out"; both readings agree then.
+        return "out"
+    if len(scale_shape) >= 2 and scale_shape[0] == 1 and scale_shape[1] == cin and math.prod(scale_shape[2:]) == 1:
+        return "in"
+    return None
+
+
+def dora_effective_delta(
+    weight: Tensor,
+    delta: Tensor,
+    dora_scale: Tensor,
+    *,
+    eps: float = DORA_NORM_EPS,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """W_dora − W, where W_dora = (W + ΔW) · dora_scale / (‖W + ΔW‖ + eps).
+
+    The norm follows the orientation of dora_scale (:func:`dora_norm_axis`).
+    ``delta`` must already carry the adapter's scale and have the weight's
+    shape. Baking at strength s uses W + s·(W_dora − W), so s = 1 gives the
+    DoRA weight and s = 0 the base weight. eps defaults to float32's machine
+    epsilon, as LyCORIS does, so a zero column cannot divide by zero.
+    """
+    axis = dora_norm_axis(tuple(weight.shape), tuple(dora_scale.shape))
+    if axis is None:
+        raise ValueError(
+            f"dora_scale of shape {tuple(dora_scale.shape)} fits neither the output nor the input axis "
+            f"of a weight of shape {tuple(weight.shape)}"
+        )
+    base = _as(weight, dtype)
+    directed = base + _as(delta, dtype).reshape(base.shape)
+    if axis == "out":
+        norm_dims = tuple(range(1, directed.dim()))
+        magnitude = _as(dora_scale, dtype).reshape(directed.shape[0], *([1] * (directed.dim() - 1)))
+    else:
+        norm_dims = (0, *range(2, directed.dim()))
+        magnitude = _as(dora_scale, dtype).reshape(1, directed.shape[1], *([1] * (directed.dim() - 2)))
+    norm = torch.linalg.vector_norm(directed, dim=norm_dims, keepdim=True)
+    return directed * (magnitude / (norm + eps)) - base
