@@ -201,8 +201,10 @@ class SafetensorsFile:
             position = info.end
         declared = position - header_size
         if declared > data_size:
+            cut = next(info for info in sorted(infos.values(), key=_data_order) if info.end > self.file_size)
             raise self._fail(
-                f"its header declares {declared} bytes of tensor data but the file holds {data_size}",
+                f"its header declares {declared} bytes of tensor data but the file holds {data_size} "
+                f"(tensor {cut.name!r} is the first that does not fit)",
                 f"The file is truncated at {self.file_size} of {position} bytes; re-download it.",
             )
         if declared < data_size:
