@@ -354,3 +354,23 @@ def test_unknown_architecture_and_size_are_user_errors():
         get_architecture("flux")
     with pytest.raises(LoraforgeError, match=r"Unknown size 'huge'.*full, tiny"):
         get_architecture("sd1", "huge")
+
+
+def test_module_kind_helpers():
+    sd1 = get_architecture("sd1")
+    assert sd1.module_by_kohya["lora_unet_conv_in"].is_conv
+    assert not sd1.module_by_kohya["lora_unet_time_embedding_linear_1"].is_conv
+    assert sd1.module_by_kohya["lora_te_text_model_encoder_layers_0_mlp_fc1"].is_text_encoder
+
+
+def test_generator_guards_reject_unknown_inputs():
+    from dataclasses import replace
+
+    from loraforge.formats.arch._builder import TableBuilder
+    from loraforge.formats.arch.text_encoders import build_text_encoder
+    from loraforge.formats.arch.unet import ldm_block_id
+
+    with pytest.raises(ValueError, match="unknown text encoder naming"):
+        build_text_encoder(TableBuilder("F32"), replace(get_config("sd1").text_encoders[0], naming="t5"))
+    with pytest.raises(ValueError, match="not a UNet path"):
+        ldm_block_id("decoder.up.0", 11)
