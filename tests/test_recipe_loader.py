@@ -339,3 +339,10 @@ def test_loaded_recipe_errors_reports_several_sorted(tmp_path):
         "recipe.yaml:2:1: name: first.",
         f"recipe.yaml:{position_of(EXAMPLE, 'base: base', 'base')[0]}:5: targets.neon-noir.base: second.",
     ]
+
+
+def test_field_paths_bracket_names_that_contain_dots(tmp_path):
+    text = MINIMAL.replace("  style: {source: style.safetensors}", "  v1.5: {source: 'ftp://x/y.safetensors'}").replace("use: style", "use: v1.5")
+    error = load_error(tmp_path, text)
+    line = assert_points_at(error, "recipe.yaml", *position_of(text, "v1.5: {", "source"), "inputs['v1.5'].source")
+    assert "unsupported scheme 'ftp'" in line
