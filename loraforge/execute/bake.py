@@ -20,14 +20,13 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from loraforge.errors import BuildError
-from loraforge.formats.adapters import load_factors, module_delta
+from loraforge.formats.adapters import load_factors, module_bias_delta, module_effective_delta
 from loraforge.formats.dtypes import torch_dtype
 from loraforge.formats.hashing import modelspec_hash
 from loraforge.formats.metadata import HASH_KEY, checkpoint_metadata, provenance_json, release_date
 from loraforge.formats.safetensors_reader import SafetensorsFile, open_safetensors
 from loraforge.formats.safetensors_writer import SafetensorsWriter, TensorPlan, WriteResult
 from loraforge.ops.bake import Contribution, bake_weight
-from loraforge.ops.deltas import dora_effective_delta
 from loraforge.plan.action_key import target_parameters_json
 from loraforge.plan.layout import OutputTensor, output_layout
 from loraforge.plan.model import BakeTarget, BuildPlan, ModuleApplication
@@ -97,11 +96,9 @@ def _contributions(weight, applications, adapters, device) -> Iterator[Contribut
         rows = application.spec.rows
         target = weight if rows is None else weight[rows[0]:rows[1]]
         if application.part == "bias":
-            delta = factors["diff_b"].to(torch.float64)
+            delta = module_bias_delta(application.module, factors)
         else:
-            delta = module_delta(application.module, factors, tuple(target.shape))
-            if application.module.dora:
-                delta = dora_effective_delta(target.to(torch.float64), delta, factors["dora_scale"])
+            delta = module_effective_delta(application.module, factors, target)
         yield Contribution(application.coefficient, delta, rows)
 
 

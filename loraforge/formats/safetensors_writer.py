@@ -15,10 +15,11 @@ import itertools
 import json
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Callable, Union
 
 import torch
 
@@ -30,6 +31,11 @@ BytesLike = Union[bytes, bytearray, memoryview]
 
 # Distinguishes temp files of several writers in one process.
 _temp_counter = itertools.count()
+
+# Pieces at least this large are hashed on two worker threads while the main
+# thread writes them (hashlib and write() release the GIL), so hashing twice
+# costs almost no wall time; smaller pieces are not worth the hand-off.
+PARALLEL_HASH_BYTES = 1 << 20
 
 
 class SafetensorsWriteError(ValueError):
@@ -131,6 +137,7 @@ class SafetensorsWriter:
     ):
         self.path = Path(path)
         self.plan = tuple(plan)
+        self.metadata = dict(metadata) if metadata is not None else None
         header = encode_header(self.plan, metadata)
         self.header_size = len(header)
         self.size = self.header_size + sum(item.nbytes for item in self.plan)
@@ -139,6 +146,7 @@ class SafetensorsWriter:
         self._index = 0  # plan position of the tensor being written
         self._written = 0  # bytes of that tensor written so far
         self._result: WriteResult | None = None
+        self._pool: ThreadPoolExecutor | None = None
         self._temp_path, self._handle = self._open_temp()
         self._guarded(self._emit_header, header)
 
@@ -161,9 +169,25 @@ class SafetensorsWriter:
         self._file_hash.update(header)
 
     def _emit(self, data: memoryview) -> None:
-        self._handle.write(data)
-        self._file_hash.update(data)
-        self._data_hash.update(data)
+        if len(data) < PARALLEL_HASH_BYTES:
+            self._handle.write(data)
+            self._file_hash.update(data)
+            self._data_hash.update(data)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="safetensors-hash")
+        pending = [self._pool.submit(digest.update, data) for digest in (self._file_hash, self._data_hash)]
+        try:
+            self._handle.write(data)
+        finally:
+            # The caller may reuse the buffer once we return: wait for both digests.
+            for future in pending:
+                future.result()
+
+    def _stop_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def _guarded(self, action, *args):
         """Run an I/O step; on an OS error remove the temp file and explain."""
@@ -230,14 +254,22 @@ class SafetensorsWriter:
             self._written = 0
 
     def _finish(self) -> None:
+        self._stop_pool()
         self._handle.flush()
         os.fsync(self._handle.fileno())
         self._handle.close()
         os.replace(self._temp_path, self.path)
         _fsync_directory(self.path.parent)
 
-    def commit(self) -> WriteResult:
-        """Check every planned tensor was written, make the file durable and move it onto the target path."""
+    def commit(self, deferred_metadata: Mapping[str, Callable[[str], str]] | None = None) -> WriteResult:
+        """Check every planned tensor was written, make the file durable and move it onto the target path.
+
+        ``deferred_metadata`` fills metadata values that depend on the data
+        (ModelSpec's ``hash_sha256``): each key maps to a function of the
+        data-section sha256 whose result must have exactly the length of the
+        placeholder given at construction, so the header keeps its size and is
+        rewritten in place. The whole-file hash is then computed again from disk.
+        """
         if self._result is not None:
             return self._result
         if self._handle.closed:
@@ -249,9 +281,35 @@ class SafetensorsWriter:
                 f"{self.path}: {len(missing)} planned tensors were not written (first: {missing[0]!r}); "
                 "the file was discarded"
             )
+        data_sha256 = self._data_hash.hexdigest()
+        if deferred_metadata:
+            header = self._final_header(deferred_metadata, data_sha256)
+            self._guarded(self._rewrite_header, header)
         self._guarded(self._finish)
-        self._result = WriteResult(self.path, self.size, self._file_hash.hexdigest(), self._data_hash.hexdigest())
+        self._result = WriteResult(self.path, self.size, self._file_hash.hexdigest(), data_sha256)
         return self._result
+
+    def _final_header(self, deferred: Mapping[str, Callable[[str], str]], data_sha256: str) -> bytes:
+        if self.metadata is None or not set(deferred) <= set(self.metadata):
+            self.abort()
+            raise SafetensorsWriteError(f"{self.path}: deferred metadata keys need placeholders in the metadata")
+        filled = {**self.metadata, **{key: fill(data_sha256) for key, fill in deferred.items()}}
+        header = encode_header(self.plan, filled)
+        if len(header) != self.header_size:
+            self.abort()
+            raise SafetensorsWriteError(f"{self.path}: a deferred metadata value changed the header's length")
+        return header
+
+    def _rewrite_header(self, header: bytes) -> None:
+        """Overwrite the header in place and hash the file again (the data is in the page cache)."""
+        self._handle.seek(0)
+        self._handle.write(header)
+        self._handle.flush()
+        self._file_hash = hashlib.sha256(header)
+        with open(self._temp_path, "rb") as reader:
+            reader.seek(self.header_size)
+            while chunk := reader.read(8 << 20):
+                self._file_hash.update(chunk)
 
     @property
     def result(self) -> WriteResult | None:
@@ -262,6 +320,7 @@ class SafetensorsWriter:
         """Discard the temporary file; the target path is left as it was."""
         if self._result is not None:
             return
+        self._stop_pool()
         if not self._handle.closed:
             self._handle.close()
         try:

@@ -256,7 +256,8 @@ def _plan_ingredient(loaded, target, index, inputs, detection) -> tuple[LoraIngr
         coefficient = (te if module_spec.is_text_encoder else lora.strength) * weight
         if coefficient != 0.0:
             applications.append(ModuleApplication(index, module, module_spec, coefficient))
-            if "diff_b" in module.keys and module_spec.bias_key:
+            if module.has_bias:
+                _check_bias_target(loaded, where, lora.use, module, module_spec)
                 applications.append(ModuleApplication(index, module, module_spec, coefficient, part="bias"))
     ingredient = LoraIngredient(
         index=index,
@@ -272,6 +273,16 @@ def _plan_ingredient(loaded, target, index, inputs, detection) -> tuple[LoraIngr
         blocks_used=dict(sorted(Counter(s.block for _, s in match.matched).items())),
     )
     return ingredient, applications
+
+
+def _check_bias_target(loaded, where, use, module, spec) -> None:
+    if spec.bias_key is None:
+        raise loaded.error(
+            (*where, "use"),
+            f"module {module.name} of '{use}' carries a bias difference (diff_b), but {spec.key} has no bias "
+            "in this architecture.",
+            "The file was made for another model; use a diff made against this base.",
+        )
 
 
 def _parse_adapter(loaded, where, resolved: ResolvedInput) -> AdapterFile:

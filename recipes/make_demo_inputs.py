@@ -1,0 +1,43 @@
+"""Regenerate the small synthetic inputs of the example recipes (fixed seeds).
+
+    python recipes/make_demo_inputs.py
+
+The files are committed so that the README's quick start needs no download;
+this script is how they were made, and running it again reproduces them byte
+for byte (the recipes pin their sha256). They are tiny models with the real
+key names and shapes scaled down, not real weights: outputs are useful for
+checking the pipeline, not for generating images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loraforge.formats.arch import get_architecture
+from loraforge.testing.adapters import write_synthetic_adapter
+from loraforge.testing.checkpoints import write_synthetic_checkpoint
+
+MODELS = Path(__file__).resolve().parent / "models"
+
+
+def make_sd15_demo() -> None:
+    arch = get_architecture("sd1", "tiny")
+    write_synthetic_checkpoint(MODELS / "tiny-sd15-base.safetensors", arch, seed=1, dtype="F16")
+    write_synthetic_adapter(MODELS / "neon-lora.safetensors", arch, "lora", rank=8, alpha=4, seed=2)
+    write_synthetic_adapter(MODELS / "noir-locon.safetensors", arch, "lora", rank=4, seed=3, targets="all")
+    write_synthetic_adapter(MODELS / "grain-loha.safetensors", arch, "loha", rank=4, seed=4, text_encoder=False)
+
+
+def make_sdxl_demo() -> None:
+    arch = get_architecture("sdxl", "tiny")
+    write_synthetic_checkpoint(MODELS / "tiny-sdxl-base.safetensors", arch, seed=11, dtype="F16")
+    write_synthetic_adapter(MODELS / "xl-style-lora.safetensors", arch, "lora", rank=8, seed=12)
+    write_synthetic_adapter(MODELS / "xl-detail-lokr.safetensors", arch, "lokr", rank=4, seed=13, text_encoder=False)
+
+
+if __name__ == "__main__":
+    MODELS.mkdir(parents=True, exist_ok=True)
+    make_sd15_demo()
+    make_sdxl_demo()
+    for path in sorted(MODELS.glob("*.safetensors")):
+        print(f"{path.relative_to(MODELS.parent)}  {path.stat().st_size} bytes")
