@@ -302,3 +302,21 @@ def test_dtype_and_device_follow_inputs(gen):
     assert delta64.dtype == torch.float64 and delta32.dtype == torch.float32
     assert delta64.device == up.device
     torch.testing.assert_close(delta64, up.double() @ down.double())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_deltas_stay_on_device_and_agree_with_cpu(gen):
+    up, down, mid = _rand(gen, 6, 3, 1, 1), _rand(gen, 3, 4, 1, 1), _rand(gen, 3, 3, 3, 3)
+    w1, w2a, w2b = _rand(gen, 2, 2), _rand(gen, 3, 2), _rand(gen, 2, 4, 3, 3)
+    on_cpu = [
+        deltas.lora_delta(up, down, mid=mid, scale=0.5),
+        deltas.lokr_delta(w1, deltas.lokr_factor(None, w2a, w2b), scale=0.25),
+    ]
+    on_gpu = [
+        deltas.lora_delta(up.cuda(), down.cuda(), mid=mid.cuda(), scale=0.5),
+        deltas.lokr_delta(w1.cuda(), deltas.lokr_factor(None, w2a.cuda(), w2b.cuda()), scale=0.25),
+    ]
+    for cpu, gpu in zip(on_cpu, on_gpu):
+        assert gpu.device.type == "cuda"
+        # float64 on both devices: agreement far below any save dtype's resolution.
+        torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-12, atol=1e-14)
