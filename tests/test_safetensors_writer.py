@@ -216,3 +216,18 @@ def test_same_input_same_bytes(tmp_path):
     a = save_tensors(tmp_path / "a.safetensors", VALUES, {"x": "1", "y": "2"})
     b = save_tensors(tmp_path / "b.safetensors", dict(reversed(VALUES.items())), {"y": "2", "x": "1"})
     assert a.sha256 == b.sha256
+
+
+def test_large_pieces_hashed_on_worker_threads_match_hashlib(tmp_path):
+    # 3 MiB and 1.5 MiB pieces take the threaded hashing path (>= PARALLEL_HASH_BYTES).
+    big = torch.arange(3 << 18, dtype=torch.float32)
+    plan = [TensorPlan("big", "F32", tuple(big.shape)), TensorPlan("tail", "F16", (3,))]
+    path = tmp_path / "big.safetensors"
+    with SafetensorsWriter(path, plan, {"k": "v"}) as writer:
+        writer.write_part("big", big[: len(big) // 2])
+        writer.write_part("big", big[len(big) // 2 :])
+        writer.write("tail", torch.ones(3, dtype=torch.float16))
+    content = path.read_bytes()
+    header_size = 8 + int.from_bytes(content[:8], "little")
+    assert writer.result.sha256 == hashlib.sha256(content).hexdigest()
+    assert writer.result.data_sha256 == hashlib.sha256(content[header_size:]).hexdigest()
