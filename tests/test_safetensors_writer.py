@@ -231,3 +231,50 @@ def test_large_pieces_hashed_on_worker_threads_match_hashlib(tmp_path):
     header_size = 8 + int.from_bytes(content[:8], "little")
     assert writer.result.sha256 == hashlib.sha256(content).hexdigest()
     assert writer.result.data_sha256 == hashlib.sha256(content[header_size:]).hexdigest()
+
+
+# ---- metadata that depends on the data (ModelSpec hash) --------------------
+
+PLACEHOLDER = "0x" + "0" * 64
+
+
+def test_deferred_metadata_filled_after_data(tmp_path):
+    path = tmp_path / "out.safetensors"
+    metadata = {"modelspec.hash_sha256": PLACEHOLDER, "modelspec.title": "t"}
+    with SafetensorsWriter(path, PLAN, metadata) as writer:
+        write_all(writer)
+        result = writer.commit(deferred_metadata={"modelspec.hash_sha256": lambda data_sha: "0x" + data_sha})
+    content = path.read_bytes()
+    header_size = 8 + int.from_bytes(content[:8], "little")
+    data_sha = hashlib.sha256(content[header_size:]).hexdigest()
+    assert result.data_sha256 == data_sha
+    assert result.sha256 == hashlib.sha256(content).hexdigest()
+    with open_safetensors(path) as reader:
+        assert reader.metadata == {"modelspec.hash_sha256": "0x" + data_sha, "modelspec.title": "t"}
+    # Same bytes as writing the final value up front.
+    final_metadata = {**metadata, "modelspec.hash_sha256": "0x" + data_sha}
+    direct = save_tensors_in_plan_order(tmp_path / "direct.safetensors", final_metadata)
+    assert direct.read_bytes() == content
+    assert leftovers(tmp_path) == ["direct.safetensors", "out.safetensors"]
+
+
+def save_tensors_in_plan_order(path, metadata):
+    with SafetensorsWriter(path, PLAN, metadata) as writer:
+        write_all(writer)
+    return path
+
+
+def test_deferred_metadata_needs_a_placeholder(tmp_path):
+    writer = SafetensorsWriter(tmp_path / "out.safetensors", PLAN, {"other": "x"})
+    write_all(writer)
+    with pytest.raises(SafetensorsWriteError, match="placeholders"):
+        writer.commit(deferred_metadata={"modelspec.hash_sha256": lambda data_sha: "0x" + data_sha})
+    assert leftovers(tmp_path) == []
+
+
+def test_deferred_metadata_must_keep_header_length(tmp_path):
+    writer = SafetensorsWriter(tmp_path / "out.safetensors", PLAN, {"modelspec.hash_sha256": "0x0"})
+    write_all(writer)
+    with pytest.raises(SafetensorsWriteError, match="changed the header's length"):
+        writer.commit(deferred_metadata={"modelspec.hash_sha256": lambda data_sha: "0x" + data_sha})
+    assert leftovers(tmp_path) == []
