@@ -216,6 +216,8 @@ def test_file_truncated_after_open(tmp_path):
             handle.truncate(reader.header_size + 10)
         with pytest.raises(FormatError, match="truncated or changed while open"):
             reader.read("a")
+        with pytest.raises(FormatError, match="truncated or changed while open"):
+            reader.read_bytes("a")
 
 
 def test_zero_length_tensors_share_offsets(tmp_path):

@@ -229,6 +229,13 @@ class SafetensorsFile:
                 done += count
 
     def _read_exact_at(self, offset: int, length: int) -> bytes:
+        # One read() builds the bytes object directly (no second copy); a short
+        # read (EOF, signal, the 2 GiB per-call cap on Linux) takes the loop.
+        with self._lock:
+            self._handle.seek(offset)
+            data = self._handle.read(length)
+        if len(data) == length:
+            return data
         buffer = bytearray(length)
         self._read_exact_into(offset, memoryview(buffer))
         return bytes(buffer)
