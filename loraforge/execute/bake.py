@@ -11,6 +11,7 @@ tensor plus its deltas, whatever the checkpoint's size.
 from __future__ import annotations
 
 import json
+import math
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -20,18 +21,19 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from loraforge.errors import BuildError
-from loraforge.formats.adapters import load_factors, module_bias_delta, module_effective_delta
+from loraforge.formats.adapters import load_factors, module_bias_delta, module_effective_delta, module_low_rank
 from loraforge.formats.dtypes import torch_dtype
 from loraforge.formats.hashing import modelspec_hash
 from loraforge.formats.metadata import HASH_KEY, checkpoint_metadata, provenance_json, release_date
 from loraforge.formats.safetensors_reader import SafetensorsFile, open_safetensors
 from loraforge.formats.safetensors_writer import SafetensorsWriter, TensorPlan, WriteResult
-from loraforge.ops.bake import Contribution, bake_weight
+from loraforge.ops.bake import DenseTerm, LowRankTerm, Term, bake_weight
 from loraforge.plan.action_key import target_parameters_json
 from loraforge.plan.layout import OutputTensor, output_layout
 from loraforge.plan.model import BakeTarget, BuildPlan, ModuleApplication
 
 PREFETCH_DEPTH = 2  # tensors read ahead of the one being computed
+MAX_PENDING_WRITES = 2  # computed tensors waiting for the writer thread
 
 ProgressCallback = Callable[[int], None]  # called with the bytes just written
 
@@ -65,16 +67,24 @@ def run_bake(
                 _output_metadata(plan, target),
             )
         )
-        for entry, data in _prefetched(base, layout):
-            if entry.action == "bake":
-                data = _bake_tensor(data, target.applications[entry.name], adapters, device, torch_dtype(entry.dtype))
-            elif entry.action == "convert":
-                data = data.to(torch_dtype(entry.dtype))
-            writer.write(entry.name, data)
-            on_progress(entry.nbytes)
+        workspace = _workspace(layout, device)
+        with _BackgroundWrites(writer, on_progress) as writes:
+            for entry, data in _prefetched(base, layout):
+                if entry.action == "bake":
+                    applications = target.applications[entry.name]
+                    data = _bake_tensor(data, applications, adapters, device, torch_dtype(entry.dtype), workspace)
+                elif entry.action == "convert":
+                    data = data.to(torch_dtype(entry.dtype))
+                writes.submit(entry, data)
         written = writer.commit(deferred_metadata={HASH_KEY: modelspec_hash})
     counts = {action: sum(1 for t in layout if t.action == action) for action in ("bake", "copy", "convert")}
     return BakeResult(target.name, written, counts["bake"], counts["copy"], counts["convert"])
+
+
+def _workspace(layout: Sequence[OutputTensor], device: torch.device) -> torch.Tensor | None:
+    """One float64 buffer for the largest baked weight, reused for every weight."""
+    largest = max((math.prod(t.shape) for t in layout if t.action == "bake"), default=0)
+    return torch.empty(largest, dtype=torch.float64, device=device) if largest else None
 
 
 def _bake_tensor(
@@ -83,23 +93,62 @@ def _bake_tensor(
     adapters: Sequence[SafetensorsFile],
     device: torch.device,
     out_dtype: torch.dtype,
+    workspace: torch.Tensor | None,
 ) -> torch.Tensor:
     weight = weight.to(device)
-    contributions = _contributions(weight, applications, adapters, device)
-    return bake_weight(weight, contributions, out_dtype).cpu()
+    terms = _terms(weight, applications, adapters, device)
+    return bake_weight(weight, terms, out_dtype, workspace).cpu()
 
 
-def _contributions(weight, applications, adapters, device) -> Iterator[Contribution]:
-    """Each application's scaled delta, computed lazily so only one is alive at a time."""
+def _terms(weight, applications, adapters, device) -> Iterator[Term]:
+    """Each application's contribution, computed lazily so only one dense delta is alive at a time."""
     for application in applications:
         factors = load_factors(adapters[application.ingredient], application.module, device=device)
         rows = application.spec.rows
         target = weight if rows is None else weight[rows[0]:rows[1]]
         if application.part == "bias":
-            delta = module_bias_delta(application.module, factors)
+            yield DenseTerm(application.coefficient, module_bias_delta(application.module, factors), rows)
+            continue
+        low_rank = module_low_rank(application.module, factors, application.coefficient)
+        if low_rank is not None:
+            yield LowRankTerm(*low_rank, rows)
         else:
             delta = module_effective_delta(application.module, factors, target)
-        yield Contribution(application.coefficient, delta, rows)
+            yield DenseTerm(application.coefficient, delta, rows)
+
+
+class _BackgroundWrites:
+    """Writes tensors in order on one background thread, so disk writes overlap compute.
+
+    At most MAX_PENDING_WRITES tensors wait, which bounds the memory they hold.
+    """
+
+    def __init__(self, writer: SafetensorsWriter, on_progress: ProgressCallback):
+        self._writer = writer
+        self._on_progress = on_progress
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraforge-write")
+        self._pending: deque = deque()
+
+    def submit(self, entry: OutputTensor, data) -> None:
+        self._pending.append((entry, self._pool.submit(self._writer.write, entry.name, data)))
+        while len(self._pending) > MAX_PENDING_WRITES:
+            self._finish_oldest()
+
+    def _finish_oldest(self) -> None:
+        entry, future = self._pending.popleft()
+        future.result()  # re-raises a write error in the building thread
+        self._on_progress(entry.nbytes)
+
+    def __enter__(self) -> "_BackgroundWrites":
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        try:
+            if exc_type is None:
+                while self._pending:
+                    self._finish_oldest()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _prefetched(base: SafetensorsFile, layout: Sequence[OutputTensor]) -> Iterator[tuple[OutputTensor, object]]:

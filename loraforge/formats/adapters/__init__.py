@@ -13,6 +13,7 @@ from .parse import (
     module_bias_delta,
     module_delta,
     module_effective_delta,
+    module_low_rank,
     parse_adapter,
     split_key,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "module_bias_delta",
     "module_delta",
     "module_effective_delta",
+    "module_low_rank",
     "module_label",
     "parse_adapter",
     "split_key",

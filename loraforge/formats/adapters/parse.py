@@ -195,6 +195,20 @@ def module_delta(
     return deltas.fit_delta(natural, target_shape)
 
 
+def module_low_rank(module: AdapterModule, factors: Mapping[str, Tensor], coefficient: float):
+    """(coefficient·scale·up, down) as float64 matrices when ΔW is a plain product, else None.
+
+    Plain kohya LoRA/LoCon modules (no Tucker core, no DoRA) qualify: their ΔW
+    is up.flatten(1) @ down.flatten(1), so a bake can add it with one in-place
+    GEMM instead of materialising it.
+    """
+    if module.kind != "lora" or module.tucker or module.dora:
+        return None
+    up, down = factors["up"], factors["down"]
+    up2 = up.reshape(up.shape[0], -1).to(torch.float64) * (coefficient * module.scale)
+    return up2, down.reshape(down.shape[0], -1).to(torch.float64)
+
+
 def module_effective_delta(
     module: AdapterModule,
     factors: Mapping[str, Tensor],
