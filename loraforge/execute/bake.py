@@ -65,6 +65,7 @@ def run_bake(
                 target.output,
                 [TensorPlan(t.name, t.dtype, t.shape) for t in layout],
                 _output_metadata(plan, target),
+                deferred_keys=(HASH_KEY,),
             )
         )
         workspace = _workspace(layout, device)

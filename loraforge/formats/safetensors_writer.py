@@ -134,7 +134,13 @@ class SafetensorsWriter:
         path: str | os.PathLike[str],
         plan: Sequence[TensorPlan],
         metadata: Mapping[str, str] | None = None,
+        deferred_keys: Sequence[str] = (),
     ):
+        """``deferred_keys``: metadata keys whose values ``commit(deferred_metadata=...)`` fills in.
+
+        Declaring them up front skips hashing the whole file while streaming,
+        since the header (and so that hash) will change at commit anyway.
+        """
         self.path = Path(path)
         self.plan = tuple(plan)
         self.metadata = dict(metadata) if metadata is not None else None
@@ -143,6 +149,7 @@ class SafetensorsWriter:
         self.size = self.header_size + sum(item.nbytes for item in self.plan)
         self._file_hash = hashlib.sha256()
         self._data_hash = hashlib.sha256()
+        self._digests = (self._data_hash,) if deferred_keys else (self._file_hash, self._data_hash)
         self._index = 0  # plan position of the tensor being written
         self._written = 0  # bytes of that tensor written so far
         self._result: WriteResult | None = None
@@ -171,12 +178,12 @@ class SafetensorsWriter:
     def _emit(self, data: memoryview) -> None:
         if len(data) < PARALLEL_HASH_BYTES:
             self._handle.write(data)
-            self._file_hash.update(data)
-            self._data_hash.update(data)
+            for digest in self._digests:
+                digest.update(data)
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="safetensors-hash")
-        pending = [self._pool.submit(digest.update, data) for digest in (self._file_hash, self._data_hash)]
+        pending = [self._pool.submit(digest.update, data) for digest in self._digests]
         try:
             self._handle.write(data)
         finally:
@@ -285,6 +292,8 @@ class SafetensorsWriter:
         if deferred_metadata:
             header = self._final_header(deferred_metadata, data_sha256)
             self._guarded(self._rewrite_header, header)
+        elif self._file_hash not in self._digests:
+            self._guarded(self._rewrite_header, encode_header(self.plan, self.metadata))
         self._guarded(self._finish)
         self._result = WriteResult(self.path, self.size, self._file_hash.hexdigest(), data_sha256)
         return self._result

@@ -12,7 +12,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from loraforge.errors import ResolveError
-from loraforge.formats.hashing import file_sha256
+from loraforge.resolve.hash_cache import cached_file_sha256
 
 REMOTE_PREFIXES = ("hf://", "civitai:", "https://", "http://", "urn:air:")
 
@@ -57,8 +57,8 @@ def locate_input(name: str, source: str, expected_sha256: str | None, root: Path
 
 
 def verify_input(resolved: ResolvedInput) -> str:
-    """Hash the input's file and enforce the recipe's sha256; returns the actual sha256."""
-    actual = file_sha256(resolved.path)
+    """Hash the input's file (or reuse its cached hash) and enforce the recipe's sha256."""
+    actual = cached_file_sha256(resolved.path)
     if resolved.expected_sha256 is not None and actual != resolved.expected_sha256:
         raise ResolveError(
             f"Input '{resolved.name}' ({resolved.path}) does not have the sha256 the recipe pins: "

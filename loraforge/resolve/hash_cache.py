@@ -1,0 +1,69 @@
+"""A stat-keyed cache of file sha256s, so unchanged inputs are not re-read.
+
+Hashing a 7 GB SDXL checkpoint costs seconds on every build; like git's
+index and A1111's hash cache, we remember a file's sha256 together with its
+size, modification time (ns), inode and device, and trust it only while all
+four are unchanged. Entries are small JSON files written atomically, one per
+path, under ``$LORAFORGE_CACHE/hashes`` (default ``~/.cache/loraforge``), so
+concurrent builds never corrupt each other. Set ``LORAFORGE_HASH_CACHE=0`` to
+always re-hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from loraforge.formats.hashing import file_sha256
+
+
+def cache_root() -> Path:
+    configured = os.environ.get("LORAFORGE_CACHE")
+    if configured:
+        return Path(configured).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or (Path.home() / ".cache")
+    return Path(base) / "loraforge"
+
+
+def cached_file_sha256(path: Path) -> str:
+    """sha256 of the file, from the cache when its stat signature is unchanged."""
+    path = Path(path).resolve()
+    signature = _signature(path)
+    entry_path = cache_root() / "hashes" / (hashlib.sha256(str(path).encode()).hexdigest()[:40] + ".json")
+    if os.environ.get("LORAFORGE_HASH_CACHE", "1") != "0":
+        cached = _read_entry(entry_path)
+        if cached is not None and cached.get("signature") == signature and _is_hex64(cached.get("sha256")):
+            return cached["sha256"]
+    digest = file_sha256(path)
+    if _signature(path) == signature:  # do not remember a hash of a file that changed while we read it
+        _write_entry(entry_path, {"path": str(path), "signature": signature, "sha256": digest})
+    return digest
+
+
+def _signature(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev]
+
+
+def _read_entry(entry_path: Path) -> dict | None:
+    try:
+        return json.loads(entry_path.read_text())
+    except (OSError, ValueError):
+        return None  # missing or damaged: hash again
+
+
+def _write_entry(entry_path: Path, entry: dict) -> None:
+    """Best effort: a read-only or full cache directory only costs a re-hash next time."""
+    try:
+        entry_path.parent.mkdir(parents=True, exist_ok=True)
+        temp = entry_path.with_name(f".{entry_path.name}.{os.getpid()}.tmp")
+        temp.write_text(json.dumps(entry, sort_keys=True))
+        os.replace(temp, entry_path)
+    except OSError:
+        pass
+
+
+def _is_hex64(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
