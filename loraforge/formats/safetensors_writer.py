@@ -310,15 +310,22 @@ class SafetensorsWriter:
         return header
 
     def _rewrite_header(self, header: bytes) -> None:
-        """Overwrite the header in place and hash the file again (the data is in the page cache)."""
+        """Overwrite the header in place and hash the file again (the data is in the page cache).
+
+        The flush to disk (fsync) runs on another thread meanwhile: one is
+        disk-bound, the other CPU-bound, so together they cost about the longer.
+        """
         self._handle.seek(0)
         self._handle.write(header)
         self._handle.flush()
-        self._file_hash = hashlib.sha256(header)
-        with open(self._temp_path, "rb") as reader:
-            reader.seek(self.header_size)
-            while chunk := reader.read(8 << 20):
-                self._file_hash.update(chunk)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="safetensors-fsync") as pool:
+            flushed = pool.submit(os.fsync, self._handle.fileno())
+            self._file_hash = hashlib.sha256(header)
+            with open(self._temp_path, "rb") as reader:
+                reader.seek(self.header_size)
+                while chunk := reader.read(8 << 20):
+                    self._file_hash.update(chunk)
+            flushed.result()
 
     @property
     def result(self) -> WriteResult | None:
