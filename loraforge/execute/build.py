@@ -1,4 +1,4 @@
-"""Run a BuildPlan: every target in dependency order."""
+"""Run a BuildPlan: every target in dependency order, each by its kind's runner."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from loraforge.plan.model import BakeTarget, BuildPlan
 # Given a target about to run, returns the callback that receives its progress.
 ProgressFactory = Callable[[BakeTarget], ProgressCallback]
 
+# Planned target type -> function(plan, target, torch device, progress callback) -> result.
+TARGET_RUNNERS = {BakeTarget: run_bake}
+
 
 def run_build(plan: BuildPlan, device: str | None = None, progress: ProgressFactory | None = None) -> list[BakeResult]:
     """Build each planned target; ``device`` (from the CLI) overrides the recipe's."""
@@ -18,5 +21,5 @@ def run_build(plan: BuildPlan, device: str | None = None, progress: ProgressFact
     for target in plan.targets:
         torch_device = select_device(device or target.device)
         callback = progress(target) if progress else (lambda nbytes: None)
-        results.append(run_bake(plan, target, torch_device, callback))
+        results.append(TARGET_RUNNERS[type(target)](plan, target, torch_device, callback))
     return results
