@@ -103,9 +103,10 @@ def _with_dependencies(loaded: LoadedRecipe, names: Iterable[str]) -> set[str]:
 def _reference_path(loaded: LoadedRecipe, target: str, ref: str) -> tuple:
     """The recipe field that names `ref` inside `target` (for error positions)."""
     spec = loaded.recipe.targets[target]
-    if spec.base == ref:
-        return ("targets", target, "base")
-    for i, lora in enumerate(spec.loras):
+    for field in ("base", "tuned"):  # the fields that name one checkpoint, per target kind
+        if getattr(spec, field, None) == ref:
+            return ("targets", target, field)
+    for i, lora in enumerate(getattr(spec, "loras", ())):
         if lora.use == ref:
             return ("targets", target, "loras", i, "use")
     return ("targets", target)

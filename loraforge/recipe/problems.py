@@ -36,6 +36,7 @@ _MISSING_HINTS = {
     "source": "add e.g. `source: models/base.safetensors` (a path, https://, hf://, civitai: or urn:air: source)",
     "use": "add `use: <name>` naming the input or target that provides the LoRA",
     "base": "add `base: <name>` naming the input or target that provides the base checkpoint",
+    "tuned": "add `tuned: <name>` naming the input or target that provides the fine-tuned checkpoint",
 }
 
 

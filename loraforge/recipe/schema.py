@@ -326,9 +326,103 @@ class CheckpointTarget(_TargetBase):
         return _unique((self.base, *(lora.use for lora in self.loras)))
 
 
-# New kinds ("lora", "extract") join this union; ``kind`` picks the model.
-Target = Annotated[Union[CheckpointTarget], Field(discriminator="kind")]
-TARGET_KINDS = ("checkpoint",)
+class RankSpec(_Strict):
+    """How many singular values to keep: exactly one of rank/energy/ratio, optionally capped by max.
+
+    Written in a recipe as a whole number (``rank: 32``) or a mapping
+    (``{energy: 0.95, max: 128}``, ``{ratio: 20, max: 128}``).
+    """
+
+    rank: int | None = None  # keep this many
+    energy: float | None = None  # smallest rank whose Frobenius energy fraction reaches this (0 < e <= 1)
+    ratio: float | None = None  # keep sigma_k with sigma_max / sigma_k <= ratio (ratio >= 1)
+    max: int | None = None  # never more than this
+
+
+def _check_rank(value: Any) -> RankSpec | None:
+    """A rank spec; 0 means "none" (returned as None) where the field allows it."""
+    hint = "write a whole number such as 32, or a mapping such as {energy: 0.95, max: 128} or {ratio: 20, max: 128}"
+    if isinstance(value, RankSpec):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise custom_error(f"a rank cannot be negative, got {value}", hint)
+        return RankSpec(rank=value) if value else None
+    if not isinstance(value, Mapping):
+        raise custom_error(f"expected a rank, got {describe_value(value)}", hint)
+    unknown = sorted(str(key) for key in value if key not in ("rank", "energy", "ratio", "max"))
+    chosen = [key for key in ("rank", "energy", "ratio") if key in value]
+    if unknown or len(chosen) != 1:
+        what = f"unknown key(s) {', '.join(unknown)}" if unknown else f"{len(chosen)} of rank/energy/ratio given"
+        raise custom_error(f"a rank mapping needs exactly one of rank, energy, ratio (plus optional max): {what}", hint)
+    spec = {key: value[key] for key in ("rank", "energy", "ratio", "max") if key in value}
+    for key in ("rank", "max"):
+        if key in spec and (isinstance(spec[key], bool) or not isinstance(spec[key], int) or spec[key] < 1):
+            raise custom_error(f"'{key}' must be a whole number of at least 1, got {describe_value(spec[key])}", hint)
+    if "energy" in spec:
+        energy = _check_real(spec["energy"])
+        if not 0.0 < energy <= 1.0:
+            raise custom_error(f"'energy' is a fraction in (0, 1], got {energy!r}", "write e.g. energy: 0.95 (95 % of the Frobenius energy)")
+        spec["energy"] = energy
+    if "ratio" in spec:
+        ratio = _check_real(spec["ratio"])
+        if ratio < 1.0:
+            raise custom_error(f"'ratio' is sigma_max / sigma_k and at least 1, got {ratio!r}", "write e.g. ratio: 20")
+        spec["ratio"] = ratio
+    return RankSpec(**spec)
+
+
+def _check_positive_rank(value: Any) -> RankSpec:
+    spec = _check_rank(value)
+    if spec is None:
+        raise custom_error("the rank must be at least 1", "write a whole number such as 32, or {energy: 0.95, max: 128}")
+    return spec
+
+
+def _check_quantile(value: Any) -> float:
+    number = _check_real(value)
+    if not 0.5 < number < 1.0:
+        raise custom_error(f"clamp_quantile is a quantile between 0.5 and 1 (exclusive), got {number!r}", "write e.g. clamp_quantile: 0.99, or leave it out (no clamping)")
+    return number
+
+
+def _check_text_encoder_choice(value: Any) -> bool | str:
+    if isinstance(value, bool) or value == "auto":
+        return value
+    raise custom_error(f"text_encoder must be auto, true or false, got {describe_value(value)}", "write text_encoder: auto (include it when it differs), true or false")
+
+
+def _check_min_diff(value: Any) -> float:
+    number = _check_real(value)
+    if number < 0:
+        raise custom_error(f"min_diff cannot be negative, got {number!r}", "write e.g. min_diff: 0.0001, or 0 to skip only modules that are exactly equal")
+    return number
+
+
+PositiveRank = Annotated[RankSpec, BeforeValidator(_check_positive_rank)]
+OptionalRank = Annotated[Union[RankSpec, None], BeforeValidator(_check_rank)]
+
+
+class ExtractTarget(_TargetBase):
+    """Extract a LoRA/LoCon from the difference tuned - base of two checkpoints (docs/extraction.md)."""
+
+    kind: Literal["extract"]
+    tuned: Name
+    base: Name
+    rank: PositiveRank = RankSpec(rank=32)
+    conv_rank: OptionalRank = None  # 3x3 convs as LoCon; None (0 or absent) skips them
+    text_encoder: Annotated[Union[bool, Literal["auto"]], BeforeValidator(_check_text_encoder_choice)] = "auto"
+    svd: Annotated[Literal["randomized", "exact"], BeforeValidator(_choice_checker(("randomized", "exact"), "svd method"))] = "randomized"
+    clamp_quantile: Annotated[float, BeforeValidator(_check_quantile)] | None = None
+    min_diff: Annotated[float, BeforeValidator(_check_min_diff)] = 1e-4  # skip modules with max|dW| <= this
+
+    def dependencies(self) -> tuple[str, ...]:
+        return _unique((self.tuned, self.base))
+
+
+# New kinds join this union; ``kind`` picks the model.
+Target = Annotated[Union[CheckpointTarget, ExtractTarget], Field(discriminator="kind")]
+TARGET_KINDS = ("checkpoint", "extract")
 
 
 class Recipe(_Strict):
