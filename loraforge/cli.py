@@ -25,7 +25,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-stdout = Console(highlight=False, soft_wrap=True)
+stdout = Console(highlight=False)
 stderr = Console(stderr=True, highlight=False)
 
 
@@ -61,7 +61,7 @@ def inspect(
     except LoraforgeError as error:
         _fail(error)
     if as_json:
-        stdout.print_json(json.dumps(report))
+        _print_json(report)
     else:
         render_inspect(stdout, report)
 
@@ -81,7 +81,7 @@ def plan(
     except LoraforgeError as error:
         _fail(error)
     if as_json:
-        stdout.print_json(json.dumps(report))
+        _print_json(report)
     else:
         render_plan(stdout, report)
 
@@ -107,6 +107,11 @@ def build(
         stderr.print("interrupted: no partial output was left behind.")
         raise typer.Exit(130)
     render_build_result(stdout, results)
+
+
+def _print_json(report: dict) -> None:
+    # Plain stdout, not rich: rich would wrap long strings and break the JSON.
+    typer.echo(json.dumps(report, indent=2, sort_keys=False))
 
 
 def _plan(recipe: Path, targets: list[str]):
