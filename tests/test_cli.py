@@ -259,3 +259,38 @@ def test_inspect_refuses_a_truncated_file_without_traceback(tmp_path, models):
     result = invoke("inspect", path)
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "cut.safetensors" in result.output
+
+
+def _raw_safetensors(path: Path, header, data: bytes = b"") -> Path:
+    encoded = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + data)
+    return path
+
+
+def _tensor(dtype="F32", shape=(1,), offsets=(0, 4)) -> dict:
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
+
+
+BROKEN_FILES = {
+    "truncated": (lambda p: _raw_safetensors(p, {"a": _tensor(shape=(4,), offsets=(0, 16))}, b"\0" * 10), "truncated"),
+    "header longer than file": (lambda p: p.write_bytes((10**6).to_bytes(8, "little") + b"{}"), "header"),
+    "100 MB header": (lambda p: p.write_bytes((100 * 2**20).to_bytes(8, "little") + b"{}"), "header"),
+    "overlapping offsets": (
+        lambda p: _raw_safetensors(p, {"a": _tensor(offsets=(0, 4)), "b": _tensor(offsets=(2, 6))}, b"\0" * 6), "overlap"),
+    "unknown dtype": (lambda p: _raw_safetensors(p, {"a": _tensor(dtype="Q7")}, b"\0" * 4), "Q7"),
+    "shape/length mismatch": (lambda p: _raw_safetensors(p, {"a": _tensor(shape=(2,), offsets=(0, 4))}, b"\0" * 4), "a"),
+    "non-string metadata": (
+        lambda p: _raw_safetensors(p, {"__metadata__": {"k": 1}, "a": _tensor()}, b"\0" * 4), "metadata"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_FILES))
+def test_inspect_refuses_broken_files_with_one_paragraph(tmp_path, case):
+    make, fragment = BROKEN_FILES[case]
+    path = tmp_path / "broken.safetensors"
+    make(path)
+    result = invoke("inspect", path)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and result.output.startswith("error:")
+    message = " ".join(result.output.split())
+    assert "broken.safetensors" in message and fragment.lower() in message.lower(), message
