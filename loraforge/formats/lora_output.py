@@ -1,0 +1,210 @@
+"""Writing kohya LoRA / LoCon files, and describing them before they exist.
+
+Input: one :class:`LoraModuleFactors` per adapted layer, keyed by its kohya
+module name (``lora_unet_…``, ``lora_te_…``, ``lora_te1_…``/``lora_te2_…``),
+with ``up`` (out×k) and ``down`` (k×in·kh·kw) matrices whose product is the
+layer's whole ΔW. Output tensors, by the names A1111, ComfyUI and kohya read:
+
+* ``<name>.lora_up.weight``: [out, k] for a linear layer, [out, k, 1, 1] for a conv;
+* ``<name>.lora_down.weight``: [k, in] or [k, in, kh, kw];
+* ``<name>.alpha``: 0-d, equal to k, so the reader's scale alpha/k is exactly 1.
+
+Tensors are sorted by name (all of one dtype, so this is also the order
+``safetensors.save_file`` would use) and metadata keys are sorted; nothing
+depends on the clock, so the same factors give the same bytes. The hashes that
+depend on the data (``sshs_model_hash``, ``modelspec.hash_sha256``) are filled
+in by the writer after the data is written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from loraforge.formats import dtypes
+from loraforge.formats.adapters.model import AdapterFile, AdapterModule, describe_kind
+from loraforge.formats.arch.table import Architecture
+from loraforge.formats.hashing import modelspec_hash
+from loraforge.formats.metadata import HASH_KEY, checkpoint_metadata
+from loraforge.formats.safetensors_writer import SafetensorsWriter, TensorPlan, WriteResult
+
+NETWORK_MODULE = "networks.lora"
+SSHS_KEY = "sshs_model_hash"
+SSHS_PLACEHOLDER = "0" * 64
+DYNAMIC = "Dynamic"  # what kohya's resize script writes for ss_network_dim/alpha when ranks differ
+SUFFIXES = {"up": "lora_up.weight", "down": "lora_down.weight", "alpha": "alpha"}
+
+
+@dataclass(frozen=True)
+class LoraModuleFactors:
+    """One output module: ΔW (shaped ``weight_shape``) = up @ down, viewed as matrices."""
+
+    name: str  # kohya module name
+    up: Tensor  # (out, k)
+    down: Tensor  # (k, in·kh·kw)
+    weight_shape: tuple[int, ...]  # the adapted weight (or row slice): (out, in) or (out, in, kh, kw)
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+
+def is_conv_shape(weight_shape: Sequence[int]) -> bool:
+    """A k×k conv (k > 1): the layers kohya counts under conv_dim. 1×1 convs count as linear."""
+    return len(weight_shape) == 4 and tuple(weight_shape[2:]) != (1, 1)
+
+
+def factor_shapes(weight_shape: Sequence[int], rank: int) -> dict[str, tuple[int, ...]]:
+    """The shapes of a module's up, down and alpha tensors for a weight shape and rank."""
+    out, cin, *kernel = (int(d) for d in weight_shape)
+    if kernel:
+        return {"up": (out, rank, 1, 1), "down": (rank, cin, *kernel), "alpha": ()}
+    return {"up": (out, rank), "down": (rank, cin), "alpha": ()}
+
+
+def module_tensors(module: LoraModuleFactors, dtype: torch.dtype) -> dict[str, Tensor]:
+    """The three tensors of one module in ``dtype``, by full key."""
+    shapes = factor_shapes(module.weight_shape, module.rank)
+    if module.up.shape[0] != shapes["up"][0] or module.down.reshape(module.rank, -1).shape[1] != math.prod(shapes["down"][1:]):
+        raise ValueError(
+            f"{module.name}: factors {tuple(module.up.shape)} @ {tuple(module.down.shape)} do not make a "
+            f"weight of shape {module.weight_shape}"
+        )
+    return {
+        f"{module.name}.{SUFFIXES['up']}": module.up.to(dtype).reshape(shapes["up"]).contiguous(),
+        f"{module.name}.{SUFFIXES['down']}": module.down.to(dtype).reshape(shapes["down"]).contiguous(),
+        f"{module.name}.{SUFFIXES['alpha']}": torch.tensor(float(module.rank), dtype=dtype),
+    }
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def _dim_text(ranks: set[int]) -> str:
+    return str(next(iter(ranks))) if len(ranks) == 1 else DYNAMIC
+
+
+def lora_metadata(
+    arch: Architecture,
+    ranks: Mapping[str, tuple[int, bool]],
+    *,
+    title: str,
+    date: str | None,
+    merged_from: Sequence[str],
+    provenance: Mapping[str, str],
+) -> dict[str, str]:
+    """kohya ``ss_*`` keys, ModelSpec keys (architecture ``<base>/lora``) and provenance, sorted.
+
+    ``ranks`` maps each module name to (rank, is k×k conv). Alpha equals rank
+    everywhere, so ``ss_network_alpha`` repeats ``ss_network_dim``; both read
+    "Dynamic" when modules differ, as kohya's resize script writes them.
+    """
+    metadata = checkpoint_metadata(arch, title=title, date=date, merged_from=merged_from, provenance=provenance)
+    metadata["modelspec.architecture"] = f"{arch.modelspec_architecture}/lora"
+    linear = {rank for rank, conv in ranks.values() if not conv}
+    conv = {rank for rank, conv in ranks.values() if conv}
+    dim = _dim_text(linear or conv) if ranks else "0"
+    metadata.update(
+        {
+            "ss_network_module": NETWORK_MODULE,
+            "ss_network_dim": dim,
+            "ss_network_alpha": dim,
+            "ss_base_model_version": arch.ss_base_model_version,
+            "ss_v2": str(arch.name == "sd2"),
+            SSHS_KEY: SSHS_PLACEHOLDER,
+        }
+    )
+    if conv:
+        conv_dim = _dim_text(conv)
+        metadata["ss_network_args"] = json.dumps({"conv_alpha": conv_dim, "conv_dim": conv_dim}, sort_keys=True)
+    return dict(sorted(metadata.items()))
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def lora_save_dtype(save: str, factor_dtypes: Sequence[str]) -> str:
+    """The output dtype code: the recipe's save dtype, or for "same" the inputs' factor dtype.
+
+    "same" keeps F16, BF16 or F32 when every input factor has it; mixed inputs
+    (and F64 ones) are saved as F32, which holds F16 and BF16 values exactly.
+    """
+    if save != "same":
+        return save
+    kinds = set(factor_dtypes)
+    if len(kinds) == 1 and next(iter(kinds)) in ("F16", "BF16", "F32"):
+        return next(iter(kinds))
+    return "F32"
+
+
+def write_lora(
+    path: str | os.PathLike[str],
+    modules: Sequence[LoraModuleFactors],
+    metadata: Mapping[str, str],
+    dtype: str,
+) -> WriteResult:
+    """Write ``modules`` to ``path`` atomically; ``metadata`` comes from :func:`lora_metadata`.
+
+    Modules are written in name order whatever order they are given in.
+    """
+    torch_dtype = dtypes.torch_dtype(dtype)
+    tensors: dict[str, Tensor] = {}
+    for module in sorted(modules, key=lambda m: m.name):
+        tensors.update(module_tensors(module, torch_dtype))
+    order = sorted(tensors)
+    plan = [TensorPlan.of(name, tensors[name]) for name in order]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    deferred = {key: fill for key, fill in ((HASH_KEY, modelspec_hash), (SSHS_KEY, lambda h: h)) if key in metadata}
+    with SafetensorsWriter(path, plan, metadata, deferred_keys=tuple(deferred)) as writer:
+        for name in order:
+            writer.write(name, tensors[name])
+        return writer.commit(deferred_metadata=deferred or None)
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def planned_lora_adapter(path: str | os.PathLike[str], modules: Sequence[tuple[str, tuple[int, ...], int]]) -> AdapterFile:
+    """What parse_adapter will find in a LoRA this module writes, known before it is written.
+
+    ``modules``: (kohya name, weight shape, rank) per module. For a policy whose
+    ranks depend on the data (energy, ratio) pass its upper bound: alpha = rank
+    makes the scale 1 whatever the rank turns out to be, and the factors are
+    read with the shapes of the finished file. Lets a target use another
+    target's LoRA output as an ingredient at plan time.
+    """
+    parsed = []
+    for name, weight_shape, rank in sorted(modules):
+        shapes = factor_shapes(weight_shape, rank)
+        parsed.append(
+            AdapterModule(
+                name=name,
+                naming="kohya",
+                kind="lora",
+                tucker=False,
+                dora=False,
+                keys={role: f"{name}.{suffix}" for role, suffix in sorted(SUFFIXES.items())},
+                rank=rank,
+                alpha=float(rank),
+                delta_shape=tuple(weight_shape),
+                shapes=dict(sorted(shapes.items())),
+            )
+        )
+    module_tuple = tuple(parsed)
+    return AdapterFile(path=str(path), modules=module_tuple, unclaimed=(), metadata={}, kind=describe_kind(module_tuple))
+
+
+def estimated_lora_bytes(modules: Sequence[tuple[str, tuple[int, ...], int]], dtype: str) -> int:
+    """Data bytes of the LoRA planned_lora_adapter describes (header excluded)."""
+    size = dtypes.itemsize(dtype)
+    total = 0
+    for _, weight_shape, rank in modules:
+        total += sum(math.prod(shape) for shape in factor_shapes(weight_shape, rank).values()) * size
+    return total
