@@ -197,7 +197,10 @@ def test_canonical_json_is_compact_sorted_and_complete(tmp_path):
         "seed": 0,
         "device": "auto",
         "precision": {"compute": "float32", "save": "same"},
-        "inputs": {"base": {"source": "base.safetensors", "sha256": None}, "style": {"source": "style.safetensors", "sha256": None}},
+        "inputs": {
+            "base": {"source": "base.safetensors", "sha256": None, "allow_pickle": False},
+            "style": {"source": "style.safetensors", "sha256": None, "allow_pickle": False},
+        },
         "targets": {
             "tiny-baked": {
                 "kind": "checkpoint",

@@ -219,7 +219,7 @@ def _recipe_slice_json(plan: BuildPlan, name: str) -> str:
     return provenance_json(
         {
             **header,
-            "inputs": {n: recipe.inputs[n].model_dump(mode="json") for n in sorted(names) if n in recipe.inputs},
+            "inputs": {n: _input_json(recipe.inputs[n]) for n in sorted(names) if n in recipe.inputs},
             "targets": {
                 n: json.loads(target_parameters_json(plan.loaded, n))
                 for n in sorted(names)
@@ -227,3 +227,11 @@ def _recipe_slice_json(plan: BuildPlan, name: str) -> str:
             },
         }
     )
+
+
+def _input_json(spec) -> dict:
+    """An input's fields; ``allow_pickle`` only when set, so outputs of recipes without it keep their bytes."""
+    data = spec.model_dump(mode="json")
+    if not data.get("allow_pickle"):
+        data.pop("allow_pickle", None)
+    return data

@@ -22,6 +22,7 @@ import torch
 
 from loraforge.errors import FormatError
 from loraforge.formats import dtypes
+from loraforge.formats.sniff import HEAD_BYTES, pickle_kind, pickle_refusal
 
 # Largest JSON header accepted; the same limit safetensors uses.
 MAX_HEADER_SIZE = 100_000_000
@@ -85,6 +86,13 @@ class SafetensorsFile:
         try:
             self.file_size = os.fstat(self._handle.fileno()).st_size
             self.header_size, self.metadata, self._infos = self._load_header()
+        except FormatError:
+            # A pickle is the commonest wrong file; say so, and why it is refused.
+            kind = pickle_kind(self._head(), self.file_size, self.path.name)
+            self._handle.close()
+            if kind is not None:
+                raise FormatError(pickle_refusal(self.path, kind)) from None
+            raise
         except BaseException:
             self._handle.close()
             raise
@@ -212,6 +220,9 @@ class SafetensorsFile:
                 f"it has {data_size - declared} bytes after the last tensor that no tensor owns",
                 "Trailing data is refused (as safetensors does); re-download the file or rebuild it.",
             )
+
+    def _head(self) -> bytes:
+        return self._read_exact_at(0, min(HEAD_BYTES, self.file_size))
 
     # ---- raw reads ---------------------------------------------------------
 

@@ -18,11 +18,13 @@ from loraforge.formats.adapters.matching import detect_adapter_architecture, mat
 from loraforge.formats.arch import Detection, detect_architecture
 from loraforge.formats.arch.block_weights import BlockWeightError, parse_block_weights
 from loraforge.formats.dtypes import precision_code
+from loraforge.formats.pickle_input import safetensors_input
 from loraforge.formats.safetensors_reader import open_safetensors
 from loraforge.plan.action_key import bake_action_key
 from loraforge.plan.context import PlanContext
 from loraforge.plan.layout import output_layout
 from loraforge.plan.model import BakeTarget, LoraIngredient, ModuleApplication
+from loraforge.resolve.hash_cache import cache_root
 from loraforge.resolve.local import ResolvedInput
 
 MAX_LISTED = 8  # how many offending keys an error message lists before "and N more"
@@ -33,10 +35,10 @@ def plan_bake(context: PlanContext, name: str) -> BakeTarget:
     loaded, inputs, input_sha256, planned = context.loaded, context.inputs, context.input_sha256, context.planned
     recipe = loaded.recipe
     spec = recipe.targets[name]
-    base_path, structure_path, detection, base_bytes = _plan_base(loaded, name, inputs, planned)
+    base_path, structure_path, detection, base_bytes = _plan_base(loaded, name, inputs, planned, input_sha256)
     ingredients, applications = [], {}
     for index, lora in enumerate(spec.loras):
-        ingredient, module_applications = _plan_ingredient(loaded, name, index, inputs, detection)
+        ingredient, module_applications = _plan_ingredient(loaded, name, index, inputs, detection, input_sha256)
         ingredients.append(ingredient)
         for application in module_applications:
             key = application.spec.bias_key if application.part == "bias" else application.spec.key
@@ -64,7 +66,7 @@ def plan_bake(context: PlanContext, name: str) -> BakeTarget:
     )
 
 
-def _plan_base(loaded, name, inputs, planned) -> tuple[Path, Path, Detection, int]:
+def _plan_base(loaded, name, inputs, planned, input_sha256) -> tuple[Path, Path, Detection, int]:
     """Where the base comes from and what architecture it is."""
     base = loaded.recipe.targets[name].base
     if base in planned:
@@ -72,7 +74,7 @@ def _plan_base(loaded, name, inputs, planned) -> tuple[Path, Path, Detection, in
         return producer.output, producer.structure_path, producer.detection, producer.write_bytes
     if base in loaded.recipe.targets:
         raise loaded.error(("targets", name, "base"), f"target '{base}' cannot be used as a base here.")
-    path = inputs[base].path
+    path = input_file(loaded, inputs[base], input_sha256[base])
     try:
         with open_safetensors(path) as base_file:
             shapes = {n: base_file.info(n).shape for n in base_file.names()}
@@ -82,7 +84,7 @@ def _plan_base(loaded, name, inputs, planned) -> tuple[Path, Path, Detection, in
     return path, path, detection, path.stat().st_size
 
 
-def _plan_ingredient(loaded, target, index, inputs, detection) -> tuple[LoraIngredient, list[ModuleApplication]]:
+def _plan_ingredient(loaded, target, index, inputs, detection, input_sha256) -> tuple[LoraIngredient, list[ModuleApplication]]:
     spec = loaded.recipe.targets[target]
     lora = spec.loras[index]
     where = ("targets", target, "loras", index)
@@ -93,7 +95,8 @@ def _plan_ingredient(loaded, target, index, inputs, detection) -> tuple[LoraIngr
             "Name a LoRA input (or a LoRA-producing target) here.",
         )
     resolved = inputs[lora.use]
-    adapter = _parse_adapter(loaded, where, resolved)
+    path = input_file(loaded, resolved, input_sha256[lora.use])
+    adapter = _parse_adapter(loaded, where, resolved, path)
     arch = detection.architecture
     match = match_adapter(adapter, arch)
     if adapter.modules and not match.matched:
@@ -126,7 +129,7 @@ def _plan_ingredient(loaded, target, index, inputs, detection) -> tuple[LoraIngr
     ingredient = LoraIngredient(
         index=index,
         use=lora.use,
-        path=resolved.path,
+        path=path,
         strength=lora.strength,
         te=te,
         blocks=blocks,
@@ -149,12 +152,24 @@ def _check_bias_target(loaded, where, use, module, spec) -> None:
         )
 
 
-def _parse_adapter(loaded, where, resolved: ResolvedInput) -> AdapterFile:
+def _parse_adapter(loaded, where, resolved: ResolvedInput, path: Path) -> AdapterFile:
     try:
-        with open_safetensors(resolved.path) as adapter_file:
+        with open_safetensors(path) as adapter_file:
             return parse_adapter(adapter_file)
     except FormatError as error:
         raise loaded.error((*where, "use"), f"input '{resolved.name}' is not a usable adapter: {error}") from None
+
+
+def input_file(loaded, resolved: ResolvedInput, sha256: str) -> Path:
+    """The safetensors file to open for an input; a pickle is refused unless its input sets `allow_pickle`.
+
+    An allowed pickle is converted once into the cache (formats/pickle_input.py).
+    """
+    allow = loaded.recipe.inputs[resolved.name].allow_pickle
+    try:
+        return safetensors_input(resolved.path, sha256, allow, cache_root() / "converted")
+    except FormatError as error:
+        raise loaded.error(("inputs", resolved.name, "source"), str(error)) from None
 
 
 def _block_weights(loaded, where, spec, arch):

@@ -278,6 +278,8 @@ class InputSpec(_Strict):
 
     source: Annotated[str, BeforeValidator(_check_source)]
     sha256: Annotated[str, BeforeValidator(_check_sha256)] | None = None
+    # Opt-in to read a .ckpt/.pt/.bin pickle with torch.load(weights_only=True); see docs/security.md.
+    allow_pickle: StrictFlag = False
 
 
 class LoraUse(_Strict):
