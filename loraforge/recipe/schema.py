@@ -422,9 +422,39 @@ class ExtractTarget(_TargetBase):
         return _unique((self.tuned, self.base))
 
 
+class LoraTarget(_TargetBase):
+    """Merge (or, with one ingredient, resize) LoRA-family adapters into one LoRA (docs/merging.md)."""
+
+    kind: Literal["lora"]
+    method: Annotated[Literal["svd", "concat"], BeforeValidator(_choice_checker(("svd", "concat"), "merge method"))] = "svd"
+    loras: tuple[LoraUse, ...] = Field(min_length=1)
+    rank: Annotated[RankSpec, BeforeValidator(_check_positive_rank)] | None = None  # required for svd
+    conv_rank: Annotated[RankSpec, BeforeValidator(_check_positive_rank)] | None = None  # k×k convs; default: rank
+    dense_svd: Annotated[Literal["exact", "randomized"], BeforeValidator(_choice_checker(("exact", "randomized"), "dense SVD method"))] = "exact"
+    clamp_quantile: Annotated[float, BeforeValidator(_check_quantile)] | None = None
+    allow_unmatched: StrictFlag = False
+
+    @model_validator(mode="after")
+    def _fields_fit_the_method(self) -> LoraTarget:
+        if self.method == "svd" and self.rank is None:
+            reason = "method svd needs a rank"
+            hint = "add e.g. rank: 32, or rank: {energy: 0.99, max: 128}; or use method: concat (exact, no rank)"
+            raise custom_error(reason, hint, problems=(((), reason, hint),))
+        if self.method == "concat":
+            given = [name for name in ("rank", "conv_rank", "clamp_quantile") if getattr(self, name) is not None]
+            if given:
+                reason = f"method concat keeps every rank exactly, so {given[0]} has no meaning here"
+                hint = f"remove {given[0]}, or use method: svd to reduce the rank"
+                raise custom_error(reason, hint, problems=(((given[0],), reason, hint),))
+        return self
+
+    def dependencies(self) -> tuple[str, ...]:
+        return _unique(tuple(lora.use for lora in self.loras))
+
+
 # New kinds join this union; ``kind`` picks the model.
-Target = Annotated[Union[CheckpointTarget, ExtractTarget], Field(discriminator="kind")]
-TARGET_KINDS = ("checkpoint", "extract")
+Target = Annotated[Union[CheckpointTarget, ExtractTarget, LoraTarget], Field(discriminator="kind")]
+TARGET_KINDS = ("checkpoint", "extract", "lora")
 
 
 class Recipe(_Strict):
