@@ -117,6 +117,9 @@ def render_plan(console: Console, report: dict) -> None:
 
 def _target_node(tree: Tree, target: dict) -> None:
     status_style = {"up to date": "green", "stale": "yellow", "missing": "cyan"}[target["status"]]
+    if target["kind"] == "extract":
+        _extract_node(tree, target, status_style)
+        return
     node = tree.add(
         f"[bold]{target['name']}[/] (checkpoint, {target['architecture']}) [{status_style}]{target['status']}[/]"
     )
@@ -136,6 +139,21 @@ def _target_node(tree: Tree, target: dict) -> None:
             entry.add("block weights: " + ", ".join(f"{b}={w:g}" for b, w in weights.items()))
         if lora["unmatched"]:
             entry.add(f"[yellow]unmatched (allowed): {_listing(lora['unmatched'])}[/]")
+
+
+def _extract_node(tree: Tree, target: dict, status_style: str) -> None:
+    node = tree.add(f"[bold]{target['name']}[/] (extract, {target['architecture']}) [{status_style}]{target['status']}[/]")
+    after = f"  (after {', '.join(target['depends_on'])})" if target["depends_on"] else ""
+    node.add(f"tuned: {target['tuned']} - base: {target['base']}{after}")
+    node.add(f"output: {target['output']}  save dtype: {target['save_dtype']}  device: {target['device']}")
+    conv = _counts(target["conv_rank"]) if target["conv_rank"] else "skip 3x3 convs"
+    node.add(f"rank: {_counts(target['rank'])}; conv rank: {conv}; svd: {target['svd']}; "
+             f"text encoder: {target['text_encoder']}; min_diff: {target['min_diff']:g}")
+    node.add(f"reads {human_bytes(target['read_bytes'])}, writes at most {human_bytes(target['write_bytes'])}; "
+             f"{target['candidate_modules']} candidate modules (unchanged ones are skipped at build time)")
+    node.add(f"modules per block: {_counts(target['modules_per_block'])}")
+    if target["text_encoder_modules_missing"]:
+        node.add(f"[yellow]text-encoder modules missing from a checkpoint: {_listing(target['text_encoder_modules_missing'])}[/]")
 
 
 # --- build ---------------------------------------------------------------------
@@ -170,6 +188,11 @@ class BuildProgress:
 
 def render_build_result(console: Console, results) -> None:
     for result in results:
+        if hasattr(result, "summary_lines"):  # targets that describe themselves (extract)
+            written = result.written
+            console.print(f"[bold green]built[/] {result.target} -> {written.path}\n  {human_bytes(written.size)}; "
+                          + "\n  ".join(result.summary_lines()) + f"\n  sha256 {written.sha256}")
+            continue
         written = result.written
         console.print(
             f"[bold green]built[/] {result.target} -> {written.path}\n"

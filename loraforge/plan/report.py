@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from loraforge.plan.extract import ExtractionTarget
 from loraforge.plan.model import BakeTarget, BuildPlan
 from loraforge.plan.status import output_status
 
@@ -23,7 +24,41 @@ def plan_report(plan: BuildPlan) -> dict:
     }
 
 
-def _target_report(target: BakeTarget) -> dict:
+def _target_report(target) -> dict:
+    if isinstance(target, ExtractionTarget):
+        return _extract_report(target)
+    return _bake_report(target)
+
+
+def _extract_report(target: ExtractionTarget) -> dict:
+    spec = lambda rank: None if rank is None else rank.model_dump(exclude_none=True)  # noqa: E731
+    return {
+        "name": target.name,
+        "kind": "extract",
+        "status": output_status(target),
+        "tuned": target.tuned.name,
+        "base": target.base.name,
+        "architecture": target.architecture.name,
+        "output": str(target.output),
+        "report": str(target.report_path),
+        "save_dtype": target.save,
+        "device": target.device,
+        "depends_on": list(target.dependencies),
+        "action_key": target.action_key,
+        "read_bytes": target.read_bytes,
+        "write_bytes": target.write_bytes,
+        "rank": spec(target.rank),
+        "conv_rank": spec(target.conv_rank),
+        "svd": target.svd,
+        "text_encoder": target.text_encoder,
+        "min_diff": target.min_diff,
+        "candidate_modules": len(target.modules),
+        "modules_per_block": target.modules_per_block(),
+        "text_encoder_modules_missing": list(target.missing_text_encoder),
+    }
+
+
+def _bake_report(target: BakeTarget) -> dict:
     return {
         "name": target.name,
         "kind": "checkpoint",

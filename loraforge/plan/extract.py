@@ -1,0 +1,273 @@
+"""Planning a `kind: extract` target: which modules of which two checkpoints.
+
+Both checkpoints' headers are read and their architectures detected; they
+must be the same architecture at the same size, and every tensor they share
+must have the same shape. All of that is checked here, before a single
+tensor is read, so a mismatch is one clear error and never a half-done build.
+The candidate modules come from the architecture table (3x3 convs only with a
+conv rank, text-encoder modules unless ``text_encoder: false``); which of
+them actually differ is known only when the weights are read, at build time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from loraforge import __version__
+from loraforge.errors import FormatError
+from loraforge.formats.arch import Detection, detect_architecture
+from loraforge.formats.arch.table import Architecture, ModuleSpec
+from loraforge.formats.dtypes import itemsize, precision_code
+from loraforge.formats.lora_output import lora_save_dtype
+from loraforge.formats.safetensors_reader import open_safetensors
+from loraforge.plan.action_key import canonical_json, target_parameters_json
+from loraforge.plan.context import PlanContext
+from loraforge.recipe.schema import RankSpec
+
+MAX_LISTED = 8  # mismatching tensors named in an error before "and N more"
+# Bump when the numeric recipe of extraction changes in a way that changes bytes.
+EXTRACT_NUMERIC_POLICY = (
+    "extract-v1: dW = tuned - base in the compute dtype; float64 SVD (randomized: Halko 4.4, "
+    "seeded per module); symmetric split, canonical signs, alpha = rank; one rounding to the save dtype"
+)
+REPORT_SUFFIX = ".extract.json"
+
+
+@dataclass(frozen=True)
+class CheckpointSource:
+    """One of the two checkpoints: where it will be read from and what it is."""
+
+    name: str  # input or target name
+    path: Path  # the file read at build time (a target's output for chains)
+    structure_path: Path  # a file with the same names and shapes, readable now
+    detection: Detection
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]  # the dtype each tensor will have in ``path``
+    size: int  # bytes of ``path`` (estimated for a target that is not built yet)
+
+
+@dataclass(frozen=True)
+class ExtractionTarget:
+    """A planned `kind: extract` target."""
+
+    name: str
+    tuned: CheckpointSource
+    base: CheckpointSource
+    output: Path
+    report_path: Path  # the per-module JSON report, next to the output
+    modules: tuple[ModuleSpec, ...]  # candidates, in base file order (then row order)
+    missing_text_encoder: tuple[str, ...]  # TE modules left out because a checkpoint lacks them
+    rank: RankSpec
+    conv_rank: RankSpec | None
+    text_encoder: bool | str  # True | False | "auto"
+    svd: str  # "randomized" | "exact"
+    clamp_quantile: float | None
+    min_diff: float
+    compute: str  # "float32" | "float64"
+    save: str  # "same" or a dtype code ("F16", "BF16", "F32")
+    seed: int
+    device: str
+    dependencies: tuple[str, ...]  # targets that must be built first
+    action_key: str
+    read_bytes: int
+    write_bytes: int  # an upper bound (ranks may come out smaller); progress counts towards it
+
+    @property
+    def architecture(self) -> Architecture:
+        return self.base.detection.architecture
+
+    def module_rank(self, module: ModuleSpec) -> RankSpec:
+        return self.conv_rank if is_conv3x3(module) else self.rank
+
+    @property
+    def lora_dtype(self) -> str:
+        """The output's dtype: the recipe's save dtype; for ``same``, the base weights' (F32 if they are mixed)."""
+        return lora_save_dtype(self.save, sorted({self.base.dtypes[m.key] for m in self.modules}))
+
+    def module_bound(self, module: ModuleSpec) -> int:
+        """The most ranks the module's factors can have."""
+        spec = self.module_rank(module)
+        out, flat_in = module.shape[0], math.prod(module.shape[1:])
+        bounds = [b for b in (spec.rank, spec.max) if b is not None]
+        return min([out, flat_in, *bounds])
+
+    def module_bytes(self, module: ModuleSpec) -> int:
+        """Upper bound of the module's output bytes (up, down and alpha)."""
+        out, flat_in = module.shape[0], math.prod(module.shape[1:])
+        return (self.module_bound(module) * (out + flat_in) + 1) * itemsize(self.lora_dtype)
+
+    def modules_per_block(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for module in self.modules:
+            counts[module.block] = counts.get(module.block, 0) + 1
+        return {block: counts[block] for block in self.architecture.full_block_form if block in counts}
+
+
+def is_conv3x3(module: ModuleSpec) -> bool:
+    """A conv with a spatial kernel (LoCon's conv_dim); 1x1 convs count as linear, as in kohya."""
+    return module.is_conv and tuple(module.shape[2:]) != (1, 1)
+
+
+def report_path_for(output: Path) -> Path:
+    """dist/x.safetensors -> dist/x.extract.json."""
+    return output.with_name(output.name[: -len(".safetensors")] + REPORT_SUFFIX)
+
+
+def plan_extract(context: PlanContext, name: str) -> ExtractionTarget:
+    loaded = context.loaded
+    recipe = loaded.recipe
+    spec = recipe.targets[name]
+    tuned = _checkpoint_source(context, name, "tuned")
+    base = _checkpoint_source(context, name, "base")
+    _check_same_model(loaded, name, tuned, base)
+    modules, missing_te = _candidate_modules(loaded, name, tuned, base)
+    precision = recipe.effective_precision(name)
+    output = recipe.output_path(name, loaded.root).resolve()
+    dependency_keys = {d: context.planned[d].action_key for d in spec.dependencies() if d in context.planned}
+    dependency_hashes = {d: context.input_sha256[d] for d in spec.dependencies() if d in context.input_sha256}
+    target = ExtractionTarget(
+        name=name,
+        tuned=tuned,
+        base=base,
+        output=output,
+        report_path=report_path_for(output),
+        modules=modules,
+        missing_text_encoder=missing_te,
+        rank=spec.rank,
+        conv_rank=spec.conv_rank,
+        text_encoder=spec.text_encoder,
+        svd=spec.svd,
+        clamp_quantile=spec.clamp_quantile,
+        min_diff=spec.min_diff,
+        compute=precision.compute,
+        save="same" if precision.save == "same" else precision_code(precision.save),
+        seed=recipe.seed,
+        device=recipe.effective_device(name),
+        dependencies=tuple(d for d in spec.dependencies() if d in recipe.targets),
+        action_key=extract_action_key(loaded, name, {**dependency_hashes, **dependency_keys}),
+        read_bytes=tuned.size + base.size,
+        write_bytes=0,
+    )
+    # The byte bound needs the target's own helpers, so it is filled in second.
+    return _with_write_bytes(target)
+
+
+def _with_write_bytes(target: ExtractionTarget) -> ExtractionTarget:
+    return replace(target, write_bytes=sum(target.module_bytes(m) for m in target.modules))
+
+
+def extract_action_key(loaded, target: str, input_keys: dict[str, str]) -> str:
+    """Like the bake's key (plan/action_key.py) with the extraction's numeric policy.
+
+    The device is left out on purpose: CPU and GPU SVDs agree within a
+    tolerance rather than to the byte, and `verify` checks that tolerance.
+    """
+    recipe = loaded.recipe
+    payload = {
+        "operation": "extract",
+        "target": target,
+        "parameters": json.loads(target_parameters_json(loaded, target)),
+        "inputs": dict(sorted(input_keys.items())),
+        "numeric_policy": EXTRACT_NUMERIC_POLICY,
+        "loraforge": __version__,
+        "recipe": recipe.model_dump(mode="json", include={"name", "title", "date", "seed"}),
+    }
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+# --- the two checkpoints ---------------------------------------------------------
+
+
+def _checkpoint_source(context: PlanContext, target: str, field: str) -> CheckpointSource:
+    loaded = context.loaded
+    ref = getattr(loaded.recipe.targets[target], field)
+    if ref in context.planned:
+        return _target_source(loaded, target, field, ref, context.planned[ref])
+    path = context.inputs[ref].path
+    shapes, dtypes, detection = _read_structure(loaded, target, field, ref, path)
+    return CheckpointSource(ref, path, path, detection, shapes, dtypes, path.stat().st_size)
+
+
+def _target_source(loaded, target, field, ref, producer) -> CheckpointSource:
+    """A checkpoint that another target of the recipe builds (a bake's output)."""
+    structure = getattr(producer, "structure_path", None)
+    if structure is None:
+        raise loaded.error(
+            ("targets", target, field),
+            f"target '{ref}' does not produce a checkpoint, so it cannot be the {field} model of an extraction.",
+            "Name a checkpoint input, or a `kind: checkpoint` target.",
+        )
+    shapes, dtypes, detection = _read_structure(loaded, target, field, ref, structure)
+    save = getattr(producer, "save", "same")
+    if save != "same":  # the bake converts float tensors to its save dtype
+        dtypes = {key: save if code in ("F16", "BF16", "F32", "F64") else code for key, code in dtypes.items()}
+    return CheckpointSource(ref, producer.output, structure, detection, shapes, dtypes, producer.write_bytes)
+
+
+def _read_structure(loaded, target, field, ref, path):
+    try:
+        with open_safetensors(path) as handle:
+            infos = {n: handle.info(n) for n in handle.names()}
+        shapes = {n: tuple(i.shape) for n, i in infos.items()}
+        detection = detect_architecture(shapes)
+    except FormatError as error:
+        raise loaded.error(
+            ("targets", target, field), f"{field} model '{ref}' is not a usable checkpoint: {error}"
+        ) from None
+    return shapes, {n: i.dtype for n, i in infos.items()}, detection
+
+
+def _check_same_model(loaded, target: str, tuned: CheckpointSource, base: CheckpointSource) -> None:
+    a, b = tuned.detection.architecture, base.detection.architecture
+    if (a.name, a.size) != (b.name, b.size):
+        raise loaded.error(
+            ("targets", target, "tuned"),
+            f"the tuned model '{tuned.name}' is {a.title} ({a.size} size) but the base model '{base.name}' is "
+            f"{b.title} ({b.size} size); a LoRA can only be extracted from two checkpoints of the same architecture.",
+            "Use the base checkpoint the tuned model was fine-tuned from.",
+        )
+    mismatched = [
+        f"{key} is {list(tuned.shapes[key])} in '{tuned.name}' but {list(shape)} in '{base.name}'"
+        for key, shape in base.shapes.items()
+        if key in tuned.shapes and tuple(tuned.shapes[key]) != tuple(shape)
+    ]
+    if mismatched:
+        shown = "; ".join(mismatched[:MAX_LISTED])
+        more = f" and {len(mismatched) - MAX_LISTED} more" if len(mismatched) > MAX_LISTED else ""
+        raise loaded.error(
+            ("targets", target, "tuned"),
+            f"the tuned and base checkpoints are both {a.title} but {len(mismatched)} tensor(s) differ in shape: "
+            f"{shown}{more} (an inpainting model against a plain base, say).",
+            "Extract against the base of the same variant (inpainting with inpainting).",
+        )
+
+
+def _candidate_modules(loaded, target, tuned: CheckpointSource, base: CheckpointSource):
+    spec = loaded.recipe.targets[target]
+    arch = base.detection.architecture
+    order = {key: index for index, key in enumerate(base.shapes)}
+    wanted, missing_te = [], []
+    for module in arch.modules:
+        if is_conv3x3(module) and spec.conv_rank is None:
+            continue
+        if module.is_text_encoder and spec.text_encoder is False:
+            continue
+        if module.key in tuned.shapes and module.key in base.shapes:
+            wanted.append(module)
+        elif module.is_text_encoder:
+            missing_te.append(module.kohya)
+        else:  # detection guarantees every UNet key; anything else is a bug
+            raise AssertionError(f"UNet module {module.key} missing after detection")
+    if missing_te and spec.text_encoder is True:
+        raise loaded.error(
+            ("targets", target, "text_encoder"),
+            f"text_encoder: true, but {len(missing_te)} text-encoder weight(s) are missing from the tuned or base "
+            f"checkpoint (first: {missing_te[0]}).",
+            "Use checkpoints that both include the text encoder(s), or set text_encoder: auto or false.",
+        )
+    wanted.sort(key=lambda m: (order[m.key], m.rows or (0, 0)))
+    return tuple(wanted), tuple(missing_te)
