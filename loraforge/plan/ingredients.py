@@ -1,0 +1,181 @@
+"""Planning one entry of a target's ``loras:`` list; shared by bakes and merges.
+
+An entry names an adapter: a recipe input, or another target whose output is
+a LoRA (a merge, say), described before it is built by the producer's
+``lora_adapter()``. Planning parses the adapter's header, matches every module
+onto an architecture, evaluates block weights and records the coefficient
+(strength or te, times the block weight) of each module. Anything that maps
+to nothing is an error unless the target allows it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from loraforge.errors import FormatError
+from loraforge.formats.adapters import AdapterFile, parse_adapter
+from loraforge.formats.adapters.matching import detect_adapter_architecture, match_adapter
+from loraforge.formats.arch.block_weights import BlockWeightError, parse_block_weights
+from loraforge.formats.arch.table import Architecture
+from loraforge.formats.pickle_input import safetensors_input
+from loraforge.formats.safetensors_reader import open_safetensors
+from loraforge.plan.model import LoraIngredient, ModuleApplication
+from loraforge.resolve.hash_cache import cache_root
+from loraforge.resolve.local import ResolvedInput
+
+MAX_LISTED = 8  # how many offending keys an error message lists before "and N more"
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    """Where an ingredient's adapter comes from, parsed (or, for a target's output, planned)."""
+
+    use: str  # the input or target name
+    path: Path  # the file read at build time
+    adapter: AdapterFile
+    size: int  # bytes of ``path`` (estimated for a target not built yet)
+    architecture: Architecture | None = None  # known when a target produces it
+
+
+def input_file(loaded, resolved: ResolvedInput, sha256: str) -> Path:
+    """The safetensors file to open for an input; a pickle is refused unless its input sets `allow_pickle`.
+
+    An allowed pickle is converted once into the cache (formats/pickle_input.py).
+    """
+    allow = loaded.recipe.inputs[resolved.name].allow_pickle
+    try:
+        return safetensors_input(resolved.path, sha256, allow, cache_root() / "converted")
+    except FormatError as error:
+        raise loaded.error(("inputs", resolved.name, "source"), str(error)) from None
+
+
+def adapter_source(loaded, where: tuple, use: str, inputs, input_sha256, planned) -> AdapterSource:
+    """The adapter an entry names; ``where`` is the entry's recipe path (for errors)."""
+    if use in planned:
+        producer = planned[use]
+        describe = getattr(producer, "lora_adapter", None)
+        if describe is None:
+            kind = loaded.recipe.targets[use].kind
+            what = (
+                "produces a checkpoint, not a LoRA"
+                if kind == "checkpoint"
+                else f"is a `kind: {kind}` target, whose LoRA modules are not known before it is built"
+            )
+            raise loaded.error(
+                (*where, "use"),
+                f"target '{use}' {what}, so it cannot be used as a LoRA here.",
+                "Name a LoRA input, or a `kind: lora` target of this recipe.",
+            )
+        return AdapterSource(use, producer.output, describe(), producer.write_bytes, producer.architecture)
+    if use in loaded.recipe.targets:
+        raise loaded.error((*where, "use"), f"target '{use}' is not planned before this one.")
+    path = input_file(loaded, inputs[use], input_sha256[use])
+    try:
+        with open_safetensors(path) as adapter_file:
+            adapter = parse_adapter(adapter_file)
+    except FormatError as error:
+        raise loaded.error((*where, "use"), f"input '{use}' is not a usable adapter: {error}") from None
+    return AdapterSource(use, path, adapter, path.stat().st_size)
+
+
+def plan_ingredient(
+    loaded,
+    target: str,
+    index: int,
+    source: AdapterSource,
+    arch: Architecture,
+    *,
+    allow_unmatched: bool,
+    base_label: str,
+) -> tuple[LoraIngredient, list[ModuleApplication]]:
+    """Match entry ``index`` of ``target`` onto ``arch``; ``base_label`` names what defines arch in errors."""
+    lora = loaded.recipe.targets[target].loras[index]
+    where = ("targets", target, "loras", index)
+    adapter = source.adapter
+    match = match_adapter(adapter, arch)
+    if adapter.modules and not match.matched:
+        raise loaded.error((*where, "use"), _architecture_mismatch(adapter, lora.use, arch, base_label))
+    if match.shape_mismatches:
+        raise loaded.error((*where, "use"), _shape_mismatch_message(lora.use, adapter, match.shape_mismatches))
+    unmatched = tuple(sorted([m.name for m in match.unmatched] + list(adapter.unclaimed)))
+    if unmatched and not allow_unmatched:
+        raise loaded.error(
+            (*where, "use"),
+            f"{len(unmatched)} key(s) of '{lora.use}' ({source.path.name}) map to nothing in the "
+            f"{arch.title} {base_label}: {listing(unmatched)}.",
+            "Check that the LoRA was made for this base model, or set `allow_unmatched: true` on the "
+            "target to skip them (they are then listed by `loraforge plan`).",
+        )
+    blocks = _block_weights(loaded, (*where, "blocks"), lora.blocks, arch)
+    te = lora.strength if lora.te is None else lora.te
+    applications = []
+    for module, module_spec in match.matched:
+        try:
+            weight = blocks.weight(module_spec.block)
+        except BlockWeightError as error:
+            raise loaded.error((*where, "blocks"), f"{error} (module {module.name} of '{lora.use}')") from None
+        coefficient = (te if module_spec.is_text_encoder else lora.strength) * weight
+        if coefficient != 0.0:
+            applications.append(ModuleApplication(index, module, module_spec, coefficient))
+            if module.has_bias:
+                _check_bias_target(loaded, where, lora.use, module, module_spec)
+                applications.append(ModuleApplication(index, module, module_spec, coefficient, part="bias"))
+    ingredient = LoraIngredient(
+        index=index,
+        use=lora.use,
+        path=source.path,
+        strength=lora.strength,
+        te=te,
+        blocks=blocks,
+        adapter=adapter,
+        matched=len(match.matched),
+        applied=len(applications),
+        unmatched=unmatched,
+        blocks_used=dict(sorted(Counter(s.block for _, s in match.matched).items())),
+    )
+    return ingredient, applications
+
+
+def _check_bias_target(loaded, where, use, module, spec) -> None:
+    if spec.bias_key is None:
+        raise loaded.error(
+            (*where, "use"),
+            f"module {module.name} of '{use}' carries a bias difference (diff_b), but {spec.key} has no bias "
+            "in this architecture.",
+            "The file was made for another model; use a diff made against this base.",
+        )
+
+
+def _block_weights(loaded, where, spec, arch):
+    try:
+        return parse_block_weights(spec, arch)
+    except BlockWeightError as error:
+        raise loaded.error(where, str(error)) from None
+
+
+def _architecture_mismatch(adapter: AdapterFile, use: str, arch, base_label: str) -> str:
+    try:
+        other = detect_adapter_architecture(adapter)
+        seen = f"it looks like a {other.title} adapter"
+    except FormatError:
+        seen = "its modules match no supported architecture"
+    return (
+        f"no module of '{use}' ({adapter.path}) matches the {arch.title} {base_label}: {seen}. "
+        "Use a LoRA made for the base's architecture, or a base of the LoRA's architecture."
+    )
+
+
+def _shape_mismatch_message(use, adapter, mismatches) -> str:
+    described = [f"{m.name} gives {tuple(m.delta_shape)}, {s.key} needs {tuple(s.shape)}" for m, s in mismatches]
+    return (
+        f"{len(mismatches)} module(s) of '{use}' ({adapter.path}) have shapes that do not fit the base: "
+        f"{listing(described)}. The LoRA was made for a different model size or variant."
+    )
+
+
+def listing(items: Sequence[str]) -> str:
+    shown = ", ".join(items[:MAX_LISTED])
+    return shown + (f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else "")
