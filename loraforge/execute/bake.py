@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from loraforge.errors import BuildError
+from loraforge.errors import BuildError, FormatError
 from loraforge.formats.adapters import load_factors, module_bias_delta, module_effective_delta, module_low_rank
 from loraforge.formats.dtypes import torch_dtype
 from loraforge.formats.hashing import modelspec_hash
@@ -28,12 +28,14 @@ from loraforge.formats.metadata import HASH_KEY, checkpoint_metadata, provenance
 from loraforge.formats.safetensors_reader import SafetensorsFile, open_safetensors
 from loraforge.formats.safetensors_writer import SafetensorsWriter, TensorPlan, WriteResult
 from loraforge.ops.bake import DenseTerm, LowRankTerm, Term, bake_weight
+from loraforge.ops.finite import all_finite, nonfinite_counts
 from loraforge.plan.action_key import target_parameters_json
 from loraforge.plan.layout import OutputTensor, output_layout
 from loraforge.plan.model import BakeTarget, BuildPlan, ModuleApplication
 
 PREFETCH_DEPTH = 2  # tensors read ahead of the one being computed
 MAX_PENDING_WRITES = 2  # computed tensors waiting for the writer thread
+MAX_LISTED_MODULES = 8  # modules named in a NaN/inf error before "and N more"
 
 ProgressCallback = Callable[[int], None]  # called with the bytes just written
 
@@ -59,7 +61,7 @@ def run_bake(
         adapters = [stack.enter_context(open_safetensors(i.path)) for i in target.ingredients]
         layout = output_layout(base, target.save, baked=target.applications)
         _check_base_matches_plan(base, target)
-        target.output.parent.mkdir(parents=True, exist_ok=True)
+        _make_output_folder(target)
         writer = stack.enter_context(
             SafetensorsWriter(
                 target.output,
@@ -69,14 +71,17 @@ def run_bake(
             )
         )
         workspace = _workspace(layout, device)
-        with _BackgroundWrites(writer, on_progress) as writes:
-            for entry, data in _prefetched(base, layout):
-                if entry.action == "bake":
-                    applications = target.applications[entry.name]
-                    data = _bake_tensor(data, applications, adapters, device, torch_dtype(entry.dtype), workspace)
-                elif entry.action == "convert":
-                    data = data.to(torch_dtype(entry.dtype))
-                writes.submit(entry, data)
+        try:
+            with _BackgroundWrites(writer, on_progress) as writes:
+                for entry, data in _prefetched(base, layout):
+                    if entry.action == "bake":
+                        applications = target.applications[entry.name]
+                        data = _bake_tensor(data, applications, adapters, device, torch_dtype(entry.dtype), workspace)
+                    elif entry.action == "convert":
+                        data = data.to(torch_dtype(entry.dtype))
+                    writes.submit(entry, data)
+        except _NonFiniteFactors as found:
+            raise _nonfinite_error(target, adapters, found.ingredient) from None
         written = writer.commit(deferred_metadata={HASH_KEY: modelspec_hash})
     counts = {action: sum(1 for t in layout if t.action == action) for action in ("bake", "copy", "convert")}
     return BakeResult(target.name, written, counts["bake"], counts["copy"], counts["convert"])
@@ -105,6 +110,8 @@ def _terms(weight, applications, adapters, device) -> Iterator[Term]:
     """Each application's contribution, computed lazily so only one dense delta is alive at a time."""
     for application in applications:
         factors = load_factors(adapters[application.ingredient], application.module, device=device)
+        if not all_finite(factors.values()):
+            raise _NonFiniteFactors(application.ingredient)
         rows = application.spec.rows
         target = weight if rows is None else weight[rows[0]:rows[1]]
         if application.part == "bias":
@@ -116,6 +123,42 @@ def _terms(weight, applications, adapters, device) -> Iterator[Term]:
         else:
             delta = module_effective_delta(application.module, factors, target)
             yield DenseTerm(application.coefficient, delta, rows)
+
+
+class _NonFiniteFactors(Exception):
+    """Raised inside the loop; run_bake turns it into a FormatError listing every bad module."""
+
+    def __init__(self, ingredient: int):
+        self.ingredient = ingredient
+
+
+def _nonfinite_error(target: BakeTarget, adapters: Sequence[SafetensorsFile], index: int) -> FormatError:
+    """Scan the whole adapter (error path only) so the message names every module with NaN/inf factors."""
+    ingredient = target.ingredients[index]
+    found = []
+    for module in ingredient.adapter.modules:
+        factors = load_factors(adapters[index], module, device="cpu")
+        counts = {module.keys[role]: nonfinite_counts(tensor) for role, tensor in sorted(factors.items())}
+        bad = [f"{key}: {nan} NaN, {inf} inf" for key, (nan, inf) in counts.items() if nan or inf]
+        if bad:
+            found.append(f"{module.name} ({'; '.join(bad)})")
+    shown = "; ".join(found[:MAX_LISTED_MODULES]) + (f"; and {len(found) - MAX_LISTED_MODULES} more" if len(found) > MAX_LISTED_MODULES else "")
+    return FormatError(
+        f"{ingredient.path}: {len(found)} module(s) of adapter '{ingredient.use}' hold NaN or infinite values, "
+        f"which would turn the weights they touch into NaN: {shown}. Nothing was written. The file is damaged or "
+        "the training diverged; re-download it, or re-export it from a checkpoint saved before the divergence."
+    )
+
+
+def _make_output_folder(target: BakeTarget) -> None:
+    folder = target.output.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BuildError(
+            f"cannot create the output folder {folder} for target '{target.name}': {error.strerror or error}. "
+            "Check that the path is a writable folder (not a file) or change the target's `output:`."
+        ) from None
 
 
 class _BackgroundWrites:

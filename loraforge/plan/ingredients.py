@@ -38,6 +38,7 @@ class AdapterSource:
     adapter: AdapterFile
     size: int  # bytes of ``path`` (estimated for a target not built yet)
     architecture: Architecture | None = None  # known when a target produces it
+    factor_dtypes: tuple[str, ...] = ()  # dtype codes of the factor tensors (alphas excluded), sorted
 
 
 def input_file(loaded, resolved: ResolvedInput, sha256: str) -> Path:
@@ -69,16 +70,22 @@ def adapter_source(loaded, where: tuple, use: str, inputs, input_sha256, planned
                 f"target '{use}' {what}, so it cannot be used as a LoRA here.",
                 "Name a LoRA input, or a `kind: lora` target of this recipe.",
             )
-        return AdapterSource(use, producer.output, describe(), producer.write_bytes, producer.architecture)
+        dtype = getattr(producer, "lora_dtype", None)
+        return AdapterSource(
+            use, producer.output, describe(), producer.write_bytes, producer.architecture, (dtype,) if dtype else ()
+        )
     if use in loaded.recipe.targets:
         raise loaded.error((*where, "use"), f"target '{use}' is not planned before this one.")
     path = input_file(loaded, inputs[use], input_sha256[use])
     try:
         with open_safetensors(path) as adapter_file:
             adapter = parse_adapter(adapter_file)
+            dtypes = {
+                adapter_file.info(key).dtype for m in adapter.modules for role, key in m.keys.items() if role != "alpha"
+            }
     except FormatError as error:
         raise loaded.error((*where, "use"), f"input '{use}' is not a usable adapter: {error}") from None
-    return AdapterSource(use, path, adapter, path.stat().st_size)
+    return AdapterSource(use, path, adapter, path.stat().st_size, None, tuple(sorted(dtypes)))
 
 
 def plan_ingredient(
@@ -100,6 +107,7 @@ def plan_ingredient(
         raise loaded.error((*where, "use"), _architecture_mismatch(adapter, lora.use, arch, base_label))
     if match.shape_mismatches:
         raise loaded.error((*where, "use"), _shape_mismatch_message(lora.use, adapter, match.shape_mismatches))
+    _check_one_module_per_layer(loaded, where, lora.use, adapter, match.matched)
     unmatched = tuple(sorted([m.name for m in match.unmatched] + list(adapter.unclaimed)))
     if unmatched and not allow_unmatched:
         raise loaded.error(
@@ -137,6 +145,21 @@ def plan_ingredient(
         blocks_used=dict(sorted(Counter(s.block for _, s in match.matched).items())),
     )
     return ingredient, applications
+
+
+def _check_one_module_per_layer(loaded, where, use, adapter, matched) -> None:
+    """Two modules of one file landing on one layer (kohya and diffusers names mixed) would apply it twice."""
+    first: dict[tuple, str] = {}
+    for module, spec in matched:
+        layer = (spec.key, spec.rows)
+        if layer in first:
+            raise loaded.error(
+                (*where, "use"),
+                f"modules {first[layer]} and {module.name} of '{use}' ({adapter.path}) both adapt {spec.key}: "
+                "the file holds that layer twice (mixed export formats), and baking both would apply it twice.",
+                "Remove one set of keys from the file, or re-export the adapter with one tool.",
+            )
+        first[layer] = module.name
 
 
 def _check_bias_target(loaded, where, use, module, spec) -> None:

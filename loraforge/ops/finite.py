@@ -1,0 +1,25 @@
+"""Finiteness checks on factors: pure tensor math, no I/O.
+
+A NaN or infinity in one adapter factor spreads through the GEMM to every
+element of the baked weight, so factors are checked when they are loaded
+(execute/bake.py) rather than trusted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+
+def all_finite(tensors: Iterable[Tensor]) -> bool:
+    """True when no tensor holds a NaN or an infinity (integer tensors always pass)."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+
+def nonfinite_counts(tensor: Tensor) -> tuple[int, int]:
+    """(number of NaNs, number of ±infinities) in ``tensor``."""
+    if not tensor.is_floating_point():
+        return 0, 0
+    return int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
