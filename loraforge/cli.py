@@ -45,6 +45,9 @@ def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     """Declarative, reproducible builds of Stable Diffusion model releases."""
+    from loraforge.interrupts import install_terminate_handler
+
+    install_terminate_handler()  # SIGTERM unwinds like Ctrl-C: no temp file is left behind
 
 
 @app.command()
@@ -103,9 +106,11 @@ def build(
             results = run_build(build_plan, device=device, progress=progress.for_target)
     except LoraforgeError as error:
         _fail(error)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
+        from loraforge.interrupts import exit_code_of
+
         stderr.print("interrupted: no partial output was left behind.")
-        raise typer.Exit(130)
+        raise typer.Exit(exit_code_of(interrupt))
     render_build_result(stdout, results)
 
 

@@ -17,6 +17,7 @@ from loraforge.plan.bake import plan_bake
 from loraforge.plan.context import PlanContext
 from loraforge.plan.extract import plan_extract
 from loraforge.plan.model import BuildPlan
+from loraforge.plan.outputs import checked_output_path
 from loraforge.recipe.loader import LoadedRecipe
 from loraforge.resolve.local import ResolvedInput, locate_input, verify_input
 
@@ -154,3 +155,4 @@ def _check_outputs(loaded: LoadedRecipe, inputs: dict[str, ResolvedInput], order
                 "Give each target its own `output:` path.",
             )
         seen[output] = name
+        checked_output_path(loaded, name)  # inside the recipe's folder (plan/outputs.py)
