@@ -120,6 +120,9 @@ def _target_node(tree: Tree, target: dict) -> None:
     if target["kind"] == "extract":
         _extract_node(tree, target, status_style)
         return
+    if target["kind"] == "lora":
+        _merge_node(tree, target, status_style)
+        return
     node = tree.add(
         f"[bold]{target['name']}[/] (checkpoint, {target['architecture']}) [{status_style}]{target['status']}[/]"
     )
@@ -128,7 +131,11 @@ def _target_node(tree: Tree, target: dict) -> None:
     node.add(f"reads {human_bytes(target['read_bytes'])}, writes {human_bytes(target['write_bytes'])}; "
              f"{target['weights_baked']} weights change")
     node.add(f"modules per block: {_counts(target['modules_per_block'])}")
-    for lora in target["loras"]:
+    _lora_entries(node, target["loras"])
+
+
+def _lora_entries(node: Tree, loras: list) -> None:
+    for lora in loras:
         te = f", te {lora['te']:g}" if lora["te"] != lora["strength"] else ""
         entry = node.add(
             f"[bold]{lora['use']}[/] {lora['adapter_kind']}: strength {lora['strength']:g}{te}; "
@@ -154,6 +161,21 @@ def _extract_node(tree: Tree, target: dict, status_style: str) -> None:
     node.add(f"modules per block: {_counts(target['modules_per_block'])}")
     if target["text_encoder_modules_missing"]:
         node.add(f"[yellow]text-encoder modules missing from a checkpoint: {_listing(target['text_encoder_modules_missing'])}[/]")
+
+
+def _merge_node(tree: Tree, target: dict, status_style: str) -> None:
+    node = tree.add(f"[bold]{target['name']}[/] (lora {target['method']}, {target['architecture']}) [{status_style}]{target['status']}[/]")
+    if target["depends_on"]:
+        node.add(f"after {', '.join(target['depends_on'])}")
+    node.add(f"output: {target['output']}  save dtype: {target['save_dtype']}  device: {target['device']}")
+    if target["method"] == "svd":
+        conv = _counts(target["conv_rank"]) if target["conv_rank"] else "as rank"
+        clamp = f"; clamp quantile {target['clamp_quantile']:g}" if target["clamp_quantile"] else ""
+        node.add(f"rank: {_counts(target['rank'])}; conv rank: {conv}; dense svd: {target['dense_svd']}{clamp}")
+    node.add(f"reads {human_bytes(target['read_bytes'])}, writes at most {human_bytes(target['write_bytes'])}; "
+             f"{target['modules']} modules ({target['conv_modules']} conv, {target['dense_modules']} via dense ΔW)")
+    node.add(f"modules per block: {_counts(target['modules_per_block'])}")
+    _lora_entries(node, target["loras"])
 
 
 # --- build ---------------------------------------------------------------------

@@ -6,15 +6,17 @@ from typing import Callable
 
 from loraforge.execute.bake import BakeResult, ProgressCallback, run_bake
 from loraforge.execute.device import select_device
+from loraforge.execute.merge import run_merge
 from loraforge.execute.extract import run_extract
 from loraforge.plan.extract import ExtractionTarget
+from loraforge.plan.merge import MergeTarget
 from loraforge.plan.model import BakeTarget, BuildPlan
 
 # Given a target about to run, returns the callback that receives its progress.
 ProgressFactory = Callable[[BakeTarget], ProgressCallback]
 
 # Planned target type -> function(plan, target, torch device, progress callback) -> result.
-TARGET_RUNNERS = {BakeTarget: run_bake, ExtractionTarget: run_extract}
+TARGET_RUNNERS = {BakeTarget: run_bake, ExtractionTarget: run_extract, MergeTarget: run_merge}
 
 
 def run_build(plan: BuildPlan, device: str | None = None, progress: ProgressFactory | None = None) -> list[BakeResult]:

@@ -15,14 +15,14 @@ from typing import Iterable, Sequence
 from loraforge.errors import LoraforgeError, PlanError
 from loraforge.plan.bake import plan_bake
 from loraforge.plan.context import PlanContext
+from loraforge.plan.merge import plan_merge
 from loraforge.plan.extract import plan_extract
 from loraforge.plan.model import BuildPlan
-from loraforge.plan.outputs import checked_output_path
 from loraforge.recipe.loader import LoadedRecipe
 from loraforge.resolve.local import ResolvedInput, locate_input, verify_input
 
 # Target kind (the recipe's `kind:`) -> function(context, target name) -> planned target.
-TARGET_PLANNERS = {"checkpoint": plan_bake, "extract": plan_extract}
+TARGET_PLANNERS = {"checkpoint": plan_bake, "extract": plan_extract, "lora": plan_merge}
 
 
 def plan_build(loaded: LoadedRecipe, selected: Sequence[str] = ()) -> BuildPlan:
@@ -155,4 +155,3 @@ def _check_outputs(loaded: LoadedRecipe, inputs: dict[str, ResolvedInput], order
                 "Give each target its own `output:` path.",
             )
         seen[output] = name
-        checked_output_path(loaded, name)  # inside the recipe's folder (plan/outputs.py)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from loraforge.plan.extract import ExtractionTarget
+from loraforge.plan.merge import MergeTarget
 from loraforge.plan.model import BakeTarget, BuildPlan
 from loraforge.plan.status import output_status
 
@@ -27,7 +28,37 @@ def plan_report(plan: BuildPlan) -> dict:
 def _target_report(target) -> dict:
     if isinstance(target, ExtractionTarget):
         return _extract_report(target)
+    if isinstance(target, MergeTarget):
+        return _merge_report(target)
     return _bake_report(target)
+
+
+def _merge_report(target: MergeTarget) -> dict:
+    spec = lambda rank: None if rank is None else rank.model_dump(exclude_none=True)  # noqa: E731
+    return {
+        "name": target.name,
+        "kind": "lora",
+        "status": output_status(target),
+        "method": target.method,
+        "architecture": target.architecture.name,
+        "output": str(target.output),
+        "report": str(target.report_path),
+        "save_dtype": target.save,
+        "device": target.device,
+        "depends_on": list(target.dependencies),
+        "action_key": target.action_key,
+        "read_bytes": target.read_bytes,
+        "write_bytes": target.write_bytes,
+        "rank": spec(target.rank),
+        "conv_rank": spec(target.conv_rank),
+        "dense_svd": target.dense_svd,
+        "clamp_quantile": target.clamp_quantile,
+        "modules": len(target.modules),
+        "conv_modules": sum(1 for m in target.modules if m.is_conv),
+        "dense_modules": sum(1 for m in target.modules if m.dense),
+        "modules_per_block": target.modules_per_block(),
+        "loras": [_ingredient_report(ingredient) for ingredient in target.ingredients],
+    }
 
 
 def _extract_report(target: ExtractionTarget) -> dict:
@@ -74,20 +105,21 @@ def _bake_report(target: BakeTarget) -> dict:
         "write_bytes": target.write_bytes,
         "weights_baked": len(target.applications),
         "modules_per_block": target.modules_per_block(),
-        "loras": [
-            {
-                "use": ingredient.use,
-                "path": str(ingredient.path),
-                "adapter_kind": ingredient.adapter.kind,
-                "strength": ingredient.strength,
-                "te": ingredient.te,
-                "block_weights": dict(ingredient.blocks.weights),
-                "modules": len(ingredient.adapter.modules),
-                "matched": ingredient.matched,
-                "applied": ingredient.applied,
-                "modules_per_block": dict(ingredient.blocks_used),
-                "unmatched": list(ingredient.unmatched),
-            }
-            for ingredient in target.ingredients
-        ],
+        "loras": [_ingredient_report(ingredient) for ingredient in target.ingredients],
+    }
+
+
+def _ingredient_report(ingredient) -> dict:
+    return {
+        "use": ingredient.use,
+        "path": str(ingredient.path),
+        "adapter_kind": ingredient.adapter.kind,
+        "strength": ingredient.strength,
+        "te": ingredient.te,
+        "block_weights": dict(ingredient.blocks.weights),
+        "modules": len(ingredient.adapter.modules),
+        "matched": ingredient.matched,
+        "applied": ingredient.applied,
+        "modules_per_block": dict(ingredient.blocks_used),
+        "unmatched": list(ingredient.unmatched),
     }

@@ -1,0 +1,247 @@
+"""Running a `kind: lora` target: merge each module, write the LoRA and its JSON report.
+
+Modules are merged one at a time in name order on the target's device, in
+float64; each result is rounded to the save dtype at once and kept (a merged
+LoRA is small: its size is what gets written). The LoRA goes through
+formats/lora_output.py (atomic, deterministic bytes), the report next to it
+(``<output stem>.merge.json``, also atomic) lists per module the rank kept,
+the energy retained and the relative Frobenius error, both of the float64
+truncation and of the factors as saved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from loraforge.errors import BuildError
+from loraforge.execute.bake import ProgressCallback
+from loraforge.execute.bake import _recipe_slice_json as recipe_slice_json
+from loraforge.formats import dtypes
+from loraforge.formats.adapters import load_factors, module_delta
+from loraforge.formats.lora_output import LoraModuleFactors, is_conv_shape, lora_metadata, write_lora
+from loraforge.formats.metadata import provenance_json, release_date
+from loraforge.formats.safetensors_reader import SafetensorsFile, open_safetensors
+from loraforge.formats.safetensors_writer import WriteResult
+from loraforge.ops.merge import ModuleTerms, concat, relative_error, svd_merge, tucker_down
+from loraforge.ops.svd import module_seed
+from loraforge.plan.merge import MergeModule, MergeTarget, is_factored
+from loraforge.plan.model import BuildPlan
+
+SHOWN_WORST = 5  # modules named in the report's summary
+
+
+@dataclass(frozen=True)
+class ModuleOutcome:
+    module: MergeModule
+    rank: int
+    energy_retained: float
+    relative_error: float  # of the float64 result (truncation, clamping)
+    saved_relative_error: float  # of the factors as written (after rounding to the save dtype)
+    singular_values: tuple[float, ...]  # leading ones, for the report
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    target: str
+    written: WriteResult
+    report_path: Path
+    outcomes: tuple[ModuleOutcome, ...]
+
+    def summary_lines(self) -> list[str]:
+        """A few lines for the build output (the full table is in the JSON report)."""
+        if not self.outcomes:
+            return [f"no modules (every coefficient is 0); report: {self.report_path}"]
+        ranks = [o.rank for o in self.outcomes]
+        worst = max(self.outcomes, key=lambda o: o.saved_relative_error)
+        energies = [o.energy_retained for o in self.outcomes]
+        return [
+            f"{len(self.outcomes)} modules merged, ranks {min(ranks)}-{max(ranks)}",
+            f"energy retained: mean {sum(energies) / len(energies):.4f}, min {min(energies):.4f}; "
+            f"relative error as saved: max {worst.saved_relative_error:.4g} ({worst.module.name})",
+            f"report: {self.report_path}",
+        ]
+
+
+def run_merge(
+    plan: BuildPlan,
+    target: MergeTarget,
+    device: torch.device,
+    on_progress: ProgressCallback = lambda nbytes: None,
+) -> MergeResult:
+    """Build one `kind: lora` target into its output path (atomically), then its report."""
+    save_dtype = dtypes.torch_dtype(target.save)
+    factors, outcomes = [], []
+    with ExitStack() as stack:
+        files = [stack.enter_context(_open_ingredient(i.path, i.use)) for i in target.ingredients]
+        for module in target.modules:
+            terms = _terms(module, files, device)
+            result = _merge(target, module, terms)
+            up, down = result.up.to(save_dtype), result.down.to(save_dtype)
+            outcomes.append(
+                ModuleOutcome(
+                    module=module,
+                    rank=result.rank,
+                    energy_retained=result.energy_retained,
+                    relative_error=result.relative_error,
+                    saved_relative_error=relative_error(terms, up.to(device), down.to(device)),
+                    singular_values=tuple(float(v) for v in result.singular_values[: result.rank + 4]),
+                )
+            )
+            factors.append(LoraModuleFactors(module.name, up.cpu(), down.cpu(), module.spec.shape))
+            on_progress(int((up.numel() + down.numel() + 1) * up.element_size()))
+    metadata = _metadata(plan, target, factors)
+    written = write_lora(target.output, factors, metadata, target.save)
+    _write_json(target.report_path, _report(plan, target, outcomes, written))
+    return MergeResult(target.name, written, target.report_path, tuple(outcomes))
+
+
+def _open_ingredient(path: Path, use: str) -> SafetensorsFile:
+    if not path.exists():
+        raise BuildError(f"{path}: the LoRA '{use}' is missing (it should have been built or fetched first). Re-run the build.")
+    return open_safetensors(path)
+
+
+def _terms(module: MergeModule, files: Sequence[SafetensorsFile], device: torch.device) -> ModuleTerms:
+    """Each contribution as float64 factors (LoRA/LoCon) or added into one dense sum (other kinds)."""
+    ups, downs, dense = [], [], None
+    out = module.spec.shape[0]
+    for contribution in module.contributions:
+        adapter_module = contribution.module
+        try:
+            loaded = load_factors(files[contribution.ingredient], adapter_module, device=device)
+        except KeyError as error:
+            raise BuildError(
+                f"{files[contribution.ingredient].path}: tensor {error} of module {adapter_module.name} is missing; "
+                "the file changed since planning. Re-run the build."
+            ) from None
+        if is_factored(adapter_module):
+            coefficient = contribution.coefficient * adapter_module.scale
+            up = loaded["up"].reshape(loaded["up"].shape[0], -1)
+            down = tucker_down(loaded["mid"], loaded["down"]) if "mid" in loaded else loaded["down"].reshape(loaded["down"].shape[0], -1)
+            ups.append(up * coefficient)
+            downs.append(down)
+        else:
+            delta = module_delta(adapter_module, loaded, module.spec.shape).reshape(out, -1) * contribution.coefficient
+            dense = delta if dense is None else dense.add_(delta)
+    return ModuleTerms(tuple(ups), tuple(downs), dense)
+
+
+def _merge(target: MergeTarget, module: MergeModule, terms: ModuleTerms):
+    if target.method == "concat":
+        return concat(terms)
+    assert module.policy is not None
+    return svd_merge(
+        terms,
+        module.policy,
+        dense_method=target.dense_svd,
+        generator_seed=module_seed(target.seed, module.name),
+        clamp_quantile=target.clamp_quantile,
+    )
+
+
+def _metadata(plan: BuildPlan, target: MergeTarget, factors: Sequence[LoraModuleFactors]) -> dict[str, str]:
+    """ss_* and ModelSpec keys for the LoRA, with the same title and provenance keys as a bake."""
+    recipe = plan.loaded.recipe
+    title = recipe.title or recipe.name
+    if target.name != recipe.name and len(recipe.targets) > 1:
+        title = f"{title} ({target.name})"
+    inputs = {n: plan.input_sha256[n] for n in recipe.dependencies(target.name) if n in plan.input_sha256}
+    return lora_metadata(
+        target.architecture,
+        {f.name: (f.rank, is_conv_shape(f.weight_shape)) for f in factors},
+        title=title,
+        date=release_date(recipe.date),
+        merged_from=[i.use for i in target.ingredients],
+        provenance={
+            "action_key": target.action_key,
+            "inputs": provenance_json(inputs),
+            "recipe": recipe_slice_json(plan, target.name),
+            "target": target.name,
+        },
+    )
+
+
+# --- report --------------------------------------------------------------------------
+
+
+def _report(plan: BuildPlan, target: MergeTarget, outcomes: Sequence[ModuleOutcome], written: WriteResult) -> dict:
+    spec = lambda rank: None if rank is None else rank.model_dump(exclude_none=True)  # noqa: E731
+    return {
+        "target": target.name,
+        "method": target.method,
+        "architecture": target.architecture.name,
+        "output": target.output.name,
+        "sha256": written.sha256,
+        "rank": spec(target.rank),
+        "conv_rank": spec(target.conv_rank),
+        "dense_svd": target.dense_svd,
+        "clamp_quantile": target.clamp_quantile,
+        "save_dtype": target.save,
+        "ingredients": [
+            {"use": i.use, "adapter_kind": i.adapter.kind, "strength": i.strength, "te": i.te, "applied_modules": i.applied}
+            for i in target.ingredients
+        ],
+        "summary": _summary(outcomes),
+        "modules": [_module_entry(o) for o in outcomes],
+    }
+
+
+def _summary(outcomes: Sequence[ModuleOutcome]) -> dict:
+    if not outcomes:
+        return {"modules": 0}
+    errors = [o.saved_relative_error for o in outcomes]
+    worst = sorted(outcomes, key=lambda o: (-o.saved_relative_error, o.module.name))[:SHOWN_WORST]
+    return {
+        "modules": len(outcomes),
+        "conv_modules": sum(1 for o in outcomes if o.module.is_conv),
+        "total_rank": sum(o.rank for o in outcomes),
+        "energy_retained_min": _round(min(o.energy_retained for o in outcomes)),
+        "relative_error_max": _round(max(o.relative_error for o in outcomes)),
+        "saved_relative_error_mean": _round(sum(errors) / len(errors)),
+        "saved_relative_error_max": _round(max(errors)),
+        "worst_modules": [o.module.name for o in worst],
+    }
+
+
+def _module_entry(outcome: ModuleOutcome) -> dict:
+    module = outcome.module
+    return {
+        "name": module.name,
+        "block": module.spec.block,
+        "shape": list(module.spec.shape),
+        "conv": module.is_conv,
+        "inputs": [c.ingredient for c in module.contributions],
+        "input_rank": module.input_rank,  # None: a dense input (LoHa/LoKr/diff) took part
+        "rank": outcome.rank,
+        "energy_retained": _round(outcome.energy_retained),
+        "relative_error": _round(outcome.relative_error),
+        "saved_relative_error": _round(outcome.saved_relative_error),
+        "singular_values": [_round(v) for v in outcome.singular_values],
+    }
+
+
+def _round(value: float) -> float:
+    """Reported figures to 6 significant digits: enough to read, stable in what is shown."""
+    return float(f"{value:.6g}")
+
+
+def _write_json(path: Path, report: dict) -> None:
+    """Write the report atomically (temp file, fsync, rename), keys sorted, so it is reproducible."""
+    text = json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with temp.open("w", encoding="utf-8", newline="\n") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except OSError as error:
+        temp.unlink(missing_ok=True)
+        raise BuildError(f"writing the merge report {path} failed: {error}. Check free disk space and permissions.") from None

@@ -1,0 +1,276 @@
+"""Planning a `kind: lora` target: merge (or resize) LoRA-family adapters into one LoRA.
+
+Every ingredient is matched onto one architecture (plan/ingredients.py, the
+same matching and block weights as a bake). The output has one module per
+adapted layer, named by the architecture's kohya name, in name order; each
+collects the contributions (ingredient, adapter module, coefficient) that land
+on it, in recipe order. Plain LoRA/LoCon contributions stay factored; LoHa,
+LoKr and full diffs are merged through their dense ΔW. DoRA inputs are refused:
+their effect depends on the base weight, which a LoRA-to-LoRA merge does not
+have (docs/merging.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from loraforge import __version__
+from loraforge.formats.adapters import AdapterFile
+from loraforge.formats.adapters.matching import detect_adapter_architecture, match_adapter
+from loraforge.formats.arch.table import Architecture, ModuleSpec
+from loraforge.formats.dtypes import precision_code
+from loraforge.formats.lora_output import estimated_lora_bytes, is_conv_shape, lora_save_dtype, planned_lora_adapter
+from loraforge.errors import FormatError
+from loraforge.ops.svd import RankPolicy
+from loraforge.plan.action_key import canonical_json, target_parameters_json
+from loraforge.plan.context import PlanContext
+from loraforge.plan.ingredients import AdapterSource, adapter_source, listing, plan_ingredient
+from loraforge.plan.model import LoraIngredient, ModuleApplication
+from loraforge.recipe.schema import RankSpec
+
+# Bump when the numeric recipe of merging changes in a way that changes bytes.
+MERGE_NUMERIC_POLICY = (
+    "merge-v1: float64 factors; concat folds coefficient x scale into up; svd: QR of stacked factors + SVD of "
+    "the core (dense inputs: float64 dense SVD, randomized seeded per module); numerical-rank cap; symmetric "
+    "split, canonical signs, alpha = rank; one rounding to the save dtype"
+)
+REPORT_SUFFIX = ".merge.json"
+
+
+@dataclass(frozen=True)
+class MergeModule:
+    """One output module and what lands on it."""
+
+    spec: ModuleSpec
+    contributions: tuple[ModuleApplication, ...]  # in recipe order
+    policy: RankPolicy | None  # None for concat
+    bound: int  # the most ranks the output module can have
+
+    @property
+    def name(self) -> str:
+        return self.spec.kohya
+
+    @property
+    def is_conv(self) -> bool:
+        return is_conv_shape(self.spec.shape)
+
+    @property
+    def dense(self) -> bool:
+        """Whether some contribution needs its dense ΔW (LoHa, LoKr, diff)."""
+        return any(not is_factored(c.module) for c in self.contributions)
+
+    @property
+    def input_rank(self) -> int | None:
+        """Σ rᵢ of the factored contributions; None when a dense one is present."""
+        if self.dense:
+            return None
+        return sum(int(c.module.rank) for c in self.contributions)
+
+
+@dataclass(frozen=True)
+class MergeTarget:
+    """A planned `kind: lora` target."""
+
+    name: str
+    method: str  # "svd" | "concat"
+    architecture: Architecture
+    output: Path
+    report_path: Path
+    ingredients: tuple[LoraIngredient, ...]
+    modules: tuple[MergeModule, ...]  # sorted by kohya name
+    rank: RankSpec | None
+    conv_rank: RankSpec | None
+    dense_svd: str  # "exact" | "randomized"
+    clamp_quantile: float | None
+    seed: int
+    save: str  # the output dtype code ("F16", "BF16", "F32")
+    device: str
+    dependencies: tuple[str, ...]
+    action_key: str
+    read_bytes: int
+    write_bytes: int  # data bytes at the rank bounds (energy/ratio policies may write less)
+
+    @property
+    def lora_dtype(self) -> str:
+        return self.save
+
+    def lora_adapter(self) -> AdapterFile:
+        """The output as parse_adapter will see it, for targets that use this one (ranks at their bounds)."""
+        return planned_lora_adapter(self.output, [(m.name, m.spec.shape, m.bound) for m in self.modules])
+
+    def modules_per_block(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for module in self.modules:
+            counts[module.spec.block] = counts.get(module.spec.block, 0) + 1
+        return {block: counts[block] for block in self.architecture.full_block_form if block in counts}
+
+
+def is_factored(module) -> bool:
+    """LoRA/LoCon modules (Tucker cores included) merge as factors; other kinds through their dense ΔW."""
+    return module.kind == "lora"
+
+
+def rank_policy(spec: RankSpec) -> RankPolicy:
+    return RankPolicy(rank=spec.rank, energy=spec.energy, ratio=spec.ratio, max_rank=spec.max)
+
+
+def report_path_for(output: Path) -> Path:
+    """dist/x.safetensors -> dist/x.merge.json."""
+    return output.with_name(output.name[: -len(".safetensors")] + REPORT_SUFFIX)
+
+
+def plan_merge(context: PlanContext, name: str) -> MergeTarget:
+    loaded = context.loaded
+    recipe = loaded.recipe
+    spec = recipe.targets[name]
+    sources = [
+        adapter_source(loaded, ("targets", name, "loras", i), lora.use, context.inputs, context.input_sha256, context.planned)
+        for i, lora in enumerate(spec.loras)
+    ]
+    arch = _common_architecture(loaded, name, sources)
+    ingredients, by_module = [], {}
+    for index, source in enumerate(sources):
+        ingredient, applications = plan_ingredient(
+            loaded, name, index, source, arch,
+            allow_unmatched=spec.allow_unmatched, base_label="architecture shared by the other LoRAs",
+        )
+        _refuse_unmergeable(loaded, name, index, applications)
+        ingredients.append(ingredient)
+        for application in applications:
+            by_module.setdefault(application.spec.kohya, []).append(application)
+    modules = tuple(_merge_module(spec, tuple(by_module[key])) for key in sorted(by_module))
+    precision = recipe.effective_precision(name)
+    save = lora_save_dtype(
+        "same" if precision.save == "same" else precision_code(precision.save), _factor_dtypes(sources)
+    )
+    output = recipe.output_path(name, loaded.root).resolve()
+    dependency_keys = {d: context.planned[d].action_key for d in spec.dependencies() if d in context.planned}
+    dependency_hashes = {d: context.input_sha256[d] for d in spec.dependencies() if d in context.input_sha256}
+    return MergeTarget(
+        name=name,
+        method=spec.method,
+        architecture=arch,
+        output=output,
+        report_path=report_path_for(output),
+        ingredients=tuple(ingredients),
+        modules=modules,
+        rank=spec.rank,
+        conv_rank=spec.conv_rank,
+        dense_svd=spec.dense_svd,
+        clamp_quantile=spec.clamp_quantile,
+        seed=recipe.seed,
+        save=save,
+        device=recipe.effective_device(name),
+        dependencies=tuple(d for d in spec.dependencies() if d in recipe.targets),
+        action_key=merge_action_key(loaded, name, {**dependency_hashes, **dependency_keys}),
+        read_bytes=sum(s.size for s in sources),
+        write_bytes=estimated_lora_bytes([(m.name, m.spec.shape, m.bound) for m in modules], save),
+    )
+
+
+def merge_action_key(loaded, target: str, input_keys: dict[str, str]) -> str:
+    """Like the bake's key (plan/action_key.py) with the merge's numeric policy.
+
+    The device is left out: CPU and GPU SVDs agree within a tolerance rather
+    than to the byte (concat agrees to the byte), and `verify` checks that.
+    """
+    recipe = loaded.recipe
+    payload = {
+        "operation": "merge",
+        "target": target,
+        "parameters": json.loads(target_parameters_json(loaded, target)),
+        "inputs": dict(sorted(input_keys.items())),
+        "numeric_policy": MERGE_NUMERIC_POLICY,
+        "loraforge": __version__,
+        "recipe": recipe.model_dump(mode="json", include={"name", "title", "date", "seed"}),
+    }
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+# --- architecture ------------------------------------------------------------------
+
+
+def _common_architecture(loaded, target: str, sources: list[AdapterSource]) -> Architecture:
+    """The first ingredient's architecture on which every ingredient lands with fitting shapes.
+
+    Each ingredient's own guess is tried in recipe order, so an SD2 LoRA that
+    touches only self-attention (which reads as SD1 on its own) merges with
+    SD2 LoRAs; LoRAs of really different models find no common table.
+    """
+    guesses: list[tuple[str, Architecture | None]] = []
+    for source in sources:
+        arch = source.architecture
+        if arch is None and source.adapter.modules:
+            try:
+                arch = detect_adapter_architecture(source.adapter)
+            except FormatError:
+                arch = None
+        guesses.append((source.use, arch))
+    for _, candidate in guesses:
+        if candidate is not None and all(_fits(s.adapter, candidate) for s in sources):
+            return candidate
+    described = ", ".join(
+        f"'{use}' looks like {arch.title} ({arch.size} size)" if arch else f"'{use}' matches no known architecture"
+        for use, arch in guesses
+    )
+    raise loaded.error(
+        ("targets", target, "loras"),
+        f"the LoRAs of this merge were made for different models: {described}. "
+        "A merged LoRA has one architecture, so every ingredient must fit it.",
+        "Merge only LoRAs trained for the same base model family (SD 1.x, SD 2.x or SDXL).",
+    )
+
+
+def _fits(adapter: AdapterFile, arch: Architecture) -> bool:
+    match = match_adapter(adapter, arch)
+    return bool(match.matched) and not match.shape_mismatches or not adapter.modules
+
+
+# --- modules ------------------------------------------------------------------------
+
+
+def _refuse_unmergeable(loaded, target: str, index: int, applications) -> None:
+    where = ("targets", target, "loras", index, "use")
+    use = loaded.recipe.targets[target].loras[index].use
+    dora = sorted({a.module.name for a in applications if a.module.dora})
+    if dora:
+        raise loaded.error(
+            where,
+            f"'{use}' is a DoRA adapter ({len(dora)} module(s) carry a magnitude vector, e.g. {dora[0]}); its "
+            "effect depends on the base weight, which a LoRA-to-LoRA merge does not have.",
+            "Bake it into a checkpoint instead (kind: checkpoint), then extract a LoRA from the result if you "
+            "need one (kind: extract).",
+        )
+    biased = sorted({a.module.name for a in applications if a.part == "bias"})
+    if biased:
+        raise loaded.error(
+            where,
+            f"'{use}' changes biases ({len(biased)} module(s) with diff_b: {listing(biased)}), which a kohya "
+            "LoRA cannot carry.",
+            "Bake the diff into a checkpoint instead (kind: checkpoint).",
+        )
+
+
+def _merge_module(spec, contributions: tuple[ModuleApplication, ...]) -> MergeModule:
+    module_spec = contributions[0].spec
+    out, flat_in = module_spec.shape[0], math.prod(module_spec.shape[1:])
+    limit = min(out, flat_in)
+    dense = any(not is_factored(c.module) for c in contributions)
+    factored_rank = sum(int(c.module.rank) for c in contributions if is_factored(c.module))
+    if spec.method == "concat":
+        bound = factored_rank + (limit if dense else 0)
+        return MergeModule(module_spec, contributions, None, bound)
+    rank_spec = spec.conv_rank if (is_conv_shape(module_spec.shape) and spec.conv_rank is not None) else spec.rank
+    policy = rank_policy(rank_spec)
+    available = limit if dense else min(limit, factored_rank)
+    bound = min(available, policy.bound) if policy.bound is not None else available
+    return MergeModule(module_spec, contributions, policy, bound)
+
+
+def _factor_dtypes(sources: list[AdapterSource]) -> list[str]:
+    """The dtypes of every ingredient's factor tensors (for save: same)."""
+    return sorted({code for source in sources for code in source.factor_dtypes})
