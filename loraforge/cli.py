@@ -95,15 +95,21 @@ def build(
     targets: Optional[List[str]] = typer.Argument(None, help="Targets to build, with what they need (default: all)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (overrides the recipe)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    offline: bool = typer.Option(False, "--offline", help="Use only local files and the download store; never the network."),
+    locked: bool = typer.Option(False, "--locked", help="Refuse to build if anything differs from <recipe>.lock (which stays unchanged)."),
 ) -> None:
     """Build the recipe's targets; outputs are written atomically with provenance metadata."""
+    from loraforge.cli_resolve import after_build, before_build, fetch_progress, resolve_options
     from loraforge.execute.build import run_build
     from loraforge.render import BuildProgress, render_build_result
 
     try:
-        build_plan = _plan(recipe, targets or [])
+        with fetch_progress(stderr, enabled=not quiet) as fetching:
+            build_plan = _plan(recipe, targets or [], resolve_options(offline, locked, fetching))
+        before_build(build_plan, locked)
         with BuildProgress(stderr, enabled=not quiet) as progress:
             results = run_build(build_plan, device=device, progress=progress.for_target)
+        after_build(build_plan, results, locked)
     except LoraforgeError as error:
         _fail(error)
     except KeyboardInterrupt as interrupt:
@@ -119,11 +125,16 @@ def _print_json(report: dict) -> None:
     typer.echo(json.dumps(report, indent=2, sort_keys=False))
 
 
-def _plan(recipe: Path, targets: list[str]):
+def _plan(recipe: Path, targets: list[str], resolve=None):
     from loraforge.plan.planner import plan_build
     from loraforge.recipe.loader import load_recipe
 
-    return plan_build(load_recipe(recipe), targets)
+    return plan_build(load_recipe(recipe), targets, resolve)
+
+
+from loraforge.cli_resolve import register as _register_resolve  # noqa: E402  (fetch, lock, cache)
+
+_register_resolve(app)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,8 +10,8 @@ def test_cache_reuses_hash_until_the_file_changes(tmp_path, monkeypatch):
     path = tmp_path / "input.bin"
     path.write_bytes(b"first version")
     calls = []
-    real = hash_cache.file_sha256
-    monkeypatch.setattr(hash_cache, "file_sha256", lambda p: calls.append(p) or real(p))
+    real = hash_cache.file_hashes
+    monkeypatch.setattr(hash_cache, "file_hashes", lambda p: calls.append(p) or real(p))
 
     assert hash_cache.cached_file_sha256(path) == hashlib.sha256(b"first version").hexdigest()
     assert hash_cache.cached_file_sha256(path) == hashlib.sha256(b"first version").hexdigest()
@@ -38,6 +38,6 @@ def test_damaged_entry_and_disabled_cache_rehash(tmp_path, monkeypatch):
     assert hash_cache.cached_file_sha256(path) == expected
     monkeypatch.setenv("LORAFORGE_HASH_CACHE", "0")
     calls = []
-    real = hash_cache.file_sha256
-    monkeypatch.setattr(hash_cache, "file_sha256", lambda p: calls.append(p) or real(p))
+    real = hash_cache.file_hashes
+    monkeypatch.setattr(hash_cache, "file_hashes", lambda p: calls.append(p) or real(p))
     assert hash_cache.cached_file_sha256(path) == expected and len(calls) == 1

@@ -19,20 +19,24 @@ from loraforge.plan.merge import plan_merge
 from loraforge.plan.extract import plan_extract
 from loraforge.plan.model import BuildPlan
 from loraforge.recipe.loader import LoadedRecipe
-from loraforge.resolve.local import ResolvedInput, locate_input, verify_input
+from loraforge.resolve.local import ResolvedInput
+from loraforge.resolve.resolver import ResolveOptions, resolve_inputs
 
 # Target kind (the recipe's `kind:`) -> function(context, target name) -> planned target.
 TARGET_PLANNERS = {"checkpoint": plan_bake, "extract": plan_extract, "lora": plan_merge}
 
 
-def plan_build(loaded: LoadedRecipe, selected: Sequence[str] = ()) -> BuildPlan:
-    """Plan the selected targets (all when none are named) and what they depend on."""
+def plan_build(loaded: LoadedRecipe, selected: Sequence[str] = (), resolve: ResolveOptions | None = None) -> BuildPlan:
+    """Plan the selected targets (all when none are named) and what they depend on.
+
+    ``resolve`` says how inputs may be fetched (--offline, --locked, progress).
+    """
     recipe = loaded.recipe
     order = _dependency_order(loaded)
     wanted = _with_dependencies(loaded, selected or order)
     order = [name for name in order if name in wanted]
-    inputs = _locate_inputs(loaded, order)
-    input_sha256 = {name: verify_input(inputs[name]) for name in sorted(inputs)}
+    inputs = _locate_inputs(loaded, order, resolve)
+    input_sha256 = {name: inputs[name].sha256 for name in sorted(inputs)}
     _check_outputs(loaded, inputs, order)
     context = PlanContext(loaded, inputs, input_sha256, planned={})
     for name in order:
@@ -121,17 +125,11 @@ def _names(mapping) -> str:
 # --- inputs and outputs ------------------------------------------------------
 
 
-def _locate_inputs(loaded: LoadedRecipe, order: Sequence[str]) -> dict[str, ResolvedInput]:
+def _locate_inputs(loaded: LoadedRecipe, order: Sequence[str], resolve: ResolveOptions | None) -> dict[str, ResolvedInput]:
+    """Local path + verified sha256 of every input the selected targets read (loraforge.resolve)."""
     recipe = loaded.recipe
     used = sorted({d for name in order for d in recipe.dependencies(name) if d in recipe.inputs})
-    located = {}
-    for name in used:
-        spec = recipe.inputs[name]
-        try:
-            located[name] = locate_input(name, spec.source, spec.sha256, loaded.root)
-        except LoraforgeError as error:
-            raise loaded.error(("inputs", name, "source"), str(error)) from None
-    return located
+    return resolve_inputs(loaded, used, resolve)
 
 
 def _check_outputs(loaded: LoadedRecipe, inputs: dict[str, ResolvedInput], order: Sequence[str]) -> None:

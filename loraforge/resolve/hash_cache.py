@@ -1,12 +1,16 @@
-"""A stat-keyed cache of file sha256s, so unchanged inputs are not re-read.
+"""A stat-keyed cache of file hashes, so unchanged inputs are not re-read.
 
 Hashing a 7 GB SDXL checkpoint costs seconds on every build; like git's
-index and A1111's hash cache, we remember a file's sha256 together with its
-size, modification time (ns), inode and device, and trust it only while all
-four are unchanged. Entries are small JSON files written atomically, one per
-path, under ``$LORAFORGE_CACHE/hashes`` (default ``~/.cache/loraforge``), so
-concurrent builds never corrupt each other. Set ``LORAFORGE_HASH_CACHE=0`` to
-always re-hash.
+index and A1111's hash cache, we remember a file's sha256 (and its
+safetensors data-section sha256) together with its size, modification time
+(ns), inode and device, and trust them only while all four are unchanged.
+Entries are small JSON files written atomically, one per path, under
+``$LORAFORGE_CACHE/hashes`` (default ``~/.cache/loraforge``), so concurrent
+builds never corrupt each other. Set ``LORAFORGE_HASH_CACHE=0`` to always
+re-hash.
+
+The store uses the same cache for its blobs: a truncated or rewritten blob
+changes its stat signature, is re-hashed, and so is caught before use.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import json
 import os
 from pathlib import Path
 
-from loraforge.formats.hashing import file_sha256
+from loraforge.errors import FormatError
+from loraforge.formats.hashing import file_hashes, file_sha256
 
 
 def cache_root() -> Path:
@@ -29,17 +34,37 @@ def cache_root() -> Path:
 
 def cached_file_sha256(path: Path) -> str:
     """sha256 of the file, from the cache when its stat signature is unchanged."""
+    return cached_file_hashes(path)[0]
+
+
+def cached_file_hashes(path: Path) -> tuple[str, str | None]:
+    """(sha256, data-section sha256 or None when the file is not safetensors-shaped)."""
     path = Path(path).resolve()
     signature = _signature(path)
-    entry_path = cache_root() / "hashes" / (hashlib.sha256(str(path).encode()).hexdigest()[:40] + ".json")
+    entry_path = _entry_path(path)
     if os.environ.get("LORAFORGE_HASH_CACHE", "1") != "0":
         cached = _read_entry(entry_path)
         if cached is not None and cached.get("signature") == signature and _is_hex64(cached.get("sha256")):
-            return cached["sha256"]
-    digest = file_sha256(path)
+            data = cached.get("data_sha256")
+            return cached["sha256"], data if _is_hex64(data) else None
+    try:
+        hashes = file_hashes(path)
+        digest, data_digest = hashes.sha256, hashes.data_sha256
+    except FormatError:  # not a safetensors file: only the whole-file hash means anything
+        digest, data_digest = file_sha256(path), None
     if _signature(path) == signature:  # do not remember a hash of a file that changed while we read it
-        _write_entry(entry_path, {"path": str(path), "signature": signature, "sha256": digest})
-    return digest
+        _write_entry(entry_path, {"path": str(path), "signature": signature, "sha256": digest, "data_sha256": data_digest})
+    return digest, data_digest
+
+
+def remember(path: Path, sha256: str, data_sha256: str | None) -> None:
+    """Record hashes computed while the file was written, so its first use does not re-read it."""
+    path = Path(path).resolve()
+    _write_entry(_entry_path(path), {"path": str(path), "signature": _signature(path), "sha256": sha256, "data_sha256": data_sha256})
+
+
+def _entry_path(path: Path) -> Path:
+    return cache_root() / "hashes" / (hashlib.sha256(str(path).encode()).hexdigest()[:40] + ".json")
 
 
 def _signature(path: Path) -> list[int]:

@@ -1,31 +1,37 @@
-"""Local sources: a path relative to the recipe, or a ``file://`` URL.
+"""Local sources (a path relative to the recipe, or ``file://``) and the resolved-input record.
 
-Remote schemes (``hf://``, ``civitai:``, ``https://``, AIR URNs) are parsed by
-the recipe schema but fetched by the resolver's store; until then they fail
-here with an explanation instead of a traceback.
+A local input needs no network and no store: it is used where it lies and
+hashed through the stat-keyed hash cache, so an unchanged 7 GB base is not
+re-read on every build. A ``sha256:`` pinned in the recipe is enforced.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 from urllib.parse import unquote, urlparse
 
 from loraforge.errors import ResolveError
-from loraforge.resolve.hash_cache import cached_file_sha256
+from loraforge.resolve.hash_cache import cached_file_hashes
 
 REMOTE_PREFIXES = ("hf://", "civitai:", "https://", "http://", "urn:air:")
 
 
 @dataclass(frozen=True)
 class ResolvedInput:
-    """An input located on disk, with the hash it must have (if the recipe pins one)."""
+    """An input located on disk (a local file or a store blob) with its verified hashes."""
 
     name: str
     source: str
-    path: Path
-    size: int
-    expected_sha256: str | None
+    path: Path | None  # None only for `loraforge lock` entries the source described without a download
+    size: int | None
+    expected_sha256: str | None  # what the recipe pins
+    sha256: str | None = None  # verified whole-file hash (None: not verified yet)
+    data_sha256: str | None = None  # safetensors data-section hash, when known
+    location: Mapping[str, str] = field(default_factory=dict)  # the lock's "resolved" entry
+    origin: str = "local"  # "local", "store" (already fetched), "downloaded", "remote" (not fetched)
 
 
 def local_path(source: str, root: Path) -> Path | None:
@@ -39,30 +45,38 @@ def local_path(source: str, root: Path) -> Path | None:
 
 
 def locate_input(name: str, source: str, expected_sha256: str | None, root: Path) -> ResolvedInput:
-    """Find an input's file without reading it; remote sources are not supported yet."""
+    """Find a local input's file without reading it."""
     path = local_path(source, root)
     if path is None:
-        raise ResolveError(
-            f"Input '{name}' uses the remote source '{source}', which this version of loraforge "
-            "cannot download yet. Download the file yourself and point `source:` at the local "
-            "path (relative to the recipe), keeping `sha256:` so the file is verified."
-        )
-    path = path.resolve()
+        raise ResolveError(f"Input '{name}': '{source}' is a remote source; it is fetched by the resolver, not located.")
+    written, path = path, path.resolve()
     if not path.is_file():
         raise ResolveError(
             f"Input '{name}': the file {path} (from source '{source}') does not exist or is not a "
             "regular file. Check the path; relative paths are resolved against the recipe's folder."
         )
-    return ResolvedInput(name, source, path, path.stat().st_size, expected_sha256)
+    # The path as written (symlinks not followed), relative to the recipe: the same on every machine.
+    relative = Path(os.path.relpath(written, root)).as_posix() if written.anchor == root.anchor else str(written)
+    return ResolvedInput(name, source, path, path.stat().st_size, expected_sha256, location={"path": relative})
 
 
 def verify_input(resolved: ResolvedInput) -> str:
     """Hash the input's file (or reuse its cached hash) and enforce the recipe's sha256."""
-    actual = cached_file_sha256(resolved.path)
+    if resolved.sha256 is not None:
+        return resolved.sha256
+    return verified_local(resolved).sha256
+
+
+def verified_local(resolved: ResolvedInput) -> ResolvedInput:
+    """``resolved`` with its hashes filled in; a mismatch with the recipe's pin is an error."""
+    actual, data = cached_file_hashes(resolved.path)
     if resolved.expected_sha256 is not None and actual != resolved.expected_sha256:
         raise ResolveError(
             f"Input '{resolved.name}' ({resolved.path}) does not have the sha256 the recipe pins: "
             f"expected {resolved.expected_sha256}, got {actual}. Either the file changed (restore "
             "the right file) or the recipe is out of date (update `sha256:` after checking the file)."
         )
-    return actual
+    return ResolvedInput(
+        resolved.name, resolved.source, resolved.path, resolved.size, resolved.expected_sha256,
+        sha256=actual, data_sha256=data, location=resolved.location, origin="local",
+    )

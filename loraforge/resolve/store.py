@@ -1,0 +1,202 @@
+"""The content-addressed store: every fetched input, kept under its sha256.
+
+Layout under ``$LORAFORGE_CACHE/store`` (default ``~/.cache/loraforge/store``)::
+
+    blobs/sha256/ab/ab12…   one read-only file per content hash
+    partial/<key>.part      an interrupted download, resumed with Range next time
+    partial/<key>.json      the validator (ETag, URL) the partial bytes came from
+    refs/<key>.json         source as written -> sha256 and resolved location
+    locks/<key>.lock        file locks, so two processes do not fetch the same thing twice
+    tmp/                    unique temp files while copying a file in
+
+A blob enters only by rename, after its bytes were hashed (while written)
+and matched the expected sha256; so a reader never sees a partial blob.
+Before a blob is used its hash is checked through the stat-keyed hash cache:
+a truncated or rewritten blob changes its stat signature, is re-hashed,
+found wrong, removed, and fetched again. Locks only avoid duplicate work;
+correctness never depends on them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from filelock import FileLock
+
+from loraforge.errors import ResolveError
+from loraforge.resolve import hash_cache
+from loraforge.resolve.progress import FetchProgress, NoProgress
+from loraforge.resolve.stream_hash import StreamHashes
+
+COPY_CHUNK = 4 << 20
+
+
+@dataclass(frozen=True)
+class Blob:
+    sha256: str
+    path: Path
+    size: int
+    data_sha256: str | None
+
+
+def store_root() -> Path:
+    return hash_cache.cache_root() / "store"
+
+
+def source_key(identity: str) -> str:
+    """A file-name-safe key for anything identified by a string (a URL, a source)."""
+    return hashlib.sha256(identity.encode()).hexdigest()[:32]
+
+
+class Store:
+    def __init__(self, root: Path | None = None):
+        self.root = Path(root) if root is not None else store_root()
+
+    # --- blobs ---------------------------------------------------------------
+
+    def blob_path(self, sha256: str) -> Path:
+        return self.root / "blobs" / "sha256" / sha256[:2] / sha256
+
+    def get(self, sha256: str) -> Blob | None:
+        """The blob with this hash if present and intact; a damaged one is removed."""
+        path = self.blob_path(sha256)
+        if not path.is_file():
+            return None
+        actual, data = hash_cache.cached_file_hashes(path)
+        if actual != sha256:
+            self._discard(path)  # truncated or altered in place: never use it, fetch again
+            return None
+        return Blob(sha256, path, path.stat().st_size, data)
+
+    def blobs(self) -> Iterator[Path]:
+        """Every blob file, in sorted order."""
+        base = self.root / "blobs" / "sha256"
+        if base.is_dir():
+            yield from sorted(p for p in base.glob("??/*") if p.is_file() and len(p.name) == 64)
+
+    def remove(self, sha256: str) -> None:
+        self._discard(self.blob_path(sha256))
+
+    def commit(self, temp: Path, hashes: StreamHashes, expected: str | None, name: str) -> Blob:
+        """Move a fully written temp file into the store if its hash is the expected one."""
+        if expected is not None and hashes.sha256 != expected:
+            self._discard(temp)
+            raise ResolveError(
+                f"Input '{name}': the downloaded file has sha256 {hashes.sha256}, but {expected} is "
+                "expected (from the recipe's `sha256:` or the lock file). Nothing was stored. Either the "
+                "source now serves different bytes (check the source and update the pin, e.g. with "
+                "`loraforge lock`) or the pin is wrong."
+            )
+        with open(temp, "rb") as handle:
+            os.fsync(handle.fileno())
+        target = self.blob_path(hashes.sha256)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(temp, 0o444)  # blobs are immutable; a stray write should fail loudly
+        os.replace(temp, target)
+        _fsync_dir(target.parent)
+        hash_cache.remember(target, hashes.sha256, hashes.data_sha256)
+        return Blob(hashes.sha256, target, hashes.size, hashes.data_sha256)
+
+    def ingest_file(self, source: Path, expected: str | None, name: str, progress: FetchProgress = NoProgress()) -> Blob:
+        """Copy (or hard-link) a local file into the store, hashing it on the way."""
+        temp = self.temp_path()
+        total = source.stat().st_size
+        hashes = StreamHashes()
+        progress.start(name, total)
+        try:
+            try:
+                os.link(source, temp)  # same file system: no copy, just hash it
+                reader, writer = open(temp, "rb"), None
+            except OSError:
+                reader, writer = open(source, "rb"), open(temp, "wb")
+            with reader:
+                while chunk := reader.read(COPY_CHUNK):
+                    hashes.update(chunk)
+                    if writer is not None:
+                        writer.write(chunk)
+                    progress.advance(name, len(chunk))
+            if writer is not None:
+                writer.close()
+            return self.commit(temp, hashes, expected, name)
+        except BaseException:
+            self._discard(temp)
+            raise
+        finally:
+            progress.finish(name)
+
+    def temp_path(self) -> Path:
+        folder = self.root / "tmp"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"{uuid.uuid4().hex}.tmp"  # unique: never shared between processes
+
+    # --- partial downloads, refs and locks -------------------------------------
+
+    def partial_path(self, key: str) -> Path:
+        folder = self.root / "partial"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"{key}.part"
+
+    @contextmanager
+    def locked(self, key: str):
+        """Hold the store lock for ``key`` (one fetch of one thing at a time)."""
+        folder = self.root / "locks"
+        folder.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(folder / f"{key}.lock")):
+            yield
+
+    def read_ref(self, source: str) -> dict | None:
+        try:
+            ref = json.loads((self.root / "refs" / f"{source_key(source)}.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return ref if isinstance(ref, dict) and ref.get("source") == source else None
+
+    def write_ref(self, source: str, record: dict) -> None:
+        folder = self.root / "refs"
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_json_atomically(folder / f"{source_key(source)}.json", {**record, "source": source})
+
+    def refs(self) -> list[dict]:
+        folder = self.root / "refs"
+        found = []
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else ():
+            try:
+                ref = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(ref, dict) and isinstance(ref.get("sha256"), str):
+                found.append({**ref, "_file": path})
+        return found
+
+    def _discard(self, path: Path) -> None:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _write_json_atomically(path: Path, value: dict) -> None:
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    temp.write_text(json.dumps(value, sort_keys=True, indent=1) + "\n")
+    os.replace(temp, path)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
