@@ -56,8 +56,9 @@ def safetensors_input(path: str | os.PathLike[str], sha256: str, allow: bool, ca
         return path
     target = Path(cache_dir) / f"{sha256}.safetensors"
     if not _valid_entry(target, sha256):
+        tensors = load_pickled_tensors(path)  # first: a refused pickle leaves no trace in the cache
         target.parent.mkdir(parents=True, exist_ok=True)
-        save_tensors(target, load_pickled_tensors(path), {SOURCE_KEY: sha256})
+        save_tensors(target, tensors, {SOURCE_KEY: sha256})
     return target
 
 
@@ -127,5 +128,8 @@ def _first_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     # torch's own text advises weights_only=False, the unsafe load this refusal exists to avoid.
     named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
-    text = (named or lines or [""])[0].rstrip(".")
+    text = (named or lines or [""])[0]
+    # Keep the sentence naming the refused global, not torch's advice on allow-listing it.
+    sentences = [part for part in text.split(". ") if "GLOBAL" in part] or [text]
+    text = sentences[0].rstrip(".")
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
