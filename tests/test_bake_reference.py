@@ -203,3 +203,51 @@ def test_untouched_tensors_are_byte_identical(tmp_path):
             if name not in touched:
                 assert out.read_bytes(name) == base.read_bytes(name), name
         assert touched and all(out.read_bytes(n) != base.read_bytes(n) for n in touched)
+
+
+def test_dora_diff_and_peft_bake_match_reference(tmp_path):
+    """DoRA (strength interpolates W..W_dora), full diffs with bias, and PEFT-named LoRAs."""
+    arch = get_architecture("sd1", "tiny")
+    write_synthetic_checkpoint(tmp_path / "base.safetensors", arch, seed=7, dtype="F32")
+    write_synthetic_adapter(tmp_path / "dora.safetensors", arch, "lora", rank=4, seed=1, dora="in", dtype="F32")
+    write_synthetic_adapter(tmp_path / "diff.safetensors", arch, "diff", seed=2, dtype="F32", text_encoder=False,
+                            targets=[s.kohya for s in arch.modules if s.bias_key and "ff_net_2" in s.kohya])
+    write_synthetic_adapter(tmp_path / "peft.safetensors", arch, "peft", rank=2, seed=3, dtype="F32")
+    (tmp_path / "recipe.yaml").write_text(
+        "loraforge: 1\nname: mixed\ninputs:\n"
+        "  base: {source: base.safetensors}\n  dora: {source: dora.safetensors}\n"
+        "  diff: {source: diff.safetensors}\n  peft: {source: peft.safetensors}\n"
+        "targets:\n  out:\n    kind: checkpoint\n    base: base\n    loras:\n"
+        "      - {use: dora, strength: 0.6}\n      - {use: diff, strength: -1.5}\n      - {use: peft, strength: 0.9}\n"
+    )
+    run_build(plan_build(load_recipe(tmp_path / "recipe.yaml")), device="cpu")
+    base = {k: v.double() for k, v in read_all(tmp_path / "base.safetensors").items() if v.is_floating_point()}
+    expected = {k: v.clone() for k, v in base.items()}
+
+    dora = group_modules(read_all(tmp_path / "dora.safetensors"))
+    for module, factors in dora.items():
+        spec = arch.module_by_kohya[module]
+        w = base[spec.key]
+        directed = w + reference_delta(factors, tuple(w.shape))
+        # dora_scale [1, in, ...]: one magnitude per input channel, norm over everything else.
+        norm = directed.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1)
+        shape = (1, w.shape[1]) + (1,) * (w.dim() - 2)
+        w_dora = directed * (factors["dora_scale"].reshape(shape) / (norm.reshape(shape) + torch.finfo(torch.float32).eps))
+        expected[spec.key] += 0.6 * (w_dora - w)
+    for module, factors in group_modules(read_all(tmp_path / "diff.safetensors")).items():
+        spec = arch.module_by_kohya[module]
+        expected[spec.key] += -1.5 * factors["diff"]
+        expected[spec.bias_key] += -1.5 * factors["diff_b"]
+    for key, value in read_all(tmp_path / "peft.safetensors").items():
+        if key.endswith(".lora_A.weight"):
+            name = key[: -len(".lora_A.weight")]
+            up = read_all(tmp_path / "peft.safetensors")[name + ".lora_B.weight"].double()
+            spec = arch.module_by_diffusers[name]
+            target = expected[spec.key] if spec.rows is None else expected[spec.key][spec.rows[0]:spec.rows[1]]
+            target += 0.9 * (up.reshape(up.shape[0], -1) @ value.double().reshape(value.shape[0], -1)).reshape(target.shape)
+
+    output = read_all(tmp_path / "dist/out.safetensors")
+    changed = [k for k in expected if not torch.equal(expected[k], base[k])]
+    assert any(k.endswith("ff.net.2.bias") for k in changed)  # diff_b reached the biases
+    for key in changed:
+        assert_within_one_ulp(output[key], expected[key], key)
