@@ -151,9 +151,9 @@ count = [0]
 def slow_write(self, name, data):
     original(self, name, data)
     count[0] += 1
-    if count[0] == 200:
+    if count[0] == 50:
         print("MIDWAY", file=sys.stderr, flush=True)
-    time.sleep(0.01)
+    time.sleep(0.005)
 safetensors_writer.SafetensorsWriter.write = slow_write
 from loraforge.cli import app
 app(["build", sys.argv[1], "-q"])
