@@ -142,9 +142,14 @@ def _one_try(client, url, part, meta_path, hashes, headers, name, progress) -> s
             raise _Restart()  # the partial is not a prefix of what the server has now
         _raise_for_status(response, f"Input '{name}'", url)
         total = _int(response.headers.get("Content-Length"))
+        if hashes.size and status == 200:
+            # Range ignored, or the file changed (If-Range): this answer is the whole file; use it.
+            with open(part, "r+b") as out:
+                out.truncate(0)
+            hashes.reset()
         if hashes.size:
             if status != 206:
-                raise _Restart()  # Range ignored (200) or the file changed (If-Range): start over
+                raise _Restart()
             match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
             if not match or int(match[1]) != hashes.size:
                 raise _Restart()
@@ -154,7 +159,7 @@ def _one_try(client, url, part, meta_path, hashes, headers, name, progress) -> s
         _write_meta(meta_path, url, response)
         progress.start(name, total, hashes.size)
         with open(part, "ab") as out:
-            for chunk in response.iter_bytes(READ_CHUNK):
+            for chunk in response.iter_bytes():  # as received: a buffered chunk would be lost on a drop
                 out.write(chunk)
                 hashes.update(chunk)
                 progress.advance(name, len(chunk))

@@ -98,7 +98,8 @@ class Store:
             os.fsync(handle.fileno())
         target = self.blob_path(hashes.sha256)
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(temp, 0o444)  # blobs are immutable; a stray write should fail loudly
+        if os.stat(temp).st_nlink == 1:  # not a hard link to someone else's file (the Hub cache's)
+            os.chmod(temp, 0o444)  # blobs are immutable; a stray write should fail loudly
         os.replace(temp, target)
         _fsync_dir(target.parent)
         hash_cache.remember(target, hashes.sha256, hashes.data_sha256)

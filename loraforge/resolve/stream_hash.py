@@ -15,6 +15,10 @@ _PREFIX = 8
 
 class StreamHashes:
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything (the bytes are being written again from the start)."""
         self._whole = hashlib.sha256()
         self._data = hashlib.sha256()
         self._prefix = bytearray()

@@ -37,8 +37,10 @@ def download_to_store(name, url, headers, resolution: Resolution, store: Store, 
     key = source_key(resolution.download_key)
     part = store.partial_path(key)
     done = download(url, part, name=name, headers=headers, progress=progress)
-    blob = store.commit(part, done.hashes, expected, name)
-    part.with_suffix(".json").unlink(missing_ok=True)
+    try:
+        blob = store.commit(part, done.hashes, expected, name)  # removes the partial on a wrong hash
+    finally:
+        part.with_suffix(".json").unlink(missing_ok=True)
     location = dict(resolution.location)
     if final_key:
         location[final_key] = done.final_url
