@@ -253,9 +253,10 @@ def cache_verify() -> None:
     from loraforge.resolve.store import Store
 
     stdout, _, _ = _consoles()
-    damaged = verify_blobs(Store(), lambda info, ok: stdout.print(f"{'ok     ' if ok else 'DAMAGED'} {info.sha256}"))
+    # Plain echo, not rich: hashes must not be wrapped (scripts grep them).
+    damaged = verify_blobs(Store(), lambda info, ok: typer.echo(f"{'ok     ' if ok else 'DAMAGED'} {info.sha256}"))
     for info in damaged:
-        stdout.print(f"removed damaged blob {info.sha256} ({', '.join(info.sources) or 'no known source'})")
+        typer.echo(f"removed damaged blob {info.sha256} ({', '.join(info.sources) or 'no known source'})")
     if damaged:
         raise typer.Exit(1)
 
@@ -269,7 +270,7 @@ def cache_gc(
     from loraforge.resolve.cache_admin import collect_garbage, referenced_hashes
     from loraforge.resolve.store import Store
 
-    stdout, _, fail = _consoles()
+    _, _, fail = _consoles()
     try:
         keep, locks = referenced_hashes(folders or [Path(".")])
     except LoraforgeError as error:
@@ -277,8 +278,8 @@ def cache_gc(
     doomed = collect_garbage(Store(), keep, dry_run)
     verb = "would remove" if dry_run else "removed"
     for info in doomed:
-        stdout.print(f"{verb} {info.sha256} {_size(info.size)} {', '.join(info.sources)}")
-    stdout.print(
+        typer.echo(f"{verb} {info.sha256} {_size(info.size)} {', '.join(info.sources)}")
+    typer.echo(
         f"{verb} {len(doomed)} blobs ({_size(sum(i.size for i in doomed))}); "
         f"kept what {len(locks)} lock files refer to"
     )

@@ -111,7 +111,9 @@ class LocalServer:
             sha = hashlib.sha256(data).hexdigest()
             download = f"/api/download/models/{version}" if primary else f"/api/download/files/{file_id}"
             storage = f"/storage/{sha}"
-            self.routes[download] = Redirect(f"{storage}?X-Amz-Signature=signed{file_id}&X-Amz-Expires=3600", 307)
+            # "localhost": another origin than 127.0.0.1, like Civitai's storage host.
+            storage_host = self.base.replace("127.0.0.1", "localhost")
+            self.routes[download] = Redirect(f"{storage_host}{storage}?X-Amz-Signature=signed{file_id}&X-Amz-Expires=3600", 307)
             self.routes[storage] = Blob(data)
             if token is not None:
                 self.tokens[download] = token
