@@ -285,3 +285,33 @@ def test_defaults_and_rank_forms(tmp_path):
     assert (target.text_encoder, target.svd, target.clamp_quantile, target.min_diff) == ("auto", "randomized", None, 1e-4)
     (tmp_path / "recipe.yaml").write_text(recipe_text())
     assert load_recipe(tmp_path / "recipe.yaml").recipe.targets["ex-lora"].rank.rank == 32
+
+
+def test_example_recipe_plans_and_builds_from_the_committed_demo_inputs(tmp_path):
+    """recipes/extract-demo.yaml: a bake target feeds the extraction (copied, so the repo stays clean)."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from loraforge.cli import app
+
+    recipes = Path(__file__).resolve().parent.parent / "recipes"
+    shutil.copy(recipes / "extract-demo.yaml", tmp_path / "extract-demo.yaml")
+    (tmp_path / "models").mkdir()
+    for name in ("tiny-sd15-base", "neon-lora", "noir-locon"):
+        shutil.copy(recipes / "models" / f"{name}.safetensors", tmp_path / "models")
+    runner = CliRunner()
+    planned = runner.invoke(app, ["plan", "--json", str(tmp_path / "extract-demo.yaml")])
+    assert planned.exit_code == 0, planned.output
+    target = json.loads(planned.output)["targets"][1]
+    assert (target["kind"], target["tuned"], target["base"], target["depends_on"]) == (
+        "extract", "neon-noir-full", "base", ["neon-noir-full"]
+    )
+    assert (target["rank"], target["conv_rank"], target["candidate_modules"]) == ({"energy": 0.999, "max": 16}, {"rank": 8}, 354)
+    built = runner.invoke(app, ["build", "-q", "--device", "cpu", str(tmp_path / "extract-demo.yaml")])
+    assert built.exit_code == 0, built.output
+    assert "354 modules extracted" in built.output and "te included" in built.output
+    report = json.loads((tmp_path / "dist" / "neon-noir-lora.extract.json").read_text())
+    # neon (rank 8) + noir (rank 4) change every module by at most rank 12; 99.9 % energy never needs more.
+    assert max(entry["rank"] for entry in report["modules"]) <= 12
+    assert report["summary"]["min_energy_retained"] >= 0.999
