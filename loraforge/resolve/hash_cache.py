@@ -44,7 +44,8 @@ def cached_file_hashes(path: Path) -> tuple[str, str | None]:
     entry_path = _entry_path(path)
     if os.environ.get("LORAFORGE_HASH_CACHE", "1") != "0":
         cached = _read_entry(entry_path)
-        if cached is not None and cached.get("signature") == signature and _is_hex64(cached.get("sha256")):
+        # Entries from before data hashes were cached lack the key: hash again, so the lock is complete.
+        if cached is not None and cached.get("signature") == signature and _is_hex64(cached.get("sha256")) and "data_sha256" in cached:
             data = cached.get("data_sha256")
             return cached["sha256"], data if _is_hex64(data) else None
     try:
