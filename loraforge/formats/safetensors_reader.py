@@ -27,6 +27,7 @@ from loraforge.formats.sniff import HEAD_BYTES, pickle_kind, pickle_refusal
 # Largest JSON header accepted; the same limit safetensors uses.
 MAX_HEADER_SIZE = 100_000_000
 LENGTH_PREFIX = 8
+MAX_ELEMENTS = 2**63  # torch sizes are int64: no dimension or element count may reach this
 METADATA_KEY = "__metadata__"
 _ENTRY_FIELDS = ("data_offsets", "dtype", "shape")
 
@@ -181,6 +182,9 @@ class SafetensorsFile:
         shape = entry["shape"]
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise bad(f"has shape {shape!r}; a shape must be a list of non-negative integers")
+        # torch sizes are signed 64-bit; [0, 2**63] holds no bytes yet cannot be built (found by fuzzing).
+        if any(d >= MAX_ELEMENTS for d in shape) or math.prod(d for d in shape if d) >= MAX_ELEMENTS:
+            raise bad(f"has shape {shape}, larger than any tensor can be (2**63 elements)")
         offsets = entry["data_offsets"]
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
             raise bad(f"has data_offsets {offsets!r}; they must be two non-negative integers [begin, end]")

@@ -90,6 +90,10 @@ CASES: dict[str, Case] = {
         notes="the memory guard: refused at open, before any allocation",
     ),
     "absurd shape, small offsets": _case(raw_bytes({"a": entry(shape=(2**40, 2**40))}, b"\0" * 4), "but its data_offsets span 4 bytes"),
+    "zero-size tensor with a 2**63 dimension": _case(
+        raw_bytes({"a": entry("F64", (0, 2**63), (0, 0))}), "larger than any tensor can be",
+        notes="found by the fuzzer: holds no bytes, but torch cannot build the shape",
+    ),
     "unknown dtype": _case(raw_bytes({"a": entry(dtype="Q7")}, b"\0" * 4), "dtype 'Q7'", "Supported dtypes"),
     "dtype not a string": _case(raw_bytes({"a": entry(dtype=32)}, b"\0" * 4), "dtype 32"),
     "shape/length mismatch": _case(raw_bytes({"a": entry(shape=(2,), offsets=(0, 4))}, b"\0" * 4), "which is 8 bytes"),
