@@ -315,3 +315,15 @@ def test_example_recipe_plans_and_builds_from_the_committed_demo_inputs(tmp_path
     # neon (rank 8) + noir (rank 4) change every module by at most rank 12; 99.9 % energy never needs more.
     assert max(entry["rank"] for entry in report["modules"]) <= 12
     assert report["summary"]["min_energy_retained"] >= 0.999
+
+
+def test_an_extraction_cannot_feed_a_bake_yet_and_says_why(tmp_path):
+    arch = get_architecture("sd1", "tiny")
+    write_synthetic_checkpoint(tmp_path / "base.safetensors", arch, seed=1)
+    write_synthetic_checkpoint(tmp_path / "tuned.safetensors", arch, seed=2)
+    for field in ("base: ex-lora\n    loras: []", "base: base\n    loras: [{use: ex-lora}]"):
+        text = recipe_text() + f"  baked:\n    kind: checkpoint\n    {field}\n"
+        (tmp_path / "recipe.yaml").write_text(text)
+        with pytest.raises(RecipeError) as caught:
+            plan_build(load_recipe(tmp_path / "recipe.yaml"))
+        assert "target 'ex-lora'" in str(caught.value), str(caught.value)
