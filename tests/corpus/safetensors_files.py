@@ -89,7 +89,8 @@ CASES: dict[str, Case] = {
         "declares 4000000000000 bytes of tensor data but the file holds 4",
         notes="the memory guard: refused at open, before any allocation",
     ),
-    "absurd shape, small offsets": _case(raw_bytes({"a": entry(shape=(2**40, 2**40))}, b"\0" * 4), "but its data_offsets span 4 bytes"),
+    "absurd shape, small offsets": _case(raw_bytes({"a": entry(shape=(2**40, 2**40))}, b"\0" * 4), "larger than any tensor can be"),
+    "large shape, small offsets": _case(raw_bytes({"a": entry(shape=(2**20, 2**20))}, b"\0" * 4), "but its data_offsets span 4 bytes"),
     "zero-size tensor with a 2**63 dimension": _case(
         raw_bytes({"a": entry("F64", (0, 2**63), (0, 0))}), "larger than any tensor can be",
         notes="found by the fuzzer: holds no bytes, but torch cannot build the shape",
