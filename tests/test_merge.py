@@ -355,3 +355,21 @@ def test_a_lora_target_cannot_be_a_base(models, tmp_path):
     targets = ["  m:", "    kind: lora", "    rank: 2", "    loras: [{use: style}]",
                "  c:", "    kind: checkpoint", "    base: m", "    loras: [{use: style}]"]
     assert "produces a LoRA, not a checkpoint" in _plan_error(models, tmp_path, targets)
+
+
+def test_example_recipe_builds_its_merge_to_bake_chain(tmp_path):
+    """recipes/merge-chain.yaml, copied with its demo inputs so the repository stays clean."""
+    import shutil
+
+    recipes = Path(__file__).resolve().parent.parent / "recipes"
+    shutil.copy(recipes / "merge-chain.yaml", tmp_path / "merge-chain.yaml")
+    (tmp_path / "models").mkdir()
+    for name in ("tiny-sd15-base", "neon-lora", "noir-locon", "grain-loha"):
+        shutil.copy(recipes / "models" / f"{name}.safetensors", tmp_path / "models")
+    plan, results = build(tmp_path / "merge-chain.yaml")
+    merged, bundle, baked = results
+    assert plan.target("neon-noir-grain").ingredients[0].path == merged.written.path
+    assert max(o.rank for o in merged.outcomes) <= 8
+    assert all(o.energy_retained >= 0.95 - 1e-9 or o.rank == (4 if o.module.is_conv else 8) for o in merged.outcomes)
+    assert max(o.saved_relative_error for o in bundle.outcomes) < 1e-3  # concat: F16 rounding only
+    assert baked.written.path.exists()
