@@ -12,6 +12,7 @@ truncation and of the factors as saved.
 from __future__ import annotations
 
 import json
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -123,7 +124,7 @@ def _merge_module(target: MergeTarget, module: MergeModule, files, device) -> tu
         rank=result.rank,
         energy_retained=result.energy_retained,
         relative_error=result.relative_error,
-        saved_relative_error=relative_error(terms, up, down),
+        saved_relative_error=relative_error(terms, up, down, _known_norm(target, terms, result)),
         singular_values=tuple(float(v) for v in result.singular_values[: result.rank + 4]),
     )
     return LoraModuleFactors(module.name, up.cpu(), down.cpu(), module.spec.shape), outcome
@@ -158,6 +159,13 @@ def _terms(module: MergeModule, files: Sequence[SafetensorsFile], device: torch.
             delta = module_delta(adapter_module, loaded, module.spec.shape).reshape(out, -1) * contribution.coefficient
             dense = delta if dense is None else dense.add_(delta)
     return ModuleTerms(tuple(ups), tuple(downs), dense)
+
+
+def _known_norm(target: MergeTarget, terms: ModuleTerms, result) -> float | None:
+    """‖ΔW‖_F from the singular values when they are all there (factored SVD); else None (computed)."""
+    if target.method == "svd" and terms.dense is None:
+        return math.sqrt(float(torch.sum(result.singular_values**2)))
+    return None
 
 
 def _merge(target: MergeTarget, module: MergeModule, terms: ModuleTerms):

@@ -81,8 +81,11 @@ def svd_merge(
     )
 
 
-def relative_error(terms: ModuleTerms, up: Tensor, down: Tensor) -> float:
+def relative_error(terms: ModuleTerms, up: Tensor, down: Tensor, total_norm: float | None = None) -> float:
     """‖Σ − up@down‖_F / ‖Σ‖_F for any factors (the saved, rounded ones, say); 0 for Σ = 0.
+
+    ``total_norm`` is ‖Σ‖_F when the caller knows it (the root of Σσ² of an
+    SVD that computed every singular value), which saves its computation.
 
     Factored-only terms never form the (out × in) sum: Σ − up@down = X·Y with
     X = [U, −up], Y = [V; down], and ‖X·Y‖_F = ‖R_x·R_yᵀ‖_F from the QR of X
@@ -93,11 +96,11 @@ def relative_error(terms: ModuleTerms, up: Tensor, down: Tensor) -> float:
     if terms.dense is None:
         x = torch.cat([*terms.ups], dim=1)
         y = torch.cat([*terms.downs], dim=0)
-        total = _product_norm(x, y)
+        total = _product_norm(x, y) if total_norm is None else total_norm
         error = _product_norm(torch.cat([x, -up], dim=1), torch.cat([y, down], dim=0))
     else:
         matrix = terms.materialise()
-        total = float(torch.linalg.norm(matrix))
+        total = float(torch.linalg.norm(matrix)) if total_norm is None else total_norm
         error = float(torch.linalg.norm(matrix - up @ down))
     if total <= 0.0:
         return 0.0 if error <= 0.0 else math.inf
