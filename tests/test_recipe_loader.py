@@ -118,10 +118,10 @@ def test_bad_sha256(tmp_path):
 
 
 def test_unknown_target_kind_lists_supported_kinds(tmp_path):
-    text = EXAMPLE.replace("kind: checkpoint", "kind: lora")
+    text = EXAMPLE.replace("kind: checkpoint", "kind: blend")
     error = load_error(tmp_path, text)
-    line = assert_points_at(error, "recipe.yaml", *position_of(text, "kind: lora", "kind"), "targets.neon-noir.kind")
-    assert "unknown target kind 'lora'" in line and "supported kinds: checkpoint" in line
+    line = assert_points_at(error, "recipe.yaml", *position_of(text, "kind: blend", "kind"), "targets.neon-noir.kind")
+    assert "unknown target kind 'blend'" in line and "supported kinds: checkpoint, extract, lora" in line
 
 
 def test_target_without_kind(tmp_path):
