@@ -164,7 +164,7 @@ def mecha_version(python: str | None) -> tuple[str | None, str]:
     probe = "import importlib.metadata, sd_mecha; print(importlib.metadata.version('sd-mecha'))"
     try:
         done = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=300)
-    except OSError as error:
+    except (OSError, subprocess.TimeoutExpired) as error:
         return None, f"sd-mecha contender skipped: cannot run {python}: {error}"
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
