@@ -28,6 +28,7 @@ from loraforge.formats.metadata import HASH_KEY, checkpoint_metadata, provenance
 from loraforge.formats.safetensors_reader import SafetensorsFile, open_safetensors
 from loraforge.formats.safetensors_writer import SafetensorsWriter, TensorPlan, WriteResult
 from loraforge.ops.bake import DenseTerm, LowRankTerm, Term, bake_weight
+from loraforge.ops.rounding import round_float64
 from loraforge.ops.finite import all_finite, nonfinite_counts
 from loraforge.plan.action_key import target_parameters_json
 from loraforge.plan.layout import OutputTensor, output_layout
@@ -78,7 +79,7 @@ def run_bake(
                         applications = target.applications[entry.name]
                         data = _bake_tensor(data, applications, adapters, device, torch_dtype(entry.dtype), workspace)
                     elif entry.action == "convert":
-                        data = data.to(torch_dtype(entry.dtype))
+                        data = round_float64(data, torch_dtype(entry.dtype))  # one rounding, even from F64
                     writes.submit(entry, data)
         except _NonFiniteFactors as found:
             raise _nonfinite_error(target, adapters, found.ingredient) from None

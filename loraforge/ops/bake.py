@@ -19,6 +19,8 @@ from typing import Iterable, Union
 import torch
 from torch import Tensor
 
+from loraforge.ops.rounding import round_float64
+
 
 @dataclass(frozen=True)
 class DenseTerm:
@@ -42,7 +44,7 @@ Term = Union[DenseTerm, LowRankTerm]
 
 
 def bake_weight(weight: Tensor, terms: Iterable[Term], out_dtype: torch.dtype, workspace: Tensor | None = None) -> Tensor:
-    """The baked weight in ``out_dtype``: every term added in float64, then one rounding.
+    """The baked weight in ``out_dtype``: every term added in float64, then one correct rounding.
 
     ``workspace`` (float64, at least ``weight.numel()`` elements, same device)
     is reused for the float64 copy so large tensors do not page-fault fresh
@@ -55,7 +57,7 @@ def bake_weight(weight: Tensor, terms: Iterable[Term], out_dtype: torch.dtype, w
         else:
             for term in run:
                 _slice(baked, term.rows).add_(term.delta.reshape(_slice(baked, term.rows).shape), alpha=term.coefficient)
-    return baked.to(out_dtype)
+    return round_float64(baked, out_dtype)
 
 
 def _add_low_rank(baked: Tensor, terms: list[LowRankTerm]) -> None:

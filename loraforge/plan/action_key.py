@@ -17,7 +17,7 @@ from loraforge import __version__
 from loraforge.recipe.loader import LoadedRecipe
 
 # Bump when the numeric recipe of an operation changes in a way that changes bytes.
-BAKE_NUMERIC_POLICY = "bake-v1: float64 delta and accumulation, one rounding to the save dtype"
+BAKE_NUMERIC_POLICY = "bake-v2: float64 delta and accumulation, one correct (round-to-odd, nearest-even) rounding to the save dtype"
 
 
 def canonical_json(value) -> str:
