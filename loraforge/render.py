@@ -163,15 +163,20 @@ def _extract_node(tree: Tree, target: dict, status_style: str) -> None:
         node.add(f"[yellow]text-encoder modules missing from a checkpoint: {_listing(target['text_encoder_modules_missing'])}[/]")
 
 
+def _rank_text(spec: dict) -> str:
+    """A rank spec as written in a recipe: 32, or energy: 0.99, max: 128."""
+    return str(spec["rank"]) if set(spec) == {"rank"} else _counts(spec)
+
+
 def _merge_node(tree: Tree, target: dict, status_style: str) -> None:
     node = tree.add(f"[bold]{target['name']}[/] (lora {target['method']}, {target['architecture']}) [{status_style}]{target['status']}[/]")
     if target["depends_on"]:
         node.add(f"after {', '.join(target['depends_on'])}")
     node.add(f"output: {target['output']}  save dtype: {target['save_dtype']}  device: {target['device']}")
     if target["method"] == "svd":
-        conv = _counts(target["conv_rank"]) if target["conv_rank"] else "as rank"
+        conv = _rank_text(target["conv_rank"]) if target["conv_rank"] else "as rank"
         clamp = f"; clamp quantile {target['clamp_quantile']:g}" if target["clamp_quantile"] else ""
-        node.add(f"rank: {_counts(target['rank'])}; conv rank: {conv}; dense svd: {target['dense_svd']}{clamp}")
+        node.add(f"rank: {_rank_text(target['rank'])}; conv rank: {conv}; dense svd: {target['dense_svd']}{clamp}")
     node.add(f"reads {human_bytes(target['read_bytes'])}, writes at most {human_bytes(target['write_bytes'])}; "
              f"{target['modules']} modules ({target['conv_modules']} conv, {target['dense_modules']} via dense ΔW)")
     node.add(f"modules per block: {_counts(target['modules_per_block'])}")
