@@ -18,6 +18,7 @@ from loraforge.plan.context import PlanContext
 from loraforge.plan.merge import plan_merge
 from loraforge.plan.extract import plan_extract
 from loraforge.plan.model import BuildPlan
+from loraforge.plan.outputs import checked_output_path
 from loraforge.recipe.loader import LoadedRecipe
 from loraforge.resolve.local import ResolvedInput
 from loraforge.resolve.resolver import ResolveOptions, resolve_inputs
@@ -153,3 +154,4 @@ def _check_outputs(loaded: LoadedRecipe, inputs: dict[str, ResolvedInput], order
                 "Give each target its own `output:` path.",
             )
         seen[output] = name
+        checked_output_path(loaded, name)  # inside the recipe's folder (plan/outputs.py)
