@@ -78,7 +78,9 @@ def test_build_writes_a_lock_with_inputs_and_targets(project):
     lock = json.loads(text)
     output = project / "dist/baked.safetensors"
     assert lock["format"] == "loraforge-lock/1" and lock["loraforge"]
-    assert lock["numeric_policy"]["bake"].startswith("bake-v1")
+    from loraforge.plan.action_key import BAKE_NUMERIC_POLICY
+
+    assert lock["numeric_policy"]["bake"] == BAKE_NUMERIC_POLICY
     base = project / "models/base.safetensors"
     assert lock["inputs"]["base"]["sha256"] == _sha(base) and lock["inputs"]["base"]["size"] == base.stat().st_size
     assert lock["inputs"]["base"]["resolved"] == {"path": "models/base.safetensors"}
