@@ -38,12 +38,13 @@ def lock_path(recipe_path: Path) -> Path:
 
 
 def numeric_policies() -> dict[str, str]:
-    """Every operation's numeric policy (the ``*_NUMERIC_POLICY`` constants of plan.action_key)."""
-    from loraforge.plan import action_key
+    """Every operation's numeric policy: the ``*_NUMERIC_POLICY`` constants of the planners."""
+    from loraforge.plan import action_key, extract, merge
 
     return {
         name[: -len("_NUMERIC_POLICY")].lower(): value
-        for name, value in sorted(vars(action_key).items())
+        for module in (action_key, extract, merge)
+        for name, value in sorted(vars(module).items())
         if name.endswith("_NUMERIC_POLICY") and isinstance(value, str)
     }
 
