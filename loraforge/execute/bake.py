@@ -240,13 +240,13 @@ def _output_metadata(plan: BuildPlan, target: BakeTarget) -> dict[str, str]:
         provenance={
             "action_key": target.action_key,
             "inputs": provenance_json(inputs),
-            "recipe": _recipe_slice_json(plan, target.name),
+            "recipe": recipe_slice_json(plan, target.name),
             "target": target.name,
         },
     )
 
 
-def _recipe_slice_json(plan: BuildPlan, name: str) -> str:
+def recipe_slice_json(plan: BuildPlan, name: str) -> str:
     """The part of the recipe this target depends on (itself, its inputs, the targets it reads).
 
     Only that part, so that editing an unrelated target does not change this output's bytes.

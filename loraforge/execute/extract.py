@@ -30,7 +30,7 @@ from loraforge.formats.safetensors_reader import SafetensorsFile, open_safetenso
 from loraforge.formats.safetensors_writer import WriteResult
 from loraforge.ops.extract import DeltaStats, delta_stats, extract_low_rank, is_changed, module_matrix, policy_for, weight_delta
 from loraforge.ops.svd import LowRankResult
-from loraforge.execute.bake import _recipe_slice_json as recipe_slice_json
+from loraforge.execute.bake import recipe_slice_json
 from loraforge.plan.extract import ExtractionTarget, is_conv3x3
 from loraforge.plan.model import BuildPlan
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -24,7 +23,8 @@ import torch
 
 from loraforge.errors import BuildError
 from loraforge.execute.bake import ProgressCallback
-from loraforge.execute.bake import _recipe_slice_json as recipe_slice_json
+from loraforge.atomic import write_text_atomic
+from loraforge.execute.bake import recipe_slice_json
 from loraforge.formats import dtypes
 from loraforge.formats.adapters import load_factors, module_delta
 from loraforge.formats.lora_output import LoraModuleFactors, is_conv_shape, lora_metadata, write_lora
@@ -270,13 +270,7 @@ def _round(value: float) -> float:
 def _write_json(path: Path, report: dict) -> None:
     """Write the report atomically (temp file, fsync, rename), keys sorted, so it is reproducible."""
     text = json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with temp.open("w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
+        write_text_atomic(path, text)
     except OSError as error:
-        temp.unlink(missing_ok=True)
         raise BuildError(f"writing the merge report {path} failed: {error}. Check free disk space and permissions.") from None

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from loraforge.errors import LoraforgeError, PlanError
+from loraforge.errors import PlanError
 from loraforge.plan.bake import plan_bake
 from loraforge.plan.context import PlanContext
 from loraforge.plan.merge import plan_merge

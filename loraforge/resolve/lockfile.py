@@ -21,12 +21,11 @@ an entry without older ones dropping it.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraforge import __version__
+from loraforge.atomic import write_text_atomic
 from loraforge.errors import ResolveError
 
 LOCK_FORMAT = "loraforge-lock/1"
@@ -113,15 +112,9 @@ def write_lock(path: Path, lock: Lock) -> bool:
             return False
     except OSError:
         pass
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        with open(temp, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
+        write_text_atomic(path, text)
     except OSError as error:
-        temp.unlink(missing_ok=True)
         raise ResolveError(f"Cannot write the lock file {path} ({error.strerror}); check the folder's permissions.") from None
     return True
 
