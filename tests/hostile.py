@@ -8,26 +8,13 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
+from corpus.recipes import GOOD
 from loraforge.cli import app
 from loraforge.formats.arch import get_architecture
 from loraforge.testing.adapters import write_synthetic_adapter
 from loraforge.testing.checkpoints import write_synthetic_checkpoint
 
-RECIPE = """\
-loraforge: 1
-name: hostile
-date: "2026-11-01"
-precision: {save: float16}
-inputs:
-  base: {source: models/base.safetensors}
-  style: {source: models/style.safetensors}
-targets:
-  baked:
-    kind: checkpoint
-    base: base
-    loras:
-      - {use: style, strength: 0.7}
-"""
+RECIPE = GOOD  # the valid baseline every hostile variant starts from
 OUTPUT = Path("dist/baked.safetensors")
 
 

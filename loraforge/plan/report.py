@@ -33,22 +33,29 @@ def _target_report(target) -> dict:
     return _bake_report(target)
 
 
-def _merge_report(target: MergeTarget) -> dict:
-    spec = lambda rank: None if rank is None else rank.model_dump(exclude_none=True)  # noqa: E731
+def _common(target, kind: str) -> dict:
+    """The fields every target kind reports."""
     return {
         "name": target.name,
-        "kind": "lora",
+        "kind": kind,
         "status": output_status(target),
-        "method": target.method,
         "architecture": target.architecture.name,
         "output": str(target.output),
-        "report": str(target.report_path),
         "save_dtype": target.save,
         "device": target.device,
         "depends_on": list(target.dependencies),
         "action_key": target.action_key,
         "read_bytes": target.read_bytes,
         "write_bytes": target.write_bytes,
+    }
+
+
+def _merge_report(target: MergeTarget) -> dict:
+    spec = lambda rank: None if rank is None else rank.model_dump(exclude_none=True)  # noqa: E731
+    return {
+        **_common(target, "lora"),
+        "method": target.method,
+        "report": str(target.report_path),
         "rank": spec(target.rank),
         "conv_rank": spec(target.conv_rank),
         "dense_svd": target.dense_svd,
@@ -64,20 +71,10 @@ def _merge_report(target: MergeTarget) -> dict:
 def _extract_report(target: ExtractionTarget) -> dict:
     spec = lambda rank: None if rank is None else rank.model_dump(exclude_none=True)  # noqa: E731
     return {
-        "name": target.name,
-        "kind": "extract",
-        "status": output_status(target),
+        **_common(target, "extract"),
         "tuned": target.tuned.name,
         "base": target.base.name,
-        "architecture": target.architecture.name,
-        "output": str(target.output),
         "report": str(target.report_path),
-        "save_dtype": target.save,
-        "device": target.device,
-        "depends_on": list(target.dependencies),
-        "action_key": target.action_key,
-        "read_bytes": target.read_bytes,
-        "write_bytes": target.write_bytes,
         "rank": spec(target.rank),
         "conv_rank": spec(target.conv_rank),
         "svd": target.svd,
@@ -91,18 +88,8 @@ def _extract_report(target: ExtractionTarget) -> dict:
 
 def _bake_report(target: BakeTarget) -> dict:
     return {
-        "name": target.name,
-        "kind": "checkpoint",
-        "status": output_status(target),
+        **_common(target, "checkpoint"),
         "base": target.base,
-        "architecture": target.architecture.name,
-        "output": str(target.output),
-        "save_dtype": target.save,
-        "device": target.device,
-        "depends_on": list(target.dependencies),
-        "action_key": target.action_key,
-        "read_bytes": target.read_bytes,
-        "write_bytes": target.write_bytes,
         "weights_baked": len(target.applications),
         "modules_per_block": target.modules_per_block(),
         "loras": [_ingredient_report(ingredient) for ingredient in target.ingredients],
