@@ -452,9 +452,40 @@ class LoraTarget(_TargetBase):
         return _unique(tuple(lora.use for lora in self.loras))
 
 
+def _check_folder(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip() or "\x00" in value:
+        raise custom_error(f"the output must be a folder path, got {describe_value(value)}", "write e.g. output: dist/my-release/")
+    if value.endswith(".safetensors"):
+        raise custom_error(f"a release is a folder, but {value!r} names a .safetensors file", "write a folder path such as dist/my-release/")
+    return value
+
+
+class ReleaseSpec(_Strict):
+    """Bundle other targets' outputs with manifest.json and a README.md model card (docs/releases.md)."""
+
+    kind: Literal["release"]
+    include: tuple[Name, ...] | None = None  # None: every non-release target, in recipe order
+    output: Annotated[str, BeforeValidator(_check_folder)] | None = None  # a folder; default dist/<name>
+    description: Text | None = None  # the model card's description; default: the recipe's
+    readme: StrictFlag = True
+
+    # A release computes nothing, so it has no precision or device of its own;
+    # these keep code that reads every target's fields working.
+    @property
+    def precision(self) -> None:
+        return None
+
+    @property
+    def device(self) -> None:
+        return None
+
+    def dependencies(self) -> tuple[str, ...]:
+        return _unique(self.include or ())  # the default (every target) needs the recipe: Recipe.dependencies
+
+
 # New kinds join this union; ``kind`` picks the model.
-Target = Annotated[Union[CheckpointTarget, ExtractTarget, LoraTarget], Field(discriminator="kind")]
-TARGET_KINDS = ("checkpoint", "extract", "lora")
+Target = Annotated[Union[CheckpointTarget, ExtractTarget, LoraTarget, ReleaseSpec], Field(discriminator="kind")]
+TARGET_KINDS = ("checkpoint", "extract", "lora", "release")
 
 
 class Recipe(_Strict):
@@ -480,7 +511,7 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _names_and_outputs_are_unique(self) -> Recipe:
-        problems = [*self._name_clashes(), *self._output_clashes()]
+        problems = [*self._name_clashes(), *self._output_clashes(), *release_problems(self)]
         if problems:
             raise custom_error("; ".join(reason for _, reason, _ in problems), problems[0][2], problems=tuple(problems))
         return self
@@ -517,7 +548,9 @@ class Recipe(_Strict):
     # --- helpers for later stages ---------------------------------------
 
     def default_output(self, target_name: str) -> str:
-        """The target's output path as written, or dist/<target>.safetensors."""
+        """The target's output path as written, or dist/<target>.safetensors (a release: the folder dist/<target>)."""
+        if self.targets[target_name].kind == "release":
+            return self.targets[target_name].output or f"dist/{target_name}"
         return self.targets[target_name].output or f"dist/{target_name}.safetensors"
 
     def output_path(self, target_name: str, root: Path) -> Path:
@@ -532,7 +565,10 @@ class Recipe(_Strict):
 
     def dependencies(self, target_name: str) -> tuple[str, ...]:
         """Input and target names the target reads, first use first, no repeats."""
-        return self.targets[target_name].dependencies()
+        spec = self.targets[target_name]
+        if spec.kind == "release" and spec.include is None:
+            return tuple(name for name, target in self.targets.items() if target.kind != "release")
+        return spec.dependencies()
 
     def canonical_json(self) -> str:
         """The recipe with defaults filled in as stable, compact JSON (provenance).
@@ -549,3 +585,40 @@ class Recipe(_Strict):
 
 def _unique(names: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
+
+
+def release_problems(recipe: Recipe) -> list[tuple]:
+    """What a `kind: release` may not list: unknown names, inputs, other releases, repeats, nothing at all."""
+    problems = []
+    bundled = [name for name, target in recipe.targets.items() if target.kind != "release"]
+    for name, spec in recipe.targets.items():
+        if spec.kind != "release":
+            continue
+        if spec.include is None and not bundled:
+            problems.append((("targets", name), "this release has nothing to bundle: the recipe has no other targets",
+                             "add the targets whose outputs the release should contain"))
+        if spec.include is not None and not spec.include:
+            problems.append((("targets", name, "include"), "the include list is empty",
+                             "list target names, or leave include out to bundle every target"))
+        seen: set[str] = set()
+        for index, used in enumerate(spec.include or ()):
+            reason = _release_include_problem(recipe, used, seen)
+            if reason:
+                problems.append((("targets", name, "include", index), reason[0], reason[1]))
+            seen.add(used)
+    return problems
+
+
+def _release_include_problem(recipe: Recipe, used: str, seen: set[str]) -> tuple[str, str] | None:
+    targets = ", ".join(n for n, t in recipe.targets.items() if t.kind != "release") or "(none)"
+    if used in seen:
+        return f"{used!r} is listed twice", "list each target once"
+    if used in recipe.inputs:
+        return (f"{used!r} is an input; a release bundles outputs of targets",
+                f"list targets only (every input is recorded in manifest.json anyway); targets: {targets}")
+    if used not in recipe.targets:
+        return f"there is no target named {used!r}", f"check the spelling; targets: {targets}"
+    if recipe.targets[used].kind == "release":
+        return (f"{used!r} is a release; a release cannot contain another release",
+                f"list the targets of {used!r} here instead")
+    return None
