@@ -135,6 +135,9 @@ def _plan(recipe: Path, targets: list[str], resolve=None):
 from loraforge.cli_resolve import register as _register_resolve  # noqa: E402  (fetch, lock, cache)
 
 _register_resolve(app)
+from loraforge.cli_new import register as _register_new  # noqa: E402  (new)
+
+_register_new(app)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -31,3 +31,7 @@ class ResolveError(LoraforgeError):
 
 class BuildError(LoraforgeError):
     """A build step failed on valid inputs (disk full, device unavailable)."""
+
+
+class UsageError(LoraforgeError):
+    """A command's arguments cannot be acted on (an unknown choice, a file it would overwrite)."""
