@@ -11,6 +11,8 @@ The three starters share one skeleton; what differs per architecture (the base
 checkpoint, the block-weight forms and presets) is filled in from
 :data:`_ARCH_PARTS`. The text is fixed: no date, name or path is taken from
 the environment, so `loraforge new` writes the same bytes everywhere.
+:func:`write_starter` writes one (atomically, never over an existing file
+unless forced); the command itself is in :mod:`loraforge.cli_new`.
 
 Base checkpoints (file names and sha256 as published on the Hub, where the
 LFS object id is the file's sha256):
