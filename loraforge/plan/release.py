@@ -177,23 +177,26 @@ def _check_file_names(context: PlanContext, name: str, included: tuple[IncludedO
 def _check_folder(context: PlanContext, name: str, folder: Path) -> None:
     """The folder is replaced as a whole on every build, so it must hold nothing but the bundle."""
     loaded = context.loaded
+    written = loaded.recipe.default_output(name)
     hint = "write a folder of its own for the release, e.g. output: dist/<release name>"
-    if folder == loaded.root.resolve() or folder in loaded.root.resolve().parents:
-        raise loaded.error(_field(loaded, name), f"the release folder {folder} is the recipe's own folder", hint)
+    root = loaded.root.resolve() if context.output_dir is None else Path(context.output_dir)
+    if folder == root or folder in root.parents:
+        raise loaded.error(_field(loaded, name), f"the release folder {written!r} is the recipe's own folder", hint)
     for other in loaded.recipe.targets:
         path = context.output_path(other)
         if other != name and (path == folder or folder in path.parents or path in folder.parents):
             raise loaded.error(
                 _field(loaded, name),
-                f"the release folder {folder} overlaps the output of target '{other}' ({path}); building the "
-                "release replaces the whole folder and would delete it",
+                f"the release folder {written!r} overlaps the output of target '{other}' "
+                f"({loaded.recipe.default_output(other)!r}); building the release replaces the whole folder and "
+                "would delete it",
                 hint,
             )
     for input_name, resolved in context.inputs.items():
         if resolved.path is not None and folder in Path(resolved.path).parents:
             raise loaded.error(
                 _field(loaded, name),
-                f"input '{input_name}' ({resolved.path}) lies inside the release folder {folder}; building the "
-                "release replaces the whole folder and would delete it",
+                f"input '{input_name}' ({resolved.source}) lies inside the release folder {written!r}; building "
+                "the release replaces the whole folder and would delete it",
                 hint,
             )
