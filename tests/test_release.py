@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,12 @@ def _data_sha256(path: Path) -> str:
     raw = path.read_bytes()
     header = int.from_bytes(raw[:8], "little")
     return hashlib.sha256(raw[8 + header:]).hexdigest()
+
+
+def _copy_of(built: Path, folder: Path) -> Path:
+    """A copy of a built project (outputs, lock and bundle), so a test rebuilds only what it changes."""
+    shutil.copytree(built, folder, symlinks=True)
+    return folder
 
 
 def _bundle_hashes(folder: Path) -> dict[str, str]:
@@ -182,19 +189,23 @@ def test_model_card_shows_recipe_values_and_hashes(built):
 # --- determinism ------------------------------------------------------------------------------
 
 
-def _build_in_subprocess(project: Path, threads: str, hashseed: str, cache: Path) -> None:
+def _build_in_subprocess(project: Path, threads: str, hashseed: str, cache: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONHASHSEED": hashseed,
            "LORAFORGE_CACHE": str(cache)}
     code = "import torch, sys; torch.set_num_threads(int(sys.argv[1])); from loraforge.cli import app; app(sys.argv[2:])"
-    subprocess.run([sys.executable, "-c", code, threads, "build", str(project / "recipe.yaml"), "-q"],
-                   check=True, env=env, capture_output=True, cwd=project)
+    return subprocess.Popen([sys.executable, "-c", code, threads, "build", str(project / "recipe.yaml"), "-q"],
+                            env=env, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def test_bundle_is_byte_identical_across_processes_threads_hash_seeds_and_folders(tmp_path):
     first = _project(tmp_path / "one" / "project")
     second = _project(tmp_path / "elsewhere" / "deeper" / "project")
-    _build_in_subprocess(first, "1", "1", tmp_path / "cache-1")
-    _build_in_subprocess(second, "3", "4242", tmp_path / "cache-2")
+    # Side by side: each process's bytes must not depend on the other, nor on the machine being busy.
+    builds = [_build_in_subprocess(first, "1", "1", tmp_path / "cache-1"),
+              _build_in_subprocess(second, "3", "4242", tmp_path / "cache-2")]
+    for build in builds:
+        output, _ = build.communicate(timeout=300)
+        assert build.returncode == 0, output.decode()
     hashes = _bundle_hashes(first / "dist" / "pack")
     assert hashes == _bundle_hashes(second / "dist" / "pack")
     assert len(hashes) == 7
@@ -202,7 +213,8 @@ def test_bundle_is_byte_identical_across_processes_threads_hash_seeds_and_folder
 
 def test_copied_bundle_equals_hard_linked_bundle(tmp_path, built, monkeypatch):
     """Another filesystem (no hard links) gives the same bytes."""
-    project = _project(tmp_path / "project")
+    project = _copy_of(built, tmp_path / "project")
+    shutil.rmtree(project / "dist" / "pack")
 
     def no_links(source, destination):
         raise OSError(18, "Invalid cross-device link")
@@ -217,9 +229,8 @@ def test_copied_bundle_equals_hard_linked_bundle(tmp_path, built, monkeypatch):
 # --- incremental and atomic --------------------------------------------------------------------
 
 
-def test_second_build_reports_the_release_up_to_date_and_writes_nothing(tmp_path):
-    project = _project(tmp_path / "project")
-    _build(project)
+def test_second_build_reports_the_release_up_to_date_and_writes_nothing(tmp_path, built):
+    project = _copy_of(built, tmp_path / "project")
     manifest = project / "dist" / "pack" / "manifest.json"
     before = (manifest.stat().st_mtime_ns, manifest.stat().st_ino)
     output = _build(project)
@@ -237,10 +248,9 @@ def test_second_build_reports_the_release_up_to_date_and_writes_nothing(tmp_path
         "with its model card.", "now with a new card.")
 
 
-def _stale_release(tmp_path) -> tuple[Path, dict[str, str]]:
+def _stale_release(tmp_path, built) -> tuple[Path, dict[str, str]]:
     """A built project whose release is then made stale (new description); returns the old bundle's hashes."""
-    project = _project(tmp_path / "project")
-    _build(project)
+    project = _copy_of(built, tmp_path / "project")
     old = _bundle_hashes(project / "dist" / "pack")
     recipe = project / "recipe.yaml"
     recipe.write_text(recipe.read_text().replace("with its model card.", "changed."))
@@ -252,8 +262,8 @@ def _leftovers(project: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, OSError])
-def test_interrupted_bundle_leaves_the_previous_bundle_and_no_temp_folder(tmp_path, monkeypatch, interrupt):
-    project, old = _stale_release(tmp_path)
+def test_interrupted_bundle_leaves_the_previous_bundle_and_no_temp_folder(tmp_path, built, monkeypatch, interrupt):
+    project, old = _stale_release(tmp_path, built)
 
     def fail(contents):
         raise interrupt("stopped while writing the card")
@@ -270,8 +280,8 @@ def test_interrupted_bundle_leaves_the_previous_bundle_and_no_temp_folder(tmp_pa
     assert "changed." in (project / "dist/pack/README.md").read_text()
 
 
-def test_failed_swap_puts_the_previous_bundle_back(tmp_path, monkeypatch):
-    project, old = _stale_release(tmp_path)
+def test_failed_swap_puts_the_previous_bundle_back(tmp_path, built, monkeypatch):
+    project, old = _stale_release(tmp_path, built)
     real_rename = os.rename
     calls = []
 
@@ -291,8 +301,9 @@ def test_failed_swap_puts_the_previous_bundle_back(tmp_path, monkeypatch):
     assert _leftovers(project) == []
 
 
-def test_refuses_to_replace_a_folder_that_is_not_a_bundle(tmp_path):
-    project = _project(tmp_path / "project")
+def test_refuses_to_replace_a_folder_that_is_not_a_bundle(tmp_path, built):
+    project = _copy_of(built, tmp_path / "project")
+    shutil.rmtree(project / "dist" / "pack")
     mine = project / "dist" / "pack" / "notes.txt"
     mine.parent.mkdir(parents=True)
     mine.write_text("my own notes")
