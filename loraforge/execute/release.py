@@ -25,7 +25,7 @@ from loraforge.release.card import model_card
 from loraforge.release.contents import BundledFile, BundledOutput, InputRecord, ReleaseContents
 from loraforge.release.manifest import MANIFEST_FORMAT, MANIFEST_NAME, README_NAME, manifest_text
 from loraforge.resolve.hash_cache import cached_file_hashes
-from loraforge.resolve.lock_sync import input_entry, updated_lock
+from loraforge.resolve.lock_sync import input_entry
 from loraforge.resolve.lockfile import Lock, lock_path, numeric_policies, read_lock
 
 COPY_CHUNK = 8 << 20
@@ -172,9 +172,11 @@ def _bundle_files(outputs, recipe_file, lock_file, readme) -> list[BundledFile]:
 def _bundle_lock(plan, target: ReleaseTarget, outputs: tuple[BundledOutput, ...]) -> Lock:
     """The recipe's lock cut down to the bundled targets and the inputs they read.
 
-    Entries come from <recipe>.lock when it records exactly the bundled file
-    (the build writes each target's entry as it finishes, with everything
-    other parts add to it); otherwise the basic entry is made here. Output
+    A target's entry comes from <recipe>.lock when it records exactly the
+    bundled file (the build writes each entry as the target finishes, with
+    what verify adds to it); otherwise the basic entry is made here. Input
+    entries are made from this build's resolution alone, never merged with
+    older ones, so the bytes do not depend on the lock's history. Output
     paths are the recipe's relative ones, never where this build wrote.
     """
     loaded = plan.loaded
@@ -188,13 +190,16 @@ def _bundle_lock(plan, target: ReleaseTarget, outputs: tuple[BundledOutput, ...]
                 "output": Path(os.path.normpath(loaded.recipe.default_output(entry.target))).as_posix(),
                 "size": output.file.size,
                 "sha256": output.file.sha256,
-                "data_sha256": output.file.data_sha256,
             }
+            if output.file.data_sha256 is not None:
+                recorded["data_sha256"] = output.file.data_sha256
         entries[entry.target] = dict(recorded)
-    lock = updated_lock(loaded, {name: plan.inputs[name] for name in target.inputs}, entries, previous)
-    lock.inputs = {name: lock.inputs[name] for name in target.inputs}
-    lock.targets = {name: entries[name] for name in sorted(entries)}
-    return lock
+    return Lock(
+        inputs={name: input_entry(plan.inputs[name], None) for name in target.inputs},
+        targets=dict(sorted(entries.items())),
+        loraforge=__version__,
+        numeric_policy=numeric_policies(),
+    )
 
 
 def _input_record(plan, name: str) -> InputRecord:
