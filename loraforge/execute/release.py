@@ -51,10 +51,9 @@ class ReleaseResult:
     copied: int  # outputs copied (another filesystem)
 
     def summary_lines(self) -> list[str]:
-        names = ", ".join(f.name for f in self.files)
         return [
-            f"release folder {self.folder}: {len(self.files) + 1} files ({names}, {MANIFEST_NAME})",
-            f"outputs: {self.linked} hard-linked, {self.copied} copied; manifest below",
+            f"bundle {self.folder}: {len(self.files) + 1} files; outputs {self.linked} hard-linked, {self.copied} copied",
+            f"{MANIFEST_NAME} (its size and sha256 follow) lists every file's sha256",
         ]
 
 
