@@ -64,6 +64,14 @@ def remember(path: Path, sha256: str, data_sha256: str | None) -> None:
     _write_entry(_entry_path(path), {"path": str(path), "signature": _signature(path), "sha256": sha256, "data_sha256": data_sha256})
 
 
+def forget(path: Path) -> None:
+    """Drop the entry of a file that is about to disappear (verify's temporary rebuilds)."""
+    try:
+        _entry_path(Path(path).resolve()).unlink()
+    except FileNotFoundError:
+        pass
+
+
 def _entry_path(path: Path) -> Path:
     return cache_root() / "hashes" / (hashlib.sha256(str(path).encode()).hexdigest()[:40] + ".json")
 
