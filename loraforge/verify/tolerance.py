@@ -50,8 +50,5 @@ def lock_tolerance_entry(path: str | Path) -> dict:
 
 
 def is_svd_step(target) -> bool:
-    """Targets whose bytes depend on the device class: SVD merges and extractions."""
-    from loraforge.plan.extract import ExtractionTarget
-    from loraforge.plan.merge import MergeTarget
-
-    return isinstance(target, ExtractionTarget) or (isinstance(target, MergeTarget) and target.method == "svd")
+    """Targets whose bytes depend on the device class (SVD merges, extractions): those that have one."""
+    return getattr(target, "device_class", None) is not None
