@@ -347,3 +347,50 @@ def test_two_outputs_with_one_file_name_cannot_share_a_bundle(tmp_path):
     project = _project(tmp_path / "project", recipe)
     with pytest.raises(RecipeError, match="would hold two files named 'neon-noir-lora.safetensors'"):
         plan_build(load_recipe(project / "recipe.yaml"))
+
+
+# --- the release command ---------------------------------------------------------------------------
+
+
+WITHOUT_RELEASE = RECIPE.split("  pack:\n")[0]
+
+
+def test_release_command_bundles_every_target_of_a_recipe_without_a_release(tmp_path, built):
+    project = _copy_of(built, tmp_path / "project")
+    (project / "recipe.yaml").write_text(WITHOUT_RELEASE)
+    result = _invoke("release", project / "recipe.yaml", "-q")
+    assert result.exit_code == 0, result.output
+    folder = project / "dist" / "release"
+    assert "built release" in result.output and str(folder) in result.output
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["release"] == "release" and manifest["description"] == "Two LoRAs merged exactly, and baked into the tiny base."
+    assert [o["target"] for o in manifest["outputs"]] == ["neon-noir-lora", "neon-noir"]
+    for output in manifest["outputs"]:  # the same outputs as the recipe's own release bundled
+        assert (folder / output["file"]).read_bytes() == (built / "dist" / "pack" / output["file"]).read_bytes()
+    again = _invoke("release", project / "recipe.yaml", "-q")
+    assert again.exit_code == 0 and "up to date release" in again.output and "built" not in again.output
+
+
+def test_release_command_output_folder(tmp_path, built, monkeypatch):
+    project = _copy_of(built, tmp_path / "project")
+    monkeypatch.chdir(project)
+    result = _invoke("release", "recipe.yaml", "-q", "--output", "public/v1")
+    assert result.exit_code == 0, result.output
+    assert (project / "public/v1/manifest.json").is_file() and not (project / "public/v1/.tmp").exists()
+    assert json.loads((project / "recipe.lock").read_text())["targets"]["pack"]["output"] == "public/v1/manifest.json"
+    outside = _invoke("release", "recipe.yaml", "-q", "--output", str(tmp_path / "elsewhere"))
+    assert outside.exit_code == 2 and "outside the recipe's folder" in outside.output
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_release_command_runs_the_recipe_release_only(tmp_path, built):
+    """With a release target, `release` builds it (and what it includes), nothing else."""
+    recipe = RECIPE.replace("  pack:\n    kind: release\n", "  extra:\n    kind: lora\n    method: concat\n    loras: [{use: neon}]\n  pack:\n    kind: release\n    include: [neon-noir]\n")
+    project = _copy_of(built, tmp_path / "project")
+    (project / "recipe.yaml").write_text(recipe)
+    result = _invoke("release", project / "recipe.yaml", "-q")
+    assert result.exit_code == 0, result.output
+    assert not (project / "dist" / "extra.safetensors").exists()
+    assert sorted(p.name for p in (project / "dist" / "pack").iterdir()) == [
+        "README.md", "manifest.json", "neon-noir.safetensors", "recipe.lock", "recipe.yaml"]
+    assert "## Ingredients" in (project / "dist/pack/README.md").read_text()
