@@ -394,3 +394,19 @@ def test_release_command_runs_the_recipe_release_only(tmp_path, built):
     assert sorted(p.name for p in (project / "dist" / "pack").iterdir()) == [
         "README.md", "manifest.json", "neon-noir.safetensors", "recipe.lock", "recipe.yaml"]
     assert "## Ingredients" in (project / "dist/pack/README.md").read_text()
+
+
+def test_example_recipe_rebuilds_its_locked_bundle(tmp_path):
+    """recipes/release.yaml with its committed lock: `build --locked` in a copy gives the locked bundle."""
+    recipes = MODELS.parent
+    for name in ("release.yaml", "release.lock"):
+        shutil.copy(recipes / name, tmp_path / name)
+    (tmp_path / "models").symlink_to(MODELS, target_is_directory=True)
+    result = _invoke("build", tmp_path / "release.yaml", "-q", "--locked")
+    assert result.exit_code == 0, result.output
+    lock = json.loads((recipes / "release.lock").read_text())
+    folder = tmp_path / "dist" / "neon-noir-v1.2"
+    assert _sha256(folder / "manifest.json") == lock["targets"]["neon-noir-v1.2"]["sha256"]
+    assert (folder / "release.lock").read_bytes() != (recipes / "release.lock").read_bytes()  # cut to the bundled targets
+    card = (folder / "README.md").read_text()
+    assert card.startswith("# Neon Noir v1.2\n") and "| 1 | `neon` | `models/neon-lora.safetensors` | 0.8 | 0.5 | `OUTD` |" in card
