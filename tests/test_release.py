@@ -410,3 +410,17 @@ def test_example_recipe_rebuilds_its_locked_bundle(tmp_path):
     assert (folder / "release.lock").read_bytes() != (recipes / "release.lock").read_bytes()  # cut to the bundled targets
     card = (folder / "README.md").read_text()
     assert card.startswith("# Neon Noir v1.2\n") and "| 1 | `neon` | `models/neon-lora.safetensors` | 0.8 | 0.5 | `OUTD` |" in card
+
+
+def test_plan_shows_the_release_node(tmp_path, built):
+    fresh = _invoke("plan", _project(tmp_path / "fresh") / "recipe.yaml", "--json")
+    assert fresh.exit_code == 0, fresh.output
+    release = json.loads(fresh.output)["targets"][-1]
+    assert release["kind"] == "release" and release["status"] == "waiting" and release["action_key"] is None
+    assert release["depends_on"] == ["neon-noir-lora", "neon-noir"] and release["inputs"] == ["base", "neon", "noir"]
+    assert release["includes"][0] == {"target": "neon-noir-lora", "kind": "lora", "file": "neon-noir-lora.safetensors",
+                                      "report": "neon-noir-lora.merge.json"}
+    done = json.loads(_invoke("plan", built / "recipe.yaml", "--json").output)["targets"][-1]
+    assert done["status"] == "up to date" and done["manifest"] == str(built / "dist/pack/manifest.json")
+    tree = _invoke("plan", built / "recipe.yaml")
+    assert "pack (release) up to date" in tree.output and "neon-noir (checkpoint): neon-noir.safetensors" in tree.output
