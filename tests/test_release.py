@@ -424,3 +424,65 @@ def test_plan_shows_the_release_node(tmp_path, built):
     assert done["status"] == "up to date" and done["manifest"] == str(built / "dist/pack/manifest.json")
     tree = _invoke("plan", built / "recipe.yaml")
     assert "pack (release) up to date" in tree.output and "neon-noir (checkpoint): neon-noir.safetensors" in tree.output
+
+
+# --- the pure text modules --------------------------------------------------------------------------
+
+
+def _contents(recipe_text: str):
+    """ReleaseContents for a recipe text, with made-up (but well-formed) file records."""
+    import yaml
+
+    from loraforge.recipe.schema import Recipe
+    from loraforge.release.contents import BundledFile, BundledOutput, InputRecord, ReleaseContents
+
+    recipe = Recipe.model_validate(yaml.safe_load(recipe_text))
+    digest = lambda text: hashlib.sha256(text.encode()).hexdigest()  # noqa: E731
+    outputs = tuple(
+        BundledOutput(name, spec.kind, BundledFile(f"{name}.safetensors", 100 + i, digest(name), digest(name + "data")), digest("key" + name))
+        for i, (name, spec) in enumerate(recipe.targets.items()) if spec.kind != "release"
+    )
+    inputs = tuple(InputRecord(name, spec.source, {"path": spec.source}, 10, digest(name)) for name, spec in sorted(recipe.inputs.items()))
+    return ReleaseContents("pack", recipe, recipe_text, BundledFile("r.yaml", 1, digest("r")), BundledFile("r.lock", 2, digest("l")),
+                           outputs, inputs, recipe.description, recipe.date, "9.9.9", {"bake": "policy"})
+
+
+EXTRACT_RECIPE = """\
+loraforge: 1
+name: x
+inputs: {tuned: {source: t.safetensors}, base: {source: b.safetensors}, style: {source: s.safetensors}}
+targets:
+  extracted: {kind: extract, tuned: tuned, base: base, rank: {energy: 0.9, max: 64}, conv_rank: 8}
+  baked:
+    kind: checkpoint
+    base: tuned
+    loras: [{use: extracted, strength: 0.125, blocks: [1, 0, 0, 0, 0, 0, 0, 0.5, 0.5, 0.5, 0.5, 0.5, 1, 1, 1, 1, 1]}, {use: style, te: 0}]
+  pack: {kind: release, readme: false}
+"""
+
+
+def test_manifest_without_readme_lists_the_other_files_and_is_stable():
+    from loraforge.release.manifest import manifest_text
+
+    contents = _contents(EXTRACT_RECIPE)
+    text = manifest_text(contents, None)
+    manifest = json.loads(text)
+    assert [f["file"] for f in manifest["files"]] == ["baked.safetensors", "extracted.safetensors", "r.lock", "r.yaml"]
+    assert manifest["outputs"][0]["autov2"] == hashlib.sha256(b"extracted").hexdigest()[:10]
+    assert manifest["outputs"][0]["autov3"] == hashlib.sha256(b"extracteddata").hexdigest()[:12]
+    assert manifest["date"] is None and manifest["title"] == "x"
+    assert text == manifest_text(_contents(EXTRACT_RECIPE), None)  # same records, same bytes
+
+
+def test_model_card_for_an_extraction_and_a_block_weight_vector():
+    from loraforge.release.card import model_card
+
+    card = model_card(_contents(EXTRACT_RECIPE))
+    assert "| Date | not set |" in card
+    assert "LoRA extracted from `tuned` minus `base`: rank energy 0.9, max 64, conv rank 8, text encoder auto" in card
+    tuned_sha = hashlib.sha256(b"tuned").hexdigest()
+    assert f"| `extracted` | tuned | `tuned` | `t.safetensors` | `{tuned_sha}` |" in card
+    assert f"| `baked` | base | `tuned` | `t.safetensors` | `{tuned_sha}` |" in card
+    assert ("| 1 | `extracted` | output of target `extracted` | 0.125 | 0.125 | "
+            "`1, 0, 0, 0, 0, 0, 0, 0.5, 0.5, 0.5, 0.5, 0.5, 1, 1, 1, 1, 1` |") in card
+    assert "| 2 | `style` | `s.safetensors` | 1 | 0 | all 1 |" in card
