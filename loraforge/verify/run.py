@@ -1,0 +1,185 @@
+"""``loraforge verify``: rebuild into a temporary folder and compare with the lock.
+
+Nothing the user owns is written: inputs are resolved without touching the
+lock, every output goes under a fresh temporary folder (plan_build's
+``output_dir``), no lock is written (run_build gets no ``on_built``), and the
+folder is removed whatever happens. The rebuilt files are then judged one by
+one (:mod:`loraforge.verify.judge`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from loraforge import __version__
+from loraforge.errors import ResolveError
+from loraforge.execute.device import single_threaded_torch
+from loraforge.plan.device_class import device_class
+from loraforge.plan.extract import ExtractionTarget
+from loraforge.plan.merge import MergeTarget
+from loraforge.recipe.loader import LoadedRecipe, load_recipe
+from loraforge.resolve.hash_cache import forget
+from loraforge.resolve.lockfile import Lock, lock_path, numeric_policies, read_lock
+from loraforge.resolve.resolver import ResolveOptions
+from loraforge.verify.judge import Rebuilt, judge
+from loraforge.verify.report import BYTE_IDENTICAL, TOLERANCE, WITHIN_TOLERANCE, InputDrift, TargetVerdict, VerifyReport
+from loraforge.verify.tolerance import file_tolerance, is_svd_step
+
+
+def verify_recipe(
+    recipe: str | Path,
+    selected: Sequence[str] = (),
+    *,
+    device: str | None = None,
+    offline: bool = False,
+    fetch_progress=None,
+    build_progress=None,
+) -> VerifyReport:
+    """Rebuild the selected targets (all when none are named) and judge them against ``<recipe>.lock``."""
+    from loraforge.execute.build import run_build
+    from loraforge.plan.planner import plan_build
+
+    loaded = load_recipe(recipe)
+    lock = _read_lock(loaded)
+    scratch = Path(tempfile.mkdtemp(prefix="loraforge-verify-")).resolve()
+    try:
+        options = ResolveOptions(offline=offline, **({"progress": fetch_progress} if fetch_progress else {}))
+        plan = plan_build(loaded, selected, options, device=device, output_dir=scratch)
+        drift = _input_drift(loaded, plan, lock)
+        built = run_build(plan, device=device, progress=build_progress)
+        results = {r.target: r for r in getattr(built, "built", built)}
+        with single_threaded_torch():  # small QRs and norms: extra threads only wait on each other
+            verdicts = _judge_targets(loaded, plan, results, lock, scratch, device)
+    finally:
+        _remove(scratch)
+    return VerifyReport(loaded.path, lock_path(loaded.path), drift, verdicts, _lock_notes(lock))
+
+
+def _remove(scratch: Path) -> None:
+    """The temporary rebuild, and the hash-cache entries the build made for its files."""
+    for path in scratch.rglob("*"):
+        if path.is_file():
+            forget(path)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _read_lock(loaded: LoadedRecipe) -> Lock:
+    path = lock_path(loaded.path)
+    lock = read_lock(path)
+    if lock is None:
+        raise ResolveError(
+            f"There is no lock file {path}: verify compares a rebuild with the hashes a build recorded there. "
+            f"Build the recipe once (`loraforge build {loaded.path}`) and commit the lock, or put the lock "
+            "published with the recipe next to it."
+        )
+    return lock
+
+
+def _lock_notes(lock: Lock) -> tuple[str, ...]:
+    notes = []
+    if lock.loraforge != __version__:
+        notes.append(f"the lock was written by loraforge {lock.loraforge}, this is {__version__}: outputs may legitimately differ")
+    if lock.numeric_policy != numeric_policies():
+        changed = sorted(k for k in set(lock.numeric_policy) | set(numeric_policies())
+                         if lock.numeric_policy.get(k) != numeric_policies().get(k))
+        notes.append(f"the lock's numeric policy differs from this loraforge's for {', '.join(changed)}: outputs may legitimately differ")
+    return tuple(notes)
+
+
+# --- inputs ---------------------------------------------------------------------
+
+
+def _input_drift(loaded: LoadedRecipe, plan, lock: Lock) -> tuple[InputDrift, ...]:
+    drift = []
+    for name, resolved in sorted(plan.inputs.items()):
+        locked = (lock.inputs.get(name) or {}).get("sha256")
+        if locked and locked != resolved.sha256:
+            drift.append(InputDrift(name, locked, resolved.sha256, _readers(loaded, plan, name)))
+    return tuple(drift)
+
+
+def _readers(loaded: LoadedRecipe, plan, name: str) -> tuple[str, ...]:
+    """Targets that read ``name``, directly or through other targets, in build order."""
+    reached = {name}
+    readers = []
+    for target in plan.targets:  # dependency order: producers come first
+        if any(dep in reached for dep in loaded.recipe.dependencies(target.name)):
+            reached.add(target.name)
+            readers.append(target.name)
+    return tuple(readers)
+
+
+# --- targets --------------------------------------------------------------------
+
+
+def _judge_targets(loaded, plan, results, lock: Lock, scratch: Path, device: str | None) -> tuple[TargetVerdict, ...]:
+    verdicts: list[TargetVerdict] = []
+    approximate: set[str] = set()  # targets that reproduced only within tolerance
+    for planned in plan.targets:
+        target = _latest(plan, planned.name)
+        result = results[target.name]
+        entry = lock.targets.get(target.name)
+        verdict = judge(_rebuilt(loaded, target, result, entry, scratch, device, approximate), entry)
+        if verdict.status == WITHIN_TOLERANCE:
+            approximate.add(target.name)
+        verdicts.append(verdict)
+    return tuple(verdicts)
+
+
+def _latest(plan, name: str):
+    """The build may re-plan a target once its producers exist; judge the version that ran."""
+    context = getattr(plan, "context", None)
+    return context.planned[name] if context is not None and name in context.planned else plan.target(name)
+
+
+def _rebuilt(loaded, target, result, entry: dict | None, scratch: Path, device: str | None, approximate: set[str]) -> Rebuilt:
+    path = Path(result.written.path).resolve()
+    on_disk = loaded.root.resolve() / path.relative_to(scratch)
+    this_class = getattr(target, "device_class", None) or device_class(device or target.device)
+    rule, tolerance, why = _rule(target, entry, this_class, approximate, path)
+    return Rebuilt(
+        name=target.name,
+        operation=_operation(target),
+        lora=isinstance(target, (MergeTarget, ExtractionTarget)),
+        architecture=_architecture(target),
+        rebuilt_path=path,
+        rebuilt_sha256=result.written.sha256,
+        on_disk_path=on_disk,
+        output=path.relative_to(scratch).as_posix(),
+        device_class=this_class,
+        rule=rule,
+        tolerance=tolerance,
+        why_tolerance=why,
+    )
+
+
+def _rule(target, entry: dict | None, this_class: str, approximate: set[str], rebuilt: Path):
+    """BYTE_IDENTICAL, or TOLERANCE with the allowed per-module error and the reason."""
+    locked_class = (entry or {}).get("device_class")
+    if is_svd_step(target) and locked_class and locked_class != this_class:
+        locked_tolerance = ((entry or {}).get("tolerance") or {}).get("relative_error")
+        tolerance = float(locked_tolerance) if locked_tolerance is not None else file_tolerance(rebuilt)
+        return TOLERANCE, tolerance, f"SVD step locked on {locked_class}, rebuilt on {this_class}: modules must agree within {tolerance:.3g}"
+    inexact = [dep for dep in getattr(target, "dependencies", ()) if dep in approximate]
+    if inexact:
+        tolerance = file_tolerance(rebuilt)
+        return TOLERANCE, tolerance, f"reads {', '.join(inexact)}, which reproduced within tolerance only: modules must agree within {tolerance:.3g}"
+    return BYTE_IDENTICAL, None, None
+
+
+def _operation(target) -> str:
+    if isinstance(target, MergeTarget):
+        return f"merge ({target.method})"
+    if isinstance(target, ExtractionTarget):
+        return "extract"
+    kind = type(target).__name__.removesuffix("Target").lower()
+    return "bake" if kind == "bake" else kind
+
+
+def _architecture(target):
+    if isinstance(target, ExtractionTarget):
+        return target.base.detection.architecture
+    return getattr(target, "architecture", None)
