@@ -287,3 +287,17 @@ def test_same_device_class_demands_identical_bytes(project):
     merged = targets_of(report)["merged"]
     assert code == 1 and (merged["rule"], merged["status"]) == ("byte-identical", "differs")
     assert [m["module"] for m in merged["difference"]["modules"]] == [module]
+
+
+def test_an_edited_recipe_is_named_as_the_cause(project):
+    recipe = project / "recipe.yaml"
+    text = recipe.read_text()
+    bundle = text.index("  bundle:")
+    recipe.write_text(text[:bundle] + text[bundle:].replace("strength: 0.8", "strength: 0.6", 1))
+    found = verify_recipe(recipe, ["bundle"])
+    [bundle_verdict] = found.targets
+    assert not found.ok and bundle_verdict.status == "differs"
+    assert any("action key differs from the lock's" in reason for reason in bundle_verdict.reasons)
+    # every module of the bundle is the style LoRA scaled: 0.6 instead of 0.8 is a relative error of 1/4
+    errors = [m.relative_error for m in bundle_verdict.difference.modules]
+    assert errors and all(e == pytest.approx(0.25, abs=2e-3) for e in errors)

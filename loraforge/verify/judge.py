@@ -51,6 +51,7 @@ class Rebuilt:
     rule: str  # BYTE_IDENTICAL or TOLERANCE
     tolerance: float | None
     why_tolerance: str | None  # the reason the tolerance rule applies
+    action_key: str | None = None  # as planned now
 
 
 def judge(rebuilt: Rebuilt, entry: dict | None) -> TargetVerdict:
@@ -63,6 +64,9 @@ def judge(rebuilt: Rebuilt, entry: dict | None) -> TargetVerdict:
         reasons.append(rebuilt.why_tolerance)
     if rebuilt.rebuilt_sha256 != locked:
         reasons.append(f"rebuilt sha256 {_short(rebuilt.rebuilt_sha256)} differs from the lock's {_short(locked)}")
+        if rebuilt.action_key and entry.get("action_key") not in (None, rebuilt.action_key) and not rebuilt.why_tolerance:
+            reasons.append("its action key differs from the lock's too: the target's recipe entry, precision, "
+                           "inputs or the loraforge version changed since the locked build")
     if on_disk is None:
         reasons.append(f"{rebuilt.output} is not present here; only the rebuild was checked against the lock")
     elif on_disk != locked:

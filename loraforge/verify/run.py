@@ -153,6 +153,7 @@ def _rebuilt(loaded, target, result, entry: dict | None, scratch: Path, device: 
         rule=rule,
         tolerance=tolerance,
         why_tolerance=why,
+        action_key=target.action_key,
     )
 
 
