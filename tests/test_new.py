@@ -127,8 +127,8 @@ def test_starter_plans_and_builds_reproducibly_for_its_architecture(tiny_models,
     planned = invoke("plan", first, "--json")
     assert planned.exit_code == 0, planned.output
     report = json.loads(planned.output)
-    assert [t["name"] for t in report["targets"]] == ["my-model", "my-model-lora"]
-    for target in report["targets"]:
+    assert [t["name"] for t in report["targets"]] == ["my-model", "my-model-lora", "my-model-release"]
+    for target in report["targets"][:2]:
         assert target["architecture"] == arch_name
         for lora in target["loras"]:
             assert lora["block_weights"] == EXPECTED_BLOCKS[arch_name][target["name"]][lora["use"]]
@@ -139,9 +139,13 @@ def test_starter_plans_and_builds_reproducibly_for_its_architecture(tiny_models,
         built = invoke("build", recipe, "--quiet")
         assert built.exit_code == 0, built.output
         outputs = [recipe.parent / "dist" / name for name in ("my-model.safetensors", "my-model-lora.safetensors")]
-        hashes.append([_sha256(path) for path in outputs])
-        assert all(f"sha256 {digest}" in built.output for digest in hashes[-1])
-    assert hashes[0] == hashes[1]  # same recipe and inputs in another folder: the same bytes
+        assert all(f"sha256 {_sha256(path)}" in built.output for path in outputs)
+        bundle = recipe.parent / "dist/my-model-release"
+        files = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file())
+        hashes.append({**{path.name: _sha256(path) for path in outputs}, **{f"bundle/{f}": _sha256(bundle / f) for f in files}})
+        assert {"bundle/manifest.json", "bundle/README.md", "bundle/my-model.safetensors", "bundle/my-model-lora.safetensors"} <= set(hashes[-1])
+        assert hashes[-1]["bundle/my-model.safetensors"] == hashes[-1]["my-model.safetensors"]
+    assert hashes[0] == hashes[1]  # same recipe and inputs in another folder: the same bytes, bundle included
 
     # One UNet attention weight in OUT03 (both adapters touch it): W + Σ strength × weight(OUT03) × ΔW,
     # summed in float64 and rounded once to float16 (numpy's cast rounds once).
@@ -166,16 +170,17 @@ def test_every_starter_loads_and_marks_what_to_change(arch, tmp_path):
     assert {name: spec.source for name, spec in recipe.inputs.items()} == dict(starter.sources)
     assert recipe.inputs["base"].source.startswith("hf://") and recipe.inputs["base"].sha256
     assert recipe.inputs["style"].source.startswith("civitai:")
-    assert {name: t.kind for name, t in recipe.targets.items()} == {"my-model": "checkpoint", "my-model-lora": "lora"}
+    assert {name: t.kind for name, t in recipe.targets.items()} == {"my-model": "checkpoint", "my-model-lora": "lora", "my-model-release": "release"}
+    assert recipe.targets["my-model-release"].include == ("my-model", "my-model-lora")
     assert recipe.targets["my-model-lora"].method == "svd"
     bake = recipe.targets["my-model"]
     assert [(lora.use, lora.strength, lora.te_strength) for lora in bake.loras] == [(u, s, t) for u, (s, t) in STRENGTHS.items()]
     marked = [line.split("#")[0].strip() for line in starter.text.splitlines() if "CHANGE ME" in line and not line.lstrip().startswith("#")]
-    for field in ("name:", "title:", "description:", "date:", "strength: 0.8", "strength: 0.6", "output:"):
+    for field in ("name:", "title:", "description:", "date:", "strength: 0.8", "strength: 0.6", "output: dist/my-model.", "output: dist/my-model-release"):
         assert any(line.startswith(field) for line in marked), field
     assert sum(line.startswith("source:") for line in marked) == 2  # the Civitai and the local LoRA
     assert f"--arch {arch}" in starter.text
-    assert "kind: extract" in starter.text and "kind: release" in starter.text  # commented-out examples
+    assert "  # my-finetune-lora:\n  #   kind: extract\n" in starter.text  # a commented-out example
 
 
 def test_the_base_checkpoints_are_the_published_files(tmp_path):

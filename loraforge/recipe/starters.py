@@ -4,8 +4,8 @@ Each starter is a complete, valid recipe that teaches the main fields in its
 comments: the release header, inputs from Hugging Face, Civitai and a local
 file, a checkpoint bake with strengths and block weights (a preset, a vector
 and a mapping, each valid for the architecture), an SVD LoRA merge with a rank
-policy, and commented-out extract and release targets. Every value a user
-must replace is marked ``# CHANGE ME``.
+policy, a release bundle of both, and a commented-out extract target. Every
+value a user must replace is marked ``# CHANGE ME``.
 
 The three starters share one skeleton; what differs per architecture (the base
 checkpoint, the block-weight forms and presets) is filled in from
@@ -153,11 +153,12 @@ $merge_style_blocks
   #   conv_rank: 16             # 3x3 convs as LoCon; leave out to skip them
   #   output: dist/my-finetune-lora.safetensors
 
-  # A release bundle: the outputs, manifest.json (names, sizes, hashes, inputs)
-  # and a README.md model card, in one folder (docs/releases.md).
-  # my-release:
-  #   kind: release
-  #   include: [my-model, my-model-lora]
+  # A release bundle: the outputs, manifest.json (names, sizes, hashes, inputs),
+  # a README.md model card, the recipe and its lock, in one folder (docs/releases.md).
+  my-model-release:
+    kind: release
+    include: [my-model, my-model-lora]
+    output: dist/my-model-release   # CHANGE ME: a folder
 ''')
 
 _SD12_PARTS = {
