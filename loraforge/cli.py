@@ -97,27 +97,47 @@ def build(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     offline: bool = typer.Option(False, "--offline", help="Use only local files and the download store; never the network."),
     locked: bool = typer.Option(False, "--locked", help="Refuse to build if anything differs from <recipe>.lock (which stays unchanged)."),
+    force: bool = typer.Option(False, "--force", help="Rebuild the named targets (all when none are named) even if up to date."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Build up to N independent targets at once."),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Memory the concurrent targets may use, e.g. 12G (default: half the RAM)."),
 ) -> None:
-    """Build the recipe's targets; outputs are written atomically with provenance metadata."""
-    from loraforge.cli_resolve import after_build, before_build, fetch_progress, resolve_options
-    from loraforge.execute.build import run_build
-    from loraforge.render import BuildProgress, render_build_result
+    """Build what is not up to date; outputs are written atomically with provenance metadata."""
+    from loraforge.cli_resolve import fetch_progress, resolve_options
+    from loraforge.render import render_build_result
 
     try:
         with fetch_progress(stderr, enabled=not quiet) as fetching:
-            build_plan = _plan(recipe, targets or [], resolve_options(offline, locked, fetching))
-        before_build(build_plan, locked)
-        with BuildProgress(stderr, enabled=not quiet) as progress:
-            results = run_build(build_plan, device=device, progress=progress.for_target)
-        after_build(build_plan, results, locked)
+            build_plan = _plan(recipe, targets or [], resolve_options(offline, locked, fetching), device=device)
+        forced = [t.name for t in build_plan.targets if not targets or t.name in targets] if force else []
+        summary = execute_plan(build_plan, device=device, quiet=quiet, locked=locked, force=forced, jobs=jobs, memory_budget=memory_budget)
     except LoraforgeError as error:
         _fail(error)
     except KeyboardInterrupt as interrupt:
         from loraforge.interrupts import exit_code_of
 
-        stderr.print("interrupted: no partial output was left behind.")
+        stderr.print("interrupted: no partial output was left behind. Targets that finished are kept and in the lock.")
         raise typer.Exit(exit_code_of(interrupt))
-    render_build_result(stdout, results)
+    render_build_result(stdout, summary)
+
+
+def execute_plan(build_plan, *, device=None, quiet=False, locked=False, force=(), jobs=1, memory_budget=None):
+    """Run a plan the way `build` does: progress bars, the lock updated after each target (never
+    under --locked, which checks every target against it instead). Shared by `build` and `release`."""
+    from loraforge.cli_resolve import after_build, before_build, lock_hooks
+    from loraforge.execute.build import run_build
+    from loraforge.execute.jobs import parse_memory_size
+    from loraforge.render import BuildProgress
+
+    budget = parse_memory_size(memory_budget) if memory_budget else None
+    before_build(build_plan, locked)
+    on_built, check = lock_hooks(build_plan, locked)
+    with BuildProgress(stderr, enabled=not quiet) as progress:
+        summary = run_build(
+            build_plan, device=device, progress=progress.for_target, jobs=jobs, force=force,
+            memory_budget=budget, on_built=on_built, check=check,
+        )
+    after_build(build_plan, locked)
+    return summary
 
 
 def _print_json(report: dict) -> None:
@@ -125,16 +145,22 @@ def _print_json(report: dict) -> None:
     typer.echo(json.dumps(report, indent=2, sort_keys=False))
 
 
-def _plan(recipe: Path, targets: list[str], resolve=None):
+def _plan(recipe: Path, targets: list[str], resolve=None, device: str | None = None):
     from loraforge.plan.planner import plan_build
     from loraforge.recipe.loader import load_recipe
 
-    return plan_build(load_recipe(recipe), targets, resolve)
+    return plan_build(load_recipe(recipe), targets, resolve, device=device)
 
 
 from loraforge.cli_resolve import register as _register_resolve  # noqa: E402  (fetch, lock, cache)
 
 _register_resolve(app)
+from loraforge.cli_release import register as _register_release  # noqa: E402  (release)
+
+_register_release(app)
+from loraforge.cli_verify import register as _register_verify  # noqa: E402  (verify)
+
+_register_verify(app)
 from loraforge.cli_new import register as _register_new  # noqa: E402  (new)
 
 _register_new(app)

@@ -124,12 +124,24 @@ def before_build(plan, locked: bool) -> None:
         check_locked_targets(plan, read_lock(lock_path(plan.loaded.path)))
 
 
-def after_build(plan, results, locked: bool) -> None:
-    """Record inputs and outputs in <recipe>.lock (never under --locked: it must not change)."""
+def lock_hooks(plan, locked: bool):
+    """(on_built, check) for run_build: record each built target in the lock, or, under --locked,
+    check each target's key against it (the lock is then never written)."""
+    from loraforge.resolve.lock_sync import check_locked_target, record_built_target
+    from loraforge.resolve.lockfile import lock_path, read_lock
+
+    if not locked:
+        return record_built_target, None
+    lock = read_lock(lock_path(plan.loaded.path))
+    return None, lambda target: check_locked_target(plan, target, lock)
+
+
+def after_build(plan, locked: bool) -> None:
+    """Record the inputs used in <recipe>.lock (never under --locked: it must not change)."""
     if not locked:
         from loraforge.resolve.lock_sync import write_lock_after_build
 
-        write_lock_after_build(plan, results)
+        write_lock_after_build(plan)
 
 
 # --- commands -------------------------------------------------------------------

@@ -116,12 +116,15 @@ def render_plan(console: Console, report: dict) -> None:
 
 
 def _target_node(tree: Tree, target: dict) -> None:
-    status_style = {"up to date": "green", "stale": "yellow", "missing": "cyan"}[target["status"]]
+    status_style = {"up to date": "green", "stale": "yellow", "missing": "cyan", "waiting": "magenta"}[target["status"]]
     if target["kind"] == "extract":
         _extract_node(tree, target, status_style)
         return
     if target["kind"] == "lora":
         _merge_node(tree, target, status_style)
+        return
+    if target["kind"] == "release":
+        _release_node(tree, target, status_style)
         return
     node = tree.add(
         f"[bold]{target['name']}[/] (checkpoint, {target['architecture']}) [{status_style}]{target['status']}[/]"
@@ -132,6 +135,16 @@ def _target_node(tree: Tree, target: dict) -> None:
              f"{target['weights_baked']} weights change")
     node.add(f"modules per block: {_counts(target['modules_per_block'])}")
     _lora_entries(node, target["loras"])
+
+
+def _release_node(tree: Tree, target: dict, status_style: str) -> None:
+    node = tree.add(f"[bold]{target['name']}[/] (release) [{status_style}]{target['status']}[/]")
+    node.add(f"folder: {target['output']}  (manifest.json{', README.md' if target['readme'] else ''}, recipe, lock)")
+    for entry in target["includes"]:
+        report = f" + {entry['report']}" if entry["report"] else ""
+        node.add(f"[bold]{entry['target']}[/] ({entry['kind']}): {entry['file']}{report}")
+    node.add(f"inputs recorded: {', '.join(target['inputs']) or '-'}")
+    node.add(f"bundles {human_bytes(target['write_bytes'])} (hard links where the filesystem allows, else copies)")
 
 
 def _lora_entries(node: Tree, loras: list) -> None:
@@ -213,8 +226,9 @@ class BuildProgress:
         return lambda nbytes: self._progress.advance(task, nbytes)
 
 
-def render_build_result(console: Console, results) -> None:
-    for result in results:
+def render_build_result(console: Console, summary) -> None:
+    """What a build did: each target built, then the ones that were already up to date."""
+    for result in summary.built:
         if hasattr(result, "summary_lines"):  # targets that describe themselves (extract)
             written = result.written
             console.print(f"[bold green]built[/] {result.target} -> {written.path}\n  {human_bytes(written.size)}; "
@@ -227,3 +241,7 @@ def render_build_result(console: Console, results) -> None:
             f"{result.copied_tensors} copied, {result.converted_tensors} converted\n"
             f"  sha256 {written.sha256}\n  data sha256 {written.data_sha256}"
         )
+    for name in summary.up_to_date:
+        console.print(f"[green]up to date[/] {name}")
+    if not summary.built:
+        console.print("nothing to do: every target is up to date.")

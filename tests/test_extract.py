@@ -46,7 +46,7 @@ def build(folder: Path, text: str):
     path = folder / "recipe.yaml"
     path.write_text(text)
     plan = plan_build(load_recipe(path))
-    return run_build(plan, device="cpu")[0]
+    return run_build(plan, device="cpu").built[0]
 
 
 def read_all(path: Path) -> dict[str, torch.Tensor]:
@@ -317,13 +317,29 @@ def test_example_recipe_plans_and_builds_from_the_committed_demo_inputs(tmp_path
     assert report["summary"]["min_energy_retained"] >= 0.999
 
 
-def test_an_extraction_cannot_feed_a_bake_yet_and_says_why(tmp_path):
+def test_an_extraction_is_not_a_base_but_feeds_a_bake_as_a_lora(tmp_path):
     arch = get_architecture("sd1", "tiny")
     write_synthetic_checkpoint(tmp_path / "base.safetensors", arch, seed=1)
     write_synthetic_checkpoint(tmp_path / "tuned.safetensors", arch, seed=2)
-    for field in ("base: ex-lora\n    loras: []", "base: base\n    loras: [{use: ex-lora}]"):
-        text = recipe_text() + f"  baked:\n    kind: checkpoint\n    {field}\n"
-        (tmp_path / "recipe.yaml").write_text(text)
-        with pytest.raises(RecipeError) as caught:
-            plan_build(load_recipe(tmp_path / "recipe.yaml"))
-        assert "target 'ex-lora'" in str(caught.value), str(caught.value)
+    (tmp_path / "recipe.yaml").write_text(recipe_text() + "  baked:\n    kind: checkpoint\n    base: ex-lora\n    loras: []\n")
+    with pytest.raises(RecipeError) as caught:
+        plan_build(load_recipe(tmp_path / "recipe.yaml"))
+    assert "target 'ex-lora' produces a LoRA, not a checkpoint" in str(caught.value), str(caught.value)
+
+    text = recipe_text(rank="{rank: 4}") + "  baked:\n    kind: checkpoint\n    base: base\n    loras: [{use: ex-lora, strength: 0.5}]\n"
+    (tmp_path / "recipe.yaml").write_text(text)
+    plan = plan_build(load_recipe(tmp_path / "recipe.yaml"))
+    assert plan.state == {"ex-lora": "missing", "baked": "waiting"}
+    built = run_build(plan, device="cpu").built
+    assert [r.target for r in built] == ["ex-lora", "baked"]
+    # The bake was planned again from the real extracted file: base + 0.5 * (up @ down), in float32.
+    base, baked = read_all(tmp_path / "base.safetensors"), read_all(tmp_path / "dist" / "baked.safetensors")
+    deltas = lora_deltas(tmp_path / "dist" / "ex-lora.safetensors")
+    checked = 0
+    for module in arch.modules:
+        if module.kohya not in deltas or module.rows is not None or module.is_conv:
+            continue
+        expected = (base[module.key].double() + 0.5 * deltas[module.kohya].reshape(module.shape)).float()
+        assert torch.equal(baked[module.key], expected), module.key
+        checked += 1
+    assert checked > 100

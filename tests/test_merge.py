@@ -89,7 +89,7 @@ def write_recipe(models: Path, folder: Path, targets: list[str], save: str = "fl
 
 def build(recipe: Path, *targets: str):
     plan = plan_build(load_recipe(recipe), list(targets))
-    return plan, run_build(plan, device="cpu")
+    return plan, run_build(plan, device="cpu").built
 
 
 def read_modules(path: Path) -> dict[str, dict[str, torch.Tensor]]:

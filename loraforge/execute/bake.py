@@ -231,7 +231,7 @@ def _output_metadata(plan: BuildPlan, target: BakeTarget) -> dict[str, str]:
     title = recipe.title or recipe.name
     if target.name != recipe.name and len(recipe.targets) > 1:
         title = f"{title} ({target.name})"
-    inputs = {name: plan.input_sha256[name] for name in recipe.dependencies(target.name) if name in plan.input_sha256}
+    inputs = plan.read_hashes(target.name)  # inputs, and outputs of the targets it reads
     return checkpoint_metadata(
         target.architecture,
         title=title,

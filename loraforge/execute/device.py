@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 
 from loraforge.errors import BuildError
@@ -26,3 +30,31 @@ def select_device(requested: str) -> torch.device:
             )
         return device
     raise BuildError(f"unknown device '{requested}': use auto, cpu, cuda or cuda:N.")
+
+
+_threads_lock = threading.Lock()
+_single_threaded_users = 0
+_threads_before = 1
+
+
+@contextmanager
+def single_threaded_torch() -> Iterator[int]:
+    """torch's CPU ops on one thread while inside; yields the thread count from before.
+
+    torch's thread count is process-wide, so when several targets run side by
+    side (--jobs) the first to enter saves it and the last to leave restores it.
+    """
+    global _single_threaded_users, _threads_before
+    with _threads_lock:
+        if _single_threaded_users == 0:
+            _threads_before = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _single_threaded_users += 1
+        before = _threads_before
+    try:
+        yield before
+    finally:
+        with _threads_lock:
+            _single_threaded_users -= 1
+            if _single_threaded_users == 0:
+                torch.set_num_threads(_threads_before)

@@ -203,7 +203,7 @@ def _metadata(plan: BuildPlan, target: ExtractionTarget, ranks) -> dict[str, str
     title = recipe.title or recipe.name
     if target.name != recipe.name and len(recipe.targets) > 1:
         title = f"{title} ({target.name})"
-    inputs = {n: plan.input_sha256[n] for n in recipe.dependencies(target.name) if n in plan.input_sha256}
+    inputs = plan.read_hashes(target.name)  # inputs, and outputs of the targets it reads
     return lora_metadata(
         target.architecture,
         ranks,

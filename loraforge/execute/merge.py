@@ -22,6 +22,7 @@ from typing import Iterator, Sequence
 import torch
 
 from loraforge.errors import BuildError
+from loraforge.execute.device import single_threaded_torch
 from loraforge.execute.bake import ProgressCallback
 from loraforge.atomic import write_text_atomic
 from loraforge.execute.bake import recipe_slice_json
@@ -106,12 +107,8 @@ def _one_thread_per_module(device: torch.device) -> Iterator[int]:
     if device.type != "cpu":
         yield 1
         return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_threaded_torch() as previous:
         yield max(1, previous)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _merge_module(target: MergeTarget, module: MergeModule, files, device) -> tuple[LoraModuleFactors, ModuleOutcome]:
@@ -187,7 +184,7 @@ def _metadata(plan: BuildPlan, target: MergeTarget, factors: Sequence[LoraModule
     title = recipe.title or recipe.name
     if target.name != recipe.name and len(recipe.targets) > 1:
         title = f"{title} ({target.name})"
-    inputs = {n: plan.input_sha256[n] for n in recipe.dependencies(target.name) if n in plan.input_sha256}
+    inputs = plan.read_hashes(target.name)  # inputs, and outputs of the targets it reads
     return lora_metadata(
         target.architecture,
         {f.name: (f.rank, is_conv_shape(f.weight_shape)) for f in factors},

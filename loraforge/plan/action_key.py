@@ -1,10 +1,12 @@
 """Action keys: one hash that changes whenever a target's output could change.
 
 The key covers the operation, the target's canonical parameters (with the
-effective precision), the content hashes of its inputs (for a target input,
-that target's own action key, which transitively covers its inputs), and the
-loraforge version. Devices are left out for bakes: their bytes do not depend on
-the device (float64 accumulation, one rounding).
+effective precision), the content hashes of everything it reads (for an
+input its sha256; for another target, that target's *output* sha256, so a
+producer rebuilt to the same bytes leaves its dependents up to date), the
+numeric policy and the loraforge version. Steps whose bytes depend on the
+device class (SVDs) add it through ``extra``; bakes and concats do not: their
+bytes are the same on every device (float64 accumulation, one rounding).
 """
 
 from __future__ import annotations
@@ -24,16 +26,26 @@ def canonical_json(value) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
-def bake_action_key(loaded: LoadedRecipe, target: str, input_keys: Mapping[str, str]) -> str:
-    recipe = loaded.recipe
+def action_key(
+    loaded: LoadedRecipe,
+    target: str,
+    operation: str,
+    input_hashes: Mapping[str, str] | None,
+    numeric_policy: str,
+    extra: Mapping | None = None,
+) -> str | None:
+    """The target's key; None while ``input_hashes`` is unknown (a producer is not built yet)."""
+    if input_hashes is None:
+        return None
     payload = {
-        "operation": "bake",
+        "operation": operation,
         "target": target,
         "parameters": json.loads(target_parameters_json(loaded, target)),
-        "inputs": dict(sorted(input_keys.items())),
-        "numeric_policy": BAKE_NUMERIC_POLICY,
+        "inputs": dict(sorted(input_hashes.items())),
+        "numeric_policy": numeric_policy,
         "loraforge": __version__,
-        "recipe": recipe.model_dump(mode="json", include={"name", "title", "date", "seed"}),
+        "recipe": loaded.recipe.model_dump(mode="json", include={"name", "title", "date", "seed"}),
+        **dict(extra or {}),
     }
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
 
@@ -42,7 +54,9 @@ def target_parameters_json(loaded: LoadedRecipe, target: str) -> str:
     """The target's recipe entry with defaults and its effective precision, canonical JSON."""
     recipe = loaded.recipe
     spec = recipe.targets[target].model_dump(mode="json")
-    spec["precision"] = recipe.effective_precision(target).model_dump(mode="json")
-    spec.pop("device", None)  # bake bytes do not depend on the device
+    precision = recipe.effective_precision(target)
+    if precision is not None:
+        spec["precision"] = precision.model_dump(mode="json")
+    spec.pop("device", None)  # the device class, where it matters, comes through `extra`
     spec.pop("output", None)  # where the file goes does not change its bytes
     return canonical_json(spec)

@@ -9,28 +9,31 @@ target allows it. An entry may name a LoRA-producing target of the recipe.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from loraforge.errors import FormatError
 from loraforge.formats.arch import Detection, detect_architecture
 from loraforge.formats.dtypes import precision_code
 from loraforge.formats.safetensors_reader import open_safetensors
-from loraforge.plan.action_key import bake_action_key
+from loraforge.plan.action_key import BAKE_NUMERIC_POLICY, action_key
 from loraforge.plan.context import PlanContext
 from loraforge.plan.ingredients import adapter_source, input_file, plan_ingredient
 from loraforge.plan.layout import output_layout
 from loraforge.plan.model import BakeTarget
 
+BAKE_MEMORY_FLOOR = 256 << 20  # torch, the reader and writer threads, buffers
+
 
 def plan_bake(context: PlanContext, name: str) -> BakeTarget:
     """Plan a `kind: checkpoint` target: its base, and every LoRA module's landing place."""
-    loaded, inputs, input_sha256, planned = context.loaded, context.inputs, context.input_sha256, context.planned
+    loaded = context.loaded
     recipe = loaded.recipe
     spec = recipe.targets[name]
-    base_path, structure_path, detection, base_bytes = _plan_base(loaded, name, inputs, planned, input_sha256)
+    base_path, structure_path, detection, base_bytes = _plan_base(context, name)
     ingredients, applications, read_bytes = [], {}, base_bytes
     for index, lora in enumerate(spec.loras):
-        source = adapter_source(loaded, ("targets", name, "loras", index), lora.use, inputs, input_sha256, planned)
+        source = adapter_source(context, ("targets", name, "loras", index), lora.use)
         ingredient, module_applications = plan_ingredient(
             loaded, name, index, source, detection.architecture,
             allow_unmatched=spec.allow_unmatched, base_label=f"base '{spec.base}'",
@@ -42,32 +45,36 @@ def plan_bake(context: PlanContext, name: str) -> BakeTarget:
             applications.setdefault(key, []).append(application)
     precision = recipe.effective_precision(name)
     save = "same" if precision.save == "same" else precision_code(precision.save)
-    dependency_keys = {d: planned[d].action_key for d in recipe.dependencies(name) if d in planned}
-    dependency_hashes = {d: input_sha256[d] for d in recipe.dependencies(name) if d in input_sha256}
     ordered = {key: tuple(applications[key]) for key in sorted(applications)}
+    largest = _largest_baked_tensor(structure_path, ordered)
     return BakeTarget(
         name=name,
         base=spec.base,
         base_path=base_path,
         structure_path=structure_path,
-        output=recipe.output_path(name, loaded.root).resolve(),
+        output=context.output_path(name),
         detection=detection,
         save=save,
-        device=recipe.effective_device(name),
+        device=context.device_of(name),
         ingredients=tuple(ingredients),
         applications=ordered,
         dependencies=tuple(d for d in recipe.dependencies(name) if d in recipe.targets),
-        action_key=bake_action_key(loaded, name, {**dependency_hashes, **dependency_keys}),
+        action_key=action_key(loaded, name, "bake", context.input_hashes(name), BAKE_NUMERIC_POLICY),
         read_bytes=read_bytes,
         write_bytes=_estimated_output_bytes(structure_path, save),
+        # a float64 workspace, the weight in and out, prefetched and pending tensors, the adapters' factors
+        memory_bytes=BAKE_MEMORY_FLOOR + 8 * largest * 4 + sum(i.path.stat().st_size if i.path.exists() else 0 for i in ingredients),
     )
 
 
-def _plan_base(loaded, name, inputs, planned, input_sha256) -> tuple[Path, Path, Detection, int]:
+def _plan_base(context: PlanContext, name: str) -> tuple[Path, Path, Detection, int]:
     """Where the base comes from and what architecture it is."""
+    loaded = context.loaded
     base = loaded.recipe.targets[name].base
-    if base in planned:
-        producer = planned[base]
+    if base in context.built:
+        return _read_base(loaded, name, base, context.built[base].path)
+    if base in context.planned:
+        producer = context.planned[base]
         if getattr(producer, "structure_path", None) is None:
             raise loaded.error(
                 ("targets", name, "base"),
@@ -77,7 +84,10 @@ def _plan_base(loaded, name, inputs, planned, input_sha256) -> tuple[Path, Path,
         return producer.output, producer.structure_path, producer.detection, producer.write_bytes
     if base in loaded.recipe.targets:
         raise loaded.error(("targets", name, "base"), f"target '{base}' cannot be used as a base here.")
-    path = input_file(loaded, inputs[base], input_sha256[base])
+    return _read_base(loaded, name, base, input_file(loaded, context.inputs[base], context.input_sha256[base]))
+
+
+def _read_base(loaded, name: str, base: str, path: Path) -> tuple[Path, Path, Detection, int]:
     try:
         with open_safetensors(path) as base_file:
             shapes = {n: base_file.info(n).shape for n in base_file.names()}
@@ -85,6 +95,12 @@ def _plan_base(loaded, name, inputs, planned, input_sha256) -> tuple[Path, Path,
     except FormatError as error:
         raise loaded.error(("targets", name, "base"), f"base '{base}' is not a usable checkpoint: {error}") from None
     return path, path, detection, path.stat().st_size
+
+
+def _largest_baked_tensor(structure_path: Path, applications) -> int:
+    """Elements of the largest weight the bake computes (its float64 copies dominate memory)."""
+    with open_safetensors(structure_path) as base_file:
+        return max((math.prod(base_file.info(key).shape) for key in applications if key in base_file), default=0)
 
 
 def _estimated_output_bytes(structure_path: Path, save: str) -> int:

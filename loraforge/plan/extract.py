@@ -11,20 +11,19 @@ them actually differ is known only when the weights are read, at build time.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from loraforge import __version__
 from loraforge.errors import FormatError
 from loraforge.formats.arch import Detection, detect_architecture
 from loraforge.formats.arch.table import Architecture, ModuleSpec
 from loraforge.formats.dtypes import itemsize, precision_code
-from loraforge.formats.lora_output import lora_save_dtype
+from loraforge.formats.adapters import AdapterFile
+from loraforge.formats.lora_output import lora_save_dtype, planned_lora_adapter
 from loraforge.formats.safetensors_reader import open_safetensors
-from loraforge.plan.action_key import canonical_json, target_parameters_json
+from loraforge.plan.action_key import action_key
+from loraforge.plan.device_class import device_class
 from loraforge.plan.context import PlanContext
 from loraforge.recipe.schema import RankSpec
 
@@ -35,6 +34,7 @@ EXTRACT_NUMERIC_POLICY = (
     "seeded per module); symmetric split, canonical signs, alpha = rank; one rounding to the save dtype"
 )
 REPORT_SUFFIX = ".extract.json"
+EXTRACT_MEMORY_FLOOR = 256 << 20  # torch, the reader, the output's factors
 
 
 @dataclass(frozen=True)
@@ -72,9 +72,10 @@ class ExtractionTarget:
     seed: int
     device: str
     dependencies: tuple[str, ...]  # targets that must be built first
-    action_key: str
+    action_key: str | None  # None while a target it reads is not built yet
     read_bytes: int
     write_bytes: int  # an upper bound (ranks may come out smaller); progress counts towards it
+    memory_bytes: int  # estimated peak memory while building (for --jobs)
 
     @property
     def architecture(self) -> Architecture:
@@ -87,6 +88,16 @@ class ExtractionTarget:
     def lora_dtype(self) -> str:
         """The output's dtype: the recipe's save dtype; for ``same``, the base weights' (F32 if they are mixed)."""
         return lora_save_dtype(self.save, sorted({self.base.dtypes[m.key] for m in self.modules}))
+
+    @property
+    def device_class(self) -> str:
+        """The device class the output's bytes depend on (an SVD's rounding)."""
+        return device_class(self.device)
+
+    def lora_adapter(self) -> AdapterFile:
+        """The output as a bake that uses it will see it, before it is built: every candidate module at its
+        rank bound. The modules that really differ are known after the build, which plans its users again."""
+        return planned_lora_adapter(self.output, [(m.kohya, m.shape, self.module_bound(m)) for m in self.modules])
 
     def module_bound(self, module: ModuleSpec) -> int:
         """The most ranks the module's factors can have."""
@@ -126,9 +137,8 @@ def plan_extract(context: PlanContext, name: str) -> ExtractionTarget:
     _check_same_model(loaded, name, tuned, base)
     modules, missing_te = _candidate_modules(loaded, name, tuned, base)
     precision = recipe.effective_precision(name)
-    output = recipe.output_path(name, loaded.root).resolve()
-    dependency_keys = {d: context.planned[d].action_key for d in spec.dependencies() if d in context.planned}
-    dependency_hashes = {d: context.input_sha256[d] for d in spec.dependencies() if d in context.input_sha256}
+    output = context.output_path(name)
+    device = context.device_of(name)
     target = ExtractionTarget(
         name=name,
         tuned=tuned,
@@ -146,37 +156,25 @@ def plan_extract(context: PlanContext, name: str) -> ExtractionTarget:
         compute=precision.compute,
         save="same" if precision.save == "same" else precision_code(precision.save),
         seed=recipe.seed,
-        device=recipe.effective_device(name),
+        device=device,
         dependencies=tuple(d for d in spec.dependencies() if d in recipe.targets),
-        action_key=extract_action_key(loaded, name, {**dependency_hashes, **dependency_keys}),
+        action_key=action_key(
+            loaded, name, "extract", context.input_hashes(name), EXTRACT_NUMERIC_POLICY,
+            {"device_class": device_class(device)},  # SVD bytes differ across device classes
+        ),
         read_bytes=tuned.size + base.size,
         write_bytes=0,
+        memory_bytes=0,
     )
     # The byte bound needs the target's own helpers, so it is filled in second.
     return _with_write_bytes(target)
 
 
 def _with_write_bytes(target: ExtractionTarget) -> ExtractionTarget:
-    return replace(target, write_bytes=sum(target.module_bytes(m) for m in target.modules))
-
-
-def extract_action_key(loaded, target: str, input_keys: dict[str, str]) -> str:
-    """Like the bake's key (plan/action_key.py) with the extraction's numeric policy.
-
-    The device is left out on purpose: CPU and GPU SVDs agree within a
-    tolerance rather than to the byte, and `verify` checks that tolerance.
-    """
-    recipe = loaded.recipe
-    payload = {
-        "operation": "extract",
-        "target": target,
-        "parameters": json.loads(target_parameters_json(loaded, target)),
-        "inputs": dict(sorted(input_keys.items())),
-        "numeric_policy": EXTRACT_NUMERIC_POLICY,
-        "loraforge": __version__,
-        "recipe": recipe.model_dump(mode="json", include={"name", "title", "date", "seed"}),
-    }
-    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+    largest = max((math.prod(m.shape) for m in target.modules), default=0)
+    # both weights, ΔW and the SVD's work arrays in float64, plus a floor for torch and the writer
+    memory = EXTRACT_MEMORY_FLOOR + 8 * largest * 6
+    return replace(target, write_bytes=sum(target.module_bytes(m) for m in target.modules), memory_bytes=memory)
 
 
 # --- the two checkpoints ---------------------------------------------------------
@@ -185,9 +183,12 @@ def extract_action_key(loaded, target: str, input_keys: dict[str, str]) -> str:
 def _checkpoint_source(context: PlanContext, target: str, field: str) -> CheckpointSource:
     loaded = context.loaded
     ref = getattr(loaded.recipe.targets[target], field)
-    if ref in context.planned:
+    if ref in context.built:
+        path = context.built[ref].path
+    elif ref in context.planned:
         return _target_source(loaded, target, field, ref, context.planned[ref])
-    path = context.inputs[ref].path
+    else:
+        path = context.inputs[ref].path
     shapes, dtypes, detection = _read_structure(loaded, target, field, ref, path)
     return CheckpointSource(ref, path, path, detection, shapes, dtypes, path.stat().st_size)
 

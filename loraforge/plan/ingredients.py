@@ -53,30 +53,39 @@ def input_file(loaded, resolved: ResolvedInput, sha256: str) -> Path:
         raise loaded.error(("inputs", resolved.name, "source"), str(error)) from None
 
 
-def adapter_source(loaded, where: tuple, use: str, inputs, input_sha256, planned) -> AdapterSource:
-    """The adapter an entry names; ``where`` is the entry's recipe path (for errors)."""
-    if use in planned:
-        producer = planned[use]
-        describe = getattr(producer, "lora_adapter", None)
-        if describe is None:
-            kind = loaded.recipe.targets[use].kind
-            what = (
-                "produces a checkpoint, not a LoRA"
-                if kind == "checkpoint"
-                else f"is a `kind: {kind}` target, whose LoRA modules are not known before it is built"
-            )
-            raise loaded.error(
-                (*where, "use"),
-                f"target '{use}' {what}, so it cannot be used as a LoRA here.",
-                "Name a LoRA input, or a `kind: lora` target of this recipe.",
-            )
-        dtype = getattr(producer, "lora_dtype", None)
-        return AdapterSource(
-            use, producer.output, describe(), producer.write_bytes, producer.architecture, (dtype,) if dtype else ()
-        )
+def adapter_source(context, where: tuple, use: str) -> AdapterSource:
+    """The adapter an entry names; ``where`` is the entry's recipe path (for errors).
+
+    A target's output that is built and current is read like an input; one
+    that is not built yet is described by its producer's ``lora_adapter()``
+    (the build plans the entry again from the real file once it exists).
+    """
+    loaded = context.loaded
+    if use in context.built:
+        built = context.built[use].path
+        return _parsed_adapter(loaded, where, use, built, f"the output of target '{use}' ({built})")
+    if use in context.planned:
+        return _planned_adapter(loaded, where, use, context.planned[use])
     if use in loaded.recipe.targets:
         raise loaded.error((*where, "use"), f"target '{use}' is not planned before this one.")
-    path = input_file(loaded, inputs[use], input_sha256[use])
+    path = input_file(loaded, context.inputs[use], context.input_sha256[use])
+    return _parsed_adapter(loaded, where, use, path, f"input '{use}'")
+
+
+def _planned_adapter(loaded, where: tuple, use: str, producer) -> AdapterSource:
+    describe = getattr(producer, "lora_adapter", None)
+    if describe is None:
+        kind = loaded.recipe.targets[use].kind
+        raise loaded.error(
+            (*where, "use"),
+            f"target '{use}' is a `kind: {kind}` target and produces no LoRA, so it cannot be used as a LoRA here.",
+            "Name a LoRA input, or a `kind: lora` or `kind: extract` target of this recipe.",
+        )
+    dtype = getattr(producer, "lora_dtype", None)
+    return AdapterSource(use, producer.output, describe(), producer.write_bytes, producer.architecture, (dtype,) if dtype else ())
+
+
+def _parsed_adapter(loaded, where: tuple, use: str, path: Path, described: str) -> AdapterSource:
     try:
         with open_safetensors(path) as adapter_file:
             adapter = parse_adapter(adapter_file)
@@ -84,7 +93,7 @@ def adapter_source(loaded, where: tuple, use: str, inputs, input_sha256, planned
                 adapter_file.info(key).dtype for m in adapter.modules for role, key in m.keys.items() if role != "alpha"
             }
     except FormatError as error:
-        raise loaded.error((*where, "use"), f"input '{use}' is not a usable adapter: {error}") from None
+        raise loaded.error((*where, "use"), f"{described} is not a usable adapter: {error}") from None
     return AdapterSource(use, path, adapter, path.stat().st_size, None, tuple(sorted(dtypes)))
 
 

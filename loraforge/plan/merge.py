@@ -12,13 +12,11 @@ have (docs/merging.md).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraforge import __version__
 from loraforge.formats.adapters import AdapterFile
 from loraforge.formats.adapters.matching import detect_adapter_architecture, match_adapter
 from loraforge.formats.arch.table import Architecture, ModuleSpec
@@ -26,7 +24,8 @@ from loraforge.formats.dtypes import precision_code
 from loraforge.formats.lora_output import estimated_lora_bytes, is_conv_shape, lora_save_dtype, planned_lora_adapter
 from loraforge.errors import FormatError
 from loraforge.ops.svd import RankPolicy
-from loraforge.plan.action_key import canonical_json, target_parameters_json
+from loraforge.plan.action_key import action_key
+from loraforge.plan.device_class import device_class
 from loraforge.plan.context import PlanContext
 from loraforge.plan.ingredients import AdapterSource, adapter_source, listing, plan_ingredient
 from loraforge.plan.model import LoraIngredient, ModuleApplication
@@ -39,6 +38,7 @@ MERGE_NUMERIC_POLICY = (
     "split, canonical signs, alpha = rank; one rounding to the save dtype"
 )
 REPORT_SUFFIX = ".merge.json"
+MERGE_MEMORY_FLOOR = 256 << 20  # torch, thread pools, the output's factors
 
 
 @dataclass(frozen=True)
@@ -90,13 +90,19 @@ class MergeTarget:
     save: str  # the output dtype code ("F16", "BF16", "F32")
     device: str
     dependencies: tuple[str, ...]
-    action_key: str
+    action_key: str | None  # None while a target it reads is not built yet
     read_bytes: int
     write_bytes: int  # data bytes at the rank bounds (energy/ratio policies may write less)
+    memory_bytes: int  # estimated peak memory while building (for --jobs)
 
     @property
     def lora_dtype(self) -> str:
         return self.save
+
+    @property
+    def device_class(self) -> str | None:
+        """The device class the output's bytes depend on (svd), None when they depend on none (concat)."""
+        return device_class(self.device) if self.method == "svd" else None
 
     def lora_adapter(self) -> AdapterFile:
         """The output as parse_adapter will see it, for targets that use this one (ranks at their bounds)."""
@@ -127,10 +133,7 @@ def plan_merge(context: PlanContext, name: str) -> MergeTarget:
     loaded = context.loaded
     recipe = loaded.recipe
     spec = recipe.targets[name]
-    sources = [
-        adapter_source(loaded, ("targets", name, "loras", i), lora.use, context.inputs, context.input_sha256, context.planned)
-        for i, lora in enumerate(spec.loras)
-    ]
+    sources = [adapter_source(context, ("targets", name, "loras", i), lora.use) for i, lora in enumerate(spec.loras)]
     arch = _common_architecture(loaded, name, sources)
     ingredients, by_module = [], {}
     for index, source in enumerate(sources):
@@ -147,9 +150,8 @@ def plan_merge(context: PlanContext, name: str) -> MergeTarget:
     save = lora_save_dtype(
         "same" if precision.save == "same" else precision_code(precision.save), _factor_dtypes(sources)
     )
-    output = recipe.output_path(name, loaded.root).resolve()
-    dependency_keys = {d: context.planned[d].action_key for d in spec.dependencies() if d in context.planned}
-    dependency_hashes = {d: context.input_sha256[d] for d in spec.dependencies() if d in context.input_sha256}
+    output = context.output_path(name)
+    device = context.device_of(name)
     return MergeTarget(
         name=name,
         method=spec.method,
@@ -164,31 +166,31 @@ def plan_merge(context: PlanContext, name: str) -> MergeTarget:
         clamp_quantile=spec.clamp_quantile,
         seed=recipe.seed,
         save=save,
-        device=recipe.effective_device(name),
+        device=device,
         dependencies=tuple(d for d in spec.dependencies() if d in recipe.targets),
-        action_key=merge_action_key(loaded, name, {**dependency_hashes, **dependency_keys}),
+        action_key=merge_action_key(loaded, name, spec.method, context.input_hashes(name), device),
         read_bytes=sum(s.size for s in sources),
         write_bytes=estimated_lora_bytes([(m.name, m.spec.shape, m.bound) for m in modules], save),
+        memory_bytes=_memory_bytes(sources, modules),
     )
 
 
-def merge_action_key(loaded, target: str, input_keys: dict[str, str]) -> str:
-    """Like the bake's key (plan/action_key.py) with the merge's numeric policy.
+def merge_action_key(loaded, target: str, method: str, input_hashes, device: str) -> str | None:
+    """The bake's key recipe (plan/action_key.py) with the merge's numeric policy.
 
-    The device is left out: CPU and GPU SVDs agree within a tolerance rather
-    than to the byte (concat agrees to the byte), and `verify` checks that.
+    An SVD merge's bytes are the same on one device class, not across classes
+    (CPU and GPU LAPACKs round differently), so its key names the class and
+    `verify` compares across classes within a tolerance. Concat is exact
+    arithmetic in float64 with one rounding: no device in its key.
     """
-    recipe = loaded.recipe
-    payload = {
-        "operation": "merge",
-        "target": target,
-        "parameters": json.loads(target_parameters_json(loaded, target)),
-        "inputs": dict(sorted(input_keys.items())),
-        "numeric_policy": MERGE_NUMERIC_POLICY,
-        "loraforge": __version__,
-        "recipe": recipe.model_dump(mode="json", include={"name", "title", "date", "seed"}),
-    }
-    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+    extra = {"device_class": device_class(device)} if method == "svd" else None  # = MergeTarget.device_class
+    return action_key(loaded, target, "merge", input_hashes, MERGE_NUMERIC_POLICY, extra)
+
+
+def _memory_bytes(sources: list[AdapterSource], modules: tuple[MergeModule, ...]) -> int:
+    """The ingredients' factors plus one worker's dense ΔW (float64) per CPU core, and a floor."""
+    largest = max((math.prod(m.spec.shape) for m in modules if m.dense), default=0)
+    return MERGE_MEMORY_FLOOR + sum(s.size for s in sources) * 2 + 8 * largest * 3 * (os.cpu_count() or 1)
 
 
 # --- architecture ------------------------------------------------------------------

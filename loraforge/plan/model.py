@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from loraforge.formats.adapters import AdapterFile, AdapterModule
 from loraforge.formats.arch.block_weights import BlockWeights
@@ -63,9 +63,10 @@ class BakeTarget:
     ingredients: tuple[LoraIngredient, ...]
     applications: Mapping[str, tuple[ModuleApplication, ...]]  # checkpoint key -> in order
     dependencies: tuple[str, ...]  # targets that must be built first
-    action_key: str
+    action_key: str | None  # None while a target it reads is not built yet
     read_bytes: int
     write_bytes: int
+    memory_bytes: int  # estimated peak memory while building (for --jobs)
 
     @property
     def architecture(self) -> Architecture:
@@ -87,6 +88,19 @@ class BuildPlan:
     input_sha256: Mapping[str, str]
     targets: tuple[BakeTarget, ...]
     skipped: tuple[str, ...] = field(default=())  # targets not selected on the command line
+    state: Mapping[str, str] = field(default_factory=dict)  # target -> plan/status.py state
+    context: Any = None  # the PlanContext, kept so the build can re-plan a target once its producers exist
+
+    def read_hashes(self, name: str) -> dict[str, str]:
+        """sha256 of every input and target output that target ``name`` reads (for provenance)."""
+        if self.context is not None:
+            hashes = self.context.input_hashes(name)
+            if hashes is not None:
+                return hashes
+        return {d: self.input_sha256[d] for d in self.loaded.recipe.dependencies(name) if d in self.input_sha256}
 
     def target(self, name: str) -> BakeTarget:
+        """The target as planned now: the build plans a target again once the targets it reads are built."""
+        if self.context is not None and name in self.context.planned:
+            return self.context.planned[name]
         return next(t for t in self.targets if t.name == name)

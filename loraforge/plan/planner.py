@@ -14,23 +14,35 @@ from typing import Iterable, Sequence
 
 from loraforge.errors import PlanError
 from loraforge.plan.bake import plan_bake
-from loraforge.plan.context import PlanContext
+from loraforge.plan.context import BuiltOutput, PlanContext
 from loraforge.plan.merge import plan_merge
 from loraforge.plan.extract import plan_extract
 from loraforge.plan.model import BuildPlan
 from loraforge.plan.outputs import checked_output_path
+from loraforge.plan.release import plan_release
+from loraforge.plan.status import UP_TO_DATE, target_state
 from loraforge.recipe.loader import LoadedRecipe
 from loraforge.resolve.local import ResolvedInput
+from loraforge.resolve.lockfile import lock_path, read_lock
 from loraforge.resolve.resolver import ResolveOptions, resolve_inputs
 
 # Target kind (the recipe's `kind:`) -> function(context, target name) -> planned target.
-TARGET_PLANNERS = {"checkpoint": plan_bake, "extract": plan_extract, "lora": plan_merge}
+TARGET_PLANNERS = {"checkpoint": plan_bake, "extract": plan_extract, "lora": plan_merge, "release": plan_release}
 
 
-def plan_build(loaded: LoadedRecipe, selected: Sequence[str] = (), resolve: ResolveOptions | None = None) -> BuildPlan:
+def plan_build(
+    loaded: LoadedRecipe,
+    selected: Sequence[str] = (),
+    resolve: ResolveOptions | None = None,
+    *,
+    device: str | None = None,
+    output_dir: Path | None = None,
+) -> BuildPlan:
     """Plan the selected targets (all when none are named) and what they depend on.
 
-    ``resolve`` says how inputs may be fetched (--offline, --locked, progress).
+    ``resolve`` says how inputs may be fetched (--offline, --locked, progress);
+    ``device`` is the command line's --device (it decides the device class of
+    SVD steps); ``output_dir`` sends every output there instead (verify).
     """
     recipe = loaded.recipe
     order = _dependency_order(loaded)
@@ -39,12 +51,34 @@ def plan_build(loaded: LoadedRecipe, selected: Sequence[str] = (), resolve: Reso
     inputs = _locate_inputs(loaded, order, resolve)
     input_sha256 = {name: inputs[name].sha256 for name in sorted(inputs)}
     _check_outputs(loaded, inputs, order)
-    context = PlanContext(loaded, inputs, input_sha256, planned={})
+    lock = read_lock(lock_path(loaded.path))
+    context = PlanContext(
+        loaded, inputs, input_sha256, planned={}, output_dir=output_dir, device=device,
+        lock_targets=dict(lock.targets) if lock else {},
+    )
+    state = {}
     for name in order:
-        kind = recipe.targets[name].kind
-        context.planned[name] = TARGET_PLANNERS[kind](context, name)
+        state[name] = plan_target(context, name)
     skipped = tuple(name for name in recipe.targets if name not in wanted)
-    return BuildPlan(loaded, inputs, input_sha256, tuple(context.planned[n] for n in order), skipped)
+    planned = tuple(context.planned[n] for n in order)
+    return BuildPlan(loaded, inputs, input_sha256, planned, skipped, state, context)
+
+
+def plan_target(context: PlanContext, name: str) -> str:
+    """(Re)plan one target into ``context.planned`` and return its state (plan/status.py).
+
+    An up-to-date output counts as built, so the targets that read it are
+    planned from the real file. The build calls this again for a target
+    whose producers it has just built.
+    """
+    kind = context.loaded.recipe.targets[name].kind
+    target = TARGET_PLANNERS[kind](context, name)
+    context.planned[name] = target
+    context.planned_with[name] = context.built_dependencies(name)
+    state = target_state(target, context.lock_targets.get(name))
+    if state == UP_TO_DATE:
+        context.built[name] = BuiltOutput(target.output, context.lock_targets[name]["sha256"])
+    return state
 
 
 # --- target graph ------------------------------------------------------------

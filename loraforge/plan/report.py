@@ -5,7 +5,8 @@ from __future__ import annotations
 from loraforge.plan.extract import ExtractionTarget
 from loraforge.plan.merge import MergeTarget
 from loraforge.plan.model import BakeTarget, BuildPlan
-from loraforge.plan.status import output_status
+from loraforge.plan.release import ReleaseTarget
+from loraforge.plan.status import target_state
 
 
 def plan_report(plan: BuildPlan) -> dict:
@@ -20,17 +21,22 @@ def plan_report(plan: BuildPlan) -> dict:
             }
             for name, resolved in sorted(plan.inputs.items())
         },
-        "targets": [_target_report(target) for target in plan.targets],
+        "targets": [_target_report(target, plan.state.get(target.name)) for target in plan.targets],
         "not_selected": list(plan.skipped),
     }
 
 
-def _target_report(target) -> dict:
+def _target_report(target, state: str | None) -> dict:
     if isinstance(target, ExtractionTarget):
-        return _extract_report(target)
-    if isinstance(target, MergeTarget):
-        return _merge_report(target)
-    return _bake_report(target)
+        report = _extract_report(target)
+    elif isinstance(target, MergeTarget):
+        report = _merge_report(target)
+    elif isinstance(target, ReleaseTarget):
+        report = _release_report(target)
+    else:
+        report = _bake_report(target)
+    report["status"] = state or target_state(target, None)
+    return report
 
 
 def _common(target, kind: str) -> dict:
@@ -38,7 +44,7 @@ def _common(target, kind: str) -> dict:
     return {
         "name": target.name,
         "kind": kind,
-        "status": output_status(target),
+        "status": None,  # filled in by _target_report from the plan's states
         "architecture": target.architecture.name,
         "output": str(target.output),
         "save_dtype": target.save,
@@ -83,6 +89,28 @@ def _extract_report(target: ExtractionTarget) -> dict:
         "candidate_modules": len(target.modules),
         "modules_per_block": target.modules_per_block(),
         "text_encoder_modules_missing": list(target.missing_text_encoder),
+    }
+
+
+def _release_report(target: ReleaseTarget) -> dict:
+    """A release has no architecture or dtype: its folder, the files it bundles and what they were read from."""
+    return {
+        "name": target.name,
+        "kind": "release",
+        "status": None,  # filled in by _target_report from the plan's states
+        "output": str(target.output),
+        "manifest": str(target.identity_path),
+        "device": target.device,
+        "depends_on": list(target.dependencies),
+        "action_key": target.action_key,
+        "read_bytes": target.read_bytes,
+        "write_bytes": target.write_bytes,
+        "includes": [
+            {"target": e.target, "kind": e.kind, "file": e.file_name, "report": e.report_path.name if e.report_path else None}
+            for e in target.included
+        ],
+        "inputs": list(target.inputs),
+        "readme": target.readme,
     }
 
 

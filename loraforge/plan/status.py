@@ -1,21 +1,38 @@
-"""Whether a target's output on disk is already what the plan would build."""
+"""Whether a target's output on disk is already what the plan would build.
+
+The lock is the record: a target is up to date when the lock holds its
+planned action key and its output file is present with the sha256 the lock
+recorded. The file's hash comes from the stat-keyed hash cache, so a second
+build re-reads nothing; any write to the file changes its size or mtime and
+so forces a re-hash (`loraforge verify` always re-reads everything).
+"""
 
 from __future__ import annotations
 
-from loraforge.errors import FormatError
-from loraforge.formats.safetensors_reader import open_safetensors
-from loraforge.plan.model import BakeTarget
+from pathlib import Path
+from typing import Mapping
 
-ACTION_KEY = "loraforge.action_key"
+from loraforge.resolve.hash_cache import cached_file_sha256
+
+UP_TO_DATE, STALE, MISSING, WAITING = "up to date", "stale", "missing", "waiting"
 
 
-def output_status(target: BakeTarget) -> str:
-    """"up to date", "stale" (built from other inputs or settings, or unreadable) or "missing"."""
-    if not target.output.exists():
-        return "missing"
+def identity_path(target) -> Path:
+    """The file whose sha256 and size the lock records for a target (its output, or a bundle's manifest)."""
+    return Path(getattr(target, "identity_path", None) or target.output)
+
+
+def target_state(target, lock_entry: Mapping | None) -> str:
+    """UP_TO_DATE, STALE (other key, edited or damaged output), MISSING, or WAITING (a producer is unbuilt)."""
+    if target.action_key is None:
+        return WAITING
+    path = identity_path(target)
+    if not path.is_file():
+        return MISSING
+    if not lock_entry or lock_entry.get("action_key") != target.action_key:
+        return STALE
     try:
-        with open_safetensors(target.output) as output:
-            built_key = output.metadata.get(ACTION_KEY)
-    except FormatError:
-        return "stale"
-    return "up to date" if built_key == target.action_key else "stale"
+        current = cached_file_sha256(path)
+    except OSError:
+        return STALE
+    return UP_TO_DATE if current == lock_entry.get("sha256") else STALE

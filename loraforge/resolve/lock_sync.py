@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Mapping
 
 from loraforge import __version__
 from loraforge.errors import ResolveError
 from loraforge.recipe.loader import LoadedRecipe
 from loraforge.resolve.local import ResolvedInput
 from loraforge.resolve.lockfile import Lock, lock_path, numeric_policies, read_lock, write_lock
+from loraforge.verify.tolerance import lock_tolerance_entry
 
 
 def input_entry(resolved: ResolvedInput, previous: Mapping | None) -> dict:
@@ -56,50 +57,70 @@ def updated_lock(
     )
 
 
-def target_entries(loaded: LoadedRecipe, planned: Iterable, results: Iterable) -> dict[str, dict]:
-    """Lock entries of built targets: action key, output (relative to the recipe), size, sha256."""
-    by_name = {target.name: target for target in planned}
-    entries = {}
-    for result in results:
-        target = by_name[result.target]
-        written = result.written
-        entries[result.target] = {
-            "action_key": target.action_key,
-            "output": _relative(Path(written.path), loaded.root),
-            "size": written.size,
-            "sha256": written.sha256,
-            "data_sha256": written.data_sha256,
-        }
-    return entries
+def target_entry(loaded: LoadedRecipe, target, result) -> dict:
+    """A built target's lock entry: action key, output (relative to the recipe), size, hashes,
+    and for steps whose bytes depend on the device class (SVDs), that class."""
+    written = result.written
+    entry = {
+        "action_key": target.action_key,
+        "output": _relative(Path(written.path), loaded.root),
+        "size": written.size,
+        "sha256": written.sha256,
+    }
+    if written.data_sha256 is not None:
+        entry["data_sha256"] = written.data_sha256
+    device_class = getattr(target, "device_class", None)  # SVD steps only: their bytes depend on it
+    if device_class is not None:
+        entry["device_class"] = device_class
+        # What `verify` accepts per module from a rebuild on another device class (verify/tolerance.py).
+        entry["tolerance"] = lock_tolerance_entry(written.path)
+    return entry
 
 
-def write_lock_after_build(plan, results) -> Path:
-    """Update ``<recipe>.lock`` with the inputs this build used and the targets it built."""
+def record_built_target(plan, target, result) -> Path:
+    """Update ``<recipe>.lock`` right after one target is built (so an interrupted build keeps it)."""
+    return _update_lock(plan, {target.name: target_entry(plan.loaded, target, result)})
+
+
+def write_lock_after_build(plan) -> Path:
+    """Update ``<recipe>.lock`` with the inputs this build used (targets were recorded as they finished)."""
+    return _update_lock(plan, {})
+
+
+def _update_lock(plan, targets: Mapping[str, dict]) -> Path:
     loaded = plan.loaded
     path = lock_path(loaded.path)
-    previous = read_lock(path)
-    lock = updated_lock(loaded, plan.inputs, target_entries(loaded, plan.targets, results), previous)
-    write_lock(path, lock)
+    write_lock(path, updated_lock(loaded, plan.inputs, targets, read_lock(path)))
     return path
 
 
 def check_locked_targets(plan, lock: Lock | None) -> None:
-    """--locked: every planned target must be in the lock with the action key planned now."""
+    """--locked: every planned target must be in the lock with the action key planned now.
+
+    A target still waiting for a producer (no key yet) is checked when the
+    build plans it again (run_build's ``check`` hook calls check_locked_target).
+    """
+    for target in plan.targets:
+        if target.action_key is not None:
+            check_locked_target(plan, target, lock)
+
+
+def check_locked_target(plan, target, lock: Lock | None) -> None:
     if lock is None:
         return  # load_lock_for already refused a missing lock under --locked
-    for target in plan.targets:
-        entry = lock.targets.get(target.name)
-        if entry is None:
-            raise ResolveError(
-                f"--locked: target '{target.name}' is not in {lock_path(plan.loaded.path)}. Build it "
-                "once without --locked to record it, and commit the lock."
-            )
-        if entry.get("action_key") != target.action_key:
-            raise ResolveError(
-                f"--locked: target '{target.name}' would be built differently from the lock (action key "
-                f"{target.action_key[:16]}… instead of {str(entry.get('action_key'))[:16]}…): its parameters, "
-                "precision or inputs changed. Restore them, or build without --locked to update the lock."
-            )
+    entry = lock.targets.get(target.name)
+    if entry is None:
+        raise ResolveError(
+            f"--locked: target '{target.name}' is not in {lock_path(plan.loaded.path)}. Build it "
+            "once without --locked to record it, and commit the lock."
+        )
+    if entry.get("action_key") != target.action_key:
+        raise ResolveError(
+            f"--locked: target '{target.name}' would be built differently from the lock (action key "
+            f"{str(target.action_key)[:16]}… instead of {str(entry.get('action_key'))[:16]}…): its parameters, "
+            "precision, device class, inputs or the bytes of a target it reads changed. Restore them, or build "
+            "without --locked to update the lock."
+        )
 
 
 def _relative(path: Path, root: Path) -> str:
