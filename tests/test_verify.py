@@ -91,6 +91,7 @@ def project(tmp_path, built, monkeypatch) -> Path:
     scratch = tmp_path / "scratch"  # verify's temporary folder goes here, so the test can see it is removed
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))  # this test's hash-cache entries only
     return folder
 
 
