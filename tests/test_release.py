@@ -486,3 +486,17 @@ def test_model_card_for_an_extraction_and_a_block_weight_vector():
     assert ("| 1 | `extracted` | output of target `extracted` | 0.125 | 0.125 | "
             "`1, 0, 0, 0, 0, 0, 0, 0.5, 0.5, 0.5, 0.5, 0.5, 1, 1, 1, 1, 1` |") in card
     assert "| 2 | `style` | `s.safetensors` | 1 | 0 | all 1 |" in card
+
+
+def test_a_release_does_not_change_the_outputs_it_bundles(tmp_path):
+    """A single-target recipe: `release` (which adds a release target) keeps build's output bytes and key."""
+    recipe = WITHOUT_RELEASE.split("  neon-noir:\n")[0]  # only the concat LoRA
+    project = _project(tmp_path / "project", recipe)
+    _build(project)
+    lora = project / "dist" / "neon-noir-lora.safetensors"
+    built = (_sha256(lora), lora.stat().st_ino)
+    result = _invoke("release", project / "recipe.yaml", "-q")
+    assert result.exit_code == 0, result.output
+    assert "up to date neon-noir-lora" in result.output
+    assert (_sha256(lora), lora.stat().st_ino) == built
+    assert _sha256(project / "dist" / "release" / lora.name) == built[0]
