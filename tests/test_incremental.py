@@ -183,6 +183,19 @@ def test_changing_one_strength_rebuilds_exactly_the_affected_targets(project, ol
     assert outputs <= changed <= outputs | reports | {"recipe.lock"}
 
 
+def test_an_edit_that_changes_only_the_recorded_recipe_still_rebuilds(project, models, tmp_path_factory):
+    """Outputs record the recipe slice they came from, so a pinned sha256 changes their bytes (and key)."""
+    build(project)
+    digest = hashlib.sha256((models / "style.safetensors").read_bytes()).hexdigest()
+    edit(project, "style: {source: models/style.safetensors}", f"style: {{source: models/style.safetensors, sha256: {digest}}}")
+    assert built_targets(build(project)) == ["merged", "bundle", "with-merged"]
+    fresh = tmp_path_factory.mktemp("fresh")
+    (fresh / "models").symlink_to(models, target_is_directory=True)
+    (fresh / "recipe.yaml").write_text((project / "recipe.yaml").read_text())
+    build(fresh)
+    assert {p: v[2] for p, v in snapshot(fresh).items()} == {p: v[2] for p, v in snapshot(project).items()}
+
+
 def test_an_edited_or_deleted_output_is_rebuilt(project):
     build(project)
     output = project / "dist" / "bundle.safetensors"

@@ -10,7 +10,6 @@ tensor plus its deltas, whatever the checkpoint's size.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -24,13 +23,13 @@ from loraforge.errors import BuildError, FormatError
 from loraforge.formats.adapters import load_factors, module_bias_delta, module_effective_delta, module_low_rank
 from loraforge.formats.dtypes import torch_dtype
 from loraforge.formats.hashing import modelspec_hash
-from loraforge.formats.metadata import HASH_KEY, checkpoint_metadata, provenance_json, release_date
+from loraforge.formats.metadata import HASH_KEY, checkpoint_metadata, release_date
 from loraforge.formats.safetensors_reader import SafetensorsFile, open_safetensors
 from loraforge.formats.safetensors_writer import SafetensorsWriter, TensorPlan, WriteResult
 from loraforge.ops.bake import DenseTerm, LowRankTerm, Term, bake_weight
 from loraforge.ops.rounding import round_float64
 from loraforge.ops.finite import all_finite, nonfinite_counts
-from loraforge.plan.action_key import target_parameters_json
+from loraforge.plan.provenance import output_title, provenance_fields
 from loraforge.plan.layout import OutputTensor, output_layout
 from loraforge.plan.model import BakeTarget, BuildPlan, ModuleApplication
 
@@ -227,55 +226,10 @@ def _check_base_matches_plan(base: SafetensorsFile, target: BakeTarget) -> None:
 
 
 def _output_metadata(plan: BuildPlan, target: BakeTarget) -> dict[str, str]:
-    recipe = plan.loaded.recipe
-    title = recipe.title or recipe.name
-    if target.name != recipe.name and len(recipe.targets) > 1:
-        title = f"{title} ({target.name})"
-    inputs = plan.read_hashes(target.name)  # inputs, and outputs of the targets it reads
     return checkpoint_metadata(
         target.architecture,
-        title=title,
-        date=release_date(recipe.date),
+        title=output_title(plan.loaded, target.name),
+        date=release_date(plan.loaded.recipe.date),
         merged_from=[target.base, *(i.use for i in target.ingredients)],
-        provenance={
-            "action_key": target.action_key,
-            "inputs": provenance_json(inputs),
-            "recipe": recipe_slice_json(plan, target.name),
-            "target": target.name,
-        },
+        provenance=provenance_fields(plan, target),
     )
-
-
-def recipe_slice_json(plan: BuildPlan, name: str) -> str:
-    """The part of the recipe this target depends on (itself, its inputs, the targets it reads).
-
-    Only that part, so that editing an unrelated target does not change this output's bytes.
-    """
-    recipe = plan.loaded.recipe
-    names, stack = set(), [name]
-    while stack:
-        current = stack.pop()
-        if current not in names:
-            names.add(current)
-            if current in recipe.targets:
-                stack.extend(recipe.dependencies(current))
-    header = recipe.model_dump(mode="json", include={"loraforge", "name", "title", "date", "seed"})
-    return provenance_json(
-        {
-            **header,
-            "inputs": {n: _input_json(recipe.inputs[n]) for n in sorted(names) if n in recipe.inputs},
-            "targets": {
-                n: json.loads(target_parameters_json(plan.loaded, n))
-                for n in sorted(names)
-                if n in recipe.targets
-            },
-        }
-    )
-
-
-def _input_json(spec) -> dict:
-    """An input's fields; ``allow_pickle`` only when set, so outputs of recipes without it keep their bytes."""
-    data = spec.model_dump(mode="json")
-    if not data.get("allow_pickle"):
-        data.pop("allow_pickle", None)
-    return data

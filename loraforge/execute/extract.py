@@ -25,12 +25,12 @@ import torch
 from loraforge.errors import BuildError
 from loraforge.formats.arch.table import TEXT_ENCODERS, ModuleSpec
 from loraforge.formats.lora_output import LoraModuleFactors, lora_metadata, write_lora
-from loraforge.formats.metadata import provenance_json, release_date
+from loraforge.formats.metadata import release_date
 from loraforge.formats.safetensors_reader import SafetensorsFile, open_safetensors
 from loraforge.formats.safetensors_writer import WriteResult
 from loraforge.ops.extract import DeltaStats, delta_stats, extract_low_rank, is_changed, module_matrix, policy_for, weight_delta
 from loraforge.ops.svd import LowRankResult
-from loraforge.execute.bake import recipe_slice_json
+from loraforge.plan.provenance import output_title, provenance_fields
 from loraforge.plan.extract import ExtractionTarget, is_conv3x3
 from loraforge.plan.model import BuildPlan
 
@@ -199,23 +199,13 @@ def _write_lora(plan: BuildPlan, target: ExtractionTarget, extracted: Sequence[M
 
 
 def _metadata(plan: BuildPlan, target: ExtractionTarget, ranks) -> dict[str, str]:
-    recipe = plan.loaded.recipe
-    title = recipe.title or recipe.name
-    if target.name != recipe.name and len(recipe.targets) > 1:
-        title = f"{title} ({target.name})"
-    inputs = plan.read_hashes(target.name)  # inputs, and outputs of the targets it reads
     return lora_metadata(
         target.architecture,
         ranks,
-        title=title,
-        date=release_date(recipe.date),
+        title=output_title(plan.loaded, target.name),
+        date=release_date(plan.loaded.recipe.date),
         merged_from=[target.tuned.name, target.base.name],
-        provenance={
-            "action_key": target.action_key,
-            "inputs": provenance_json(inputs),
-            "recipe": recipe_slice_json(plan, target.name),
-            "target": target.name,
-        },
+        provenance=provenance_fields(plan, target),
     )
 
 

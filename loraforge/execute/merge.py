@@ -25,11 +25,11 @@ from loraforge.errors import BuildError
 from loraforge.execute.device import single_threaded_torch
 from loraforge.execute.bake import ProgressCallback
 from loraforge.atomic import write_text_atomic
-from loraforge.execute.bake import recipe_slice_json
+from loraforge.plan.provenance import output_title, provenance_fields
 from loraforge.formats import dtypes
 from loraforge.formats.adapters import load_factors, module_delta
 from loraforge.formats.lora_output import LoraModuleFactors, is_conv_shape, lora_metadata, write_lora
-from loraforge.formats.metadata import provenance_json, release_date
+from loraforge.formats.metadata import release_date
 from loraforge.formats.safetensors_reader import SafetensorsFile, open_safetensors
 from loraforge.formats.safetensors_writer import WriteResult
 from loraforge.ops.merge import ModuleTerms, concat, relative_error, svd_merge, tucker_down
@@ -180,23 +180,13 @@ def _merge(target: MergeTarget, module: MergeModule, terms: ModuleTerms):
 
 def _metadata(plan: BuildPlan, target: MergeTarget, factors: Sequence[LoraModuleFactors]) -> dict[str, str]:
     """ss_* and ModelSpec keys for the LoRA, with the same title and provenance keys as a bake."""
-    recipe = plan.loaded.recipe
-    title = recipe.title or recipe.name
-    if target.name != recipe.name and len(recipe.targets) > 1:
-        title = f"{title} ({target.name})"
-    inputs = plan.read_hashes(target.name)  # inputs, and outputs of the targets it reads
     return lora_metadata(
         target.architecture,
         {f.name: (f.rank, is_conv_shape(f.weight_shape)) for f in factors},
-        title=title,
-        date=release_date(recipe.date),
+        title=output_title(plan.loaded, target.name),
+        date=release_date(plan.loaded.recipe.date),
         merged_from=[i.use for i in target.ingredients],
-        provenance={
-            "action_key": target.action_key,
-            "inputs": provenance_json(inputs),
-            "recipe": recipe_slice_json(plan, target.name),
-            "target": target.name,
-        },
+        provenance=provenance_fields(plan, target),
     )
 
 

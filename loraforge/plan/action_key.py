@@ -1,7 +1,8 @@
 """Action keys: one hash that changes whenever a target's output could change.
 
 The key covers the operation, the target's canonical parameters (with the
-effective precision), the content hashes of everything it reads (for an
+effective precision), what its output records about the recipe (title,
+date, recipe slice: plan/provenance.py), the content hashes of everything it reads (for an
 input its sha256; for another target, that target's *output* sha256, so a
 producer rebuilt to the same bytes leaves its dependents up to date), the
 numeric policy and the loraforge version. Steps whose bytes depend on the
@@ -16,6 +17,7 @@ import json
 from typing import Mapping
 
 from loraforge import __version__
+from loraforge.plan.provenance import recorded_fields
 from loraforge.recipe.loader import LoadedRecipe
 
 # Bump when the numeric recipe of an operation changes in a way that changes bytes.
@@ -45,6 +47,7 @@ def action_key(
         "numeric_policy": numeric_policy,
         "loraforge": __version__,
         "recipe": loaded.recipe.model_dump(mode="json", include={"name", "title", "date", "seed"}),
+        "recorded": recorded_fields(loaded, target),  # what the output records about the recipe
         **dict(extra or {}),
     }
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
