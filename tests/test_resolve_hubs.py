@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from loraforge.cli import app
+from loraforge.errors import ResolveError
 from loraforge.resolve.store import Store
 from resolve_helpers import data_sha, fast_http, safetensors_bytes, server, sha, write_recipe  # noqa: F401
 
@@ -133,3 +134,18 @@ def test_offline_uses_the_store_after_fetch_and_names_what_is_missing_before(hub
     again = runner.invoke(app, ["fetch", str(recipe), "-q", "--json"])
     rows = {r["input"]: r for r in json.loads(again.output)["inputs"]}
     assert {r["status"] for r in rows.values()} == {"store"} and len(hubs.log) == count
+
+
+@pytest.mark.parametrize("module_name", ["httpx", "httpx2"])
+def test_a_network_failure_under_the_hub_client_is_a_clear_error(module_name):
+    """huggingface_hub 2.x raises httpx2 transport errors, which are not OSErrors (no traceback offline)."""
+    from loraforge.recipe.sources import SourceRef
+    from loraforge.resolve.sources.hf import _hub_errors
+
+    client = pytest.importorskip(module_name)
+    with pytest.raises(ResolveError) as caught:
+        with _hub_errors("base", SourceRef(raw="hf://a/b@main/m.safetensors", scheme="hf")):
+            raise client.ConnectError("[Errno 111] Connection refused")
+    message = str(caught.value)
+    assert "Input 'base' (hf://a/b@main/m.safetensors): cannot reach" in message and "ConnectError" in message
+    assert "--offline" in message

@@ -107,11 +107,22 @@ class _hub_errors:
             status = getattr(getattr(error, "response", None), "status_code", "?")
             hint = " Set HF_TOKEN (or run `hf auth login`)." if status in (401, 403) else ""
             message = f"{what}: the Hub answered HTTP {status}.{hint}"
-        elif isinstance(error, (OSError, ValueError)):
+        elif isinstance(error, (OSError, ValueError)) or _is_transport_error(error):
             message = f"{what}: cannot reach {hf_endpoint()} ({type(error).__name__}: {error}). Check the network, or use --offline with a filled store."
         else:
             return False
         raise ResolveError(message) from None
+
+
+def _is_transport_error(error: BaseException) -> bool:
+    """A network failure (refused, DNS, timeout) from httpx, or httpx2, which huggingface_hub 2.x uses.
+
+    Neither derives from OSError, so without this an offline machine would get a traceback.
+    """
+    return any(
+        cls.__name__ in ("TransportError", "RequestError") and cls.__module__.split(".")[0] in ("httpx", "httpx2")
+        for cls in type(error).__mro__
+    )
 
 
 def _progress_bar_class(name: str, progress: FetchProgress):
