@@ -12,12 +12,12 @@ import errno
 import os
 import signal
 import subprocess
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from slow_build import start_slow_build
 from hostile import OUTPUT, RECIPE, assert_clear_refusal, make_project, run_cli, snapshot, write_models
 
 from loraforge.formats import safetensors_writer
@@ -141,32 +141,13 @@ def test_output_folder_that_is_a_file(project):
 
 # --- signals ----------------------------------------------------------------
 
-# Slows the writer down (it writes ~1100 tiny tensors) and says when it is half-way, so the
-# test can interrupt a build that is really in the middle of writing its temp file.
-SLOW_BUILD = """
-import sys, time
-from loraforge.formats import safetensors_writer
-original = safetensors_writer.SafetensorsWriter.write
-count = [0]
-def slow_write(self, name, data):
-    original(self, name, data)
-    count[0] += 1
-    if count[0] == 50:
-        print("MIDWAY", file=sys.stderr, flush=True)
-    time.sleep(0.005)
-safetensors_writer.SafetensorsWriter.write = slow_write
-from loraforge.cli import app
-app(["build", sys.argv[1], "-q"])
-"""
 
 
 @pytest.mark.parametrize("signum,exit_code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_mid_build_leaves_the_previous_output_and_no_temp_file(project, tmp_path, previous_output, signum, exit_code):
     env = {**os.environ, "LORAFORGE_CACHE": str(tmp_path / "cache")}
-    process = subprocess.Popen(
-        [sys.executable, "-c", SLOW_BUILD, str(project / "recipe.yaml")],
-        stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
-    )
+    # the writer writes ~1100 tiny tensors: signal it at the 50th
+    process = start_slow_build(project / "recipe.yaml", "count == 50", 0.005, env)
     try:
         line = process.stderr.readline()
         assert "MIDWAY" in line, line + process.stderr.read()

@@ -10,14 +10,13 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from loraforge.cli import app
+from slow_build import start_slow_build
 from loraforge.formats.arch import get_architecture
 from loraforge.testing.adapters import write_synthetic_adapter
 from loraforge.testing.checkpoints import write_synthetic_checkpoint
@@ -258,23 +257,6 @@ def test_a_failing_target_stops_the_others_and_keeps_what_finished(project):
 
 # --- interrupted builds -------------------------------------------------------------
 
-# Slows every target's writer down and says when the second target is half-written,
-# so the signal really lands in the middle of a target, after another one finished.
-SLOW_BUILD = """
-import sys, time
-from loraforge.formats import safetensors_writer
-original = safetensors_writer.SafetensorsWriter.write
-count = [0]
-def slow_write(self, name, data):
-    original(self, name, data)
-    count[0] += 1
-    if self.path.name == "with-extracted.safetensors" and count[0] % 400 == 0:
-        print("MIDWAY", file=sys.stderr, flush=True)
-    time.sleep(0.002)
-safetensors_writer.SafetensorsWriter.write = slow_write
-from loraforge.cli import app
-app(["build", sys.argv[1], "-q"])
-"""
 
 
 def temp_files(project: Path) -> list[Path]:
@@ -288,10 +270,8 @@ def test_an_interrupted_build_keeps_outputs_and_lock_and_the_next_build_finishes
     edit(project, "    rank: {rank: 4}", "    rank: {rank: 3}")  # extracted, then with-extracted, rebuild
     previous = (project / "dist" / "with-extracted.safetensors").read_bytes()
     env = {**os.environ, "LORAFORGE_CACHE": os.environ.get("LORAFORGE_CACHE", str(tmp_path / "cache"))}
-    process = subprocess.Popen(
-        [sys.executable, "-c", SLOW_BUILD, str(project / "recipe.yaml")],
-        stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
-    )
+    # signalled while the second target (with-extracted) is half-written, after `extracted` finished
+    process = start_slow_build(project / "recipe.yaml", 'self.path.name == "with-extracted.safetensors" and count % 400 == 0', 0.002, env)
     try:
         line = process.stderr.readline()
         assert "MIDWAY" in line, line + process.stderr.read()
