@@ -248,6 +248,20 @@ def test_second_build_reports_the_release_up_to_date_and_writes_nothing(tmp_path
         "with its model card.", "now with a new card.")
 
 
+@pytest.mark.parametrize("damage", ["delete", "edit"])
+def test_a_bundle_file_deleted_or_edited_by_hand_makes_the_release_stale(tmp_path, built, damage):
+    project = _copy_of(built, tmp_path / "project")
+    folder = project / "dist" / "pack"
+    expected = _bundle_hashes(folder)
+    card = folder / "README.md"
+    if damage == "delete":
+        card.unlink()
+    else:
+        card.write_text(card.read_text() + "edited\n")
+    assert "built pack" in _build(project)  # manifest.json alone still matches the lock
+    assert _bundle_hashes(folder) == expected
+
+
 def _stale_release(tmp_path, built) -> tuple[Path, dict[str, str]]:
     """A built project whose release is then made stale (new description); returns the old bundle's hashes."""
     project = _copy_of(built, tmp_path / "project")

@@ -12,6 +12,7 @@ manifest), the release date and the numeric policies.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from loraforge.formats.metadata import release_date
 from loraforge.plan.action_key import action_key
 from loraforge.plan.context import PlanContext
 from loraforge.release.manifest import MANIFEST_FORMAT, MANIFEST_NAME, README_NAME
+from loraforge.resolve.hash_cache import cached_file_sha256
 from loraforge.resolve.lock_sync import input_entry
 from loraforge.resolve.lockfile import lock_path, numeric_policies
 
@@ -66,6 +68,21 @@ class ReleaseTarget:
     @property
     def recipe_text(self) -> str:
         return self.recipe_bytes.decode("utf-8-sig")
+
+    def intact(self) -> bool:
+        """Every file the bundle's manifest lists is present with its size and sha256 (plan/status.py
+        asks this once manifest.json itself matches the lock). Hashes come from the stat-keyed cache,
+        so an untouched bundle is not re-read; a file deleted or edited by hand makes the release stale."""
+        try:
+            listed = json.loads(self.identity_path.read_text(encoding="utf-8")).get("files", [])
+            return all(_listed_file_intact(self.output, entry) for entry in listed)
+        except (OSError, ValueError, AttributeError, TypeError):
+            return False
+
+
+def _listed_file_intact(folder: Path, entry: dict) -> bool:
+    path = folder / entry["file"]
+    return path.is_file() and path.stat().st_size == entry["size"] and cached_file_sha256(path) == entry["sha256"]
 
 
 def plan_release(context: PlanContext, name: str) -> ReleaseTarget:

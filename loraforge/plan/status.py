@@ -35,4 +35,7 @@ def target_state(target, lock_entry: Mapping | None) -> str:
         current = cached_file_sha256(path)
     except OSError:
         return STALE
-    return UP_TO_DATE if current == lock_entry.get("sha256") else STALE
+    if current != lock_entry.get("sha256"):
+        return STALE
+    intact = getattr(target, "intact", None)  # targets of several files (a release bundle) check the rest
+    return UP_TO_DATE if intact is None or intact() else STALE
