@@ -104,7 +104,6 @@ def exact_estimate(folder: Path, report: dict, sample: int) -> dict:
     """Exact full-SVD time extrapolated from `sample` modules per shape; error ratios of those modules."""
     from loraforge.formats.safetensors_reader import open_safetensors
     from loraforge.ops.extract import module_matrix, weight_delta
-    from loraforge.plan.extract import is_conv3x3
 
     modules = report["modules"]
     by_shape: dict[tuple, list[dict]] = {}

@@ -10,7 +10,7 @@ import torch
 import pytest
 
 from corpus import pickles
-from hostile import OUTPUT, RECIPE, assert_clear_refusal, make_project, run_cli, snapshot, write_models
+from hostile import OUTPUT, assert_clear_refusal, make_project, run_cli, snapshot, write_models
 
 from loraforge.errors import FormatError
 from loraforge.formats.pickle_input import SOURCE_KEY, load_pickled_tensors

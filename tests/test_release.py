@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from loraforge.cli import app
-from loraforge.errors import BuildError, RecipeError
+from loraforge.errors import RecipeError
 from loraforge.plan.planner import plan_build
 from loraforge.recipe.loader import load_recipe
 
