@@ -21,6 +21,9 @@ as the whole-weight path's.
 
 from __future__ import annotations
 
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import groupby
 from typing import Iterable, Union
@@ -118,7 +121,12 @@ def _blockable(weight: Tensor, terms: list[Term], out_dtype: torch.dtype) -> boo
 
 
 def _bake_low_rank_in_blocks(weight: Tensor, terms: list[LowRankTerm], out_dtype: torch.dtype, workspace: Tensor | None) -> Tensor:
-    """bake_weight for low-rank terms, one block of rows at a time (same operations per element)."""
+    """bake_weight for low-rank terms, one block of rows at a time (same operations per element).
+
+    Blocks are independent (each element's operations depend only on its
+    64-row-aligned block), so BLOCK_THREADS workers take blocks in turn, each
+    with its own scratch; which worker takes which block cannot change a byte.
+    """
     rows = weight.shape[0]
     width = weight.numel() // rows
     source = weight.reshape(rows, width)
@@ -126,18 +134,48 @@ def _bake_low_rank_in_blocks(weight: Tensor, terms: list[LowRankTerm], out_dtype
     groups = [((0, rows) if span is None else span, up, down) for span, up, down in _gemm_groups(terms)]
     block_rows = max(BLOCK_ROW_ALIGNMENT, BLOCK_ELEMENTS // width // BLOCK_ROW_ALIGNMENT * BLOCK_ROW_ALIGNMENT)
     block_rows = min(rows, block_rows)
-    buffer = _block_buffer(block_rows * width, workspace)
-    single = torch.empty(block_rows * width, dtype=torch.float32) if source.dtype in _WIDE_FROM_SINGLE else None
-    for start in range(0, rows, block_rows):
-        stop = min(rows, start + block_rows)
-        block = buffer[: (stop - start) * width].view(stop - start, width)
-        _widen_into(block, source[start:stop], single)
-        for (first, end), up, down in groups:
-            low, high = max(first, start), min(end, stop)
-            if low < high:
-                block[low - start:high - start].addmm_(up[low - first:high - first], down)
-        _round_into(block, baked[start:stop])
+    starts = range(0, rows, block_rows)
+    workers = min(BLOCK_THREADS, len(starts))
+    scratch = _block_scratch(workers, block_rows * width, source.dtype in _WIDE_FROM_SINGLE, workspace)
+    pending = iter(starts)  # shared: next() on a range iterator is atomic under the GIL
+
+    def work(buffer: Tensor, single: Tensor | None) -> None:
+        for start in pending:
+            stop = min(rows, start + block_rows)
+            block = buffer[: (stop - start) * width].view(stop - start, width)
+            _widen_into(block, source[start:stop], single)
+            for (first, end), up, down in groups:
+                low, high = max(first, start), min(end, stop)
+                if low < high:
+                    block[low - start:high - start].addmm_(up[low - first:high - first], down)
+            _round_into(block, baked[start:stop])
+
+    if workers == 1:
+        work(*scratch[0])
+    else:
+        for future in [_block_pool().submit(work, *pair) for pair in scratch]:
+            future.result()
     return baked.view(weight.shape)
+
+
+# Workers baking the blocks of one weight. The torch ops and numpy casts in a
+# block release the GIL, so two workers keep both cores busy while torch
+# itself stays single-threaded (no OpenMP spin-waits).
+BLOCK_THREADS = max(1, min(2, os.cpu_count() or 1))
+
+
+@functools.lru_cache(maxsize=1)
+def _block_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=BLOCK_THREADS, thread_name_prefix="loraforge-block")
+
+
+def _block_scratch(workers: int, numel: int, staged: bool, workspace: Tensor | None) -> list[tuple[Tensor, Tensor | None]]:
+    """(float64 block buffer, float32 staging buffer or None) per worker; the first reuses the workspace."""
+    scratch = []
+    for index in range(workers):
+        buffer = _block_buffer(numel, workspace if index == 0 else None)
+        scratch.append((buffer, torch.empty(numel, dtype=torch.float32) if staged else None))
+    return scratch
 
 
 def _block_buffer(numel: int, workspace: Tensor | None) -> Tensor:
