@@ -50,7 +50,7 @@ def verify_recipe(
         plan = plan_build(loaded, selected, options, device=device, output_dir=scratch)
         drift = _input_drift(loaded, plan, lock)
         built = run_build(plan, device=device, progress=build_progress)
-        results = {r.target: r for r in getattr(built, "built", built)}
+        results = {r.target: r for r in built.built}
         with single_threaded_torch():  # small QRs and norms: extra threads only wait on each other
             verdicts = _judge_targets(loaded, plan, results, lock, scratch, device)
     finally:
@@ -119,7 +119,7 @@ def _judge_targets(loaded, plan, results, lock: Lock, scratch: Path, device: str
     verdicts: list[TargetVerdict] = []
     approximate: set[str] = set()  # targets that reproduced only within tolerance
     for planned in plan.targets:
-        target = _latest(plan, planned.name)
+        target = plan.target(planned.name)
         result = results[target.name]
         entry = lock.targets.get(target.name)
         verdict = judge(_rebuilt(loaded, target, result, entry, scratch, device, approximate), entry)
@@ -127,12 +127,6 @@ def _judge_targets(loaded, plan, results, lock: Lock, scratch: Path, device: str
             approximate.add(target.name)
         verdicts.append(verdict)
     return tuple(verdicts)
-
-
-def _latest(plan, name: str):
-    """The build may re-plan a target once its producers exist; judge the version that ran."""
-    context = getattr(plan, "context", None)
-    return context.planned[name] if context is not None and name in context.planned else plan.target(name)
 
 
 def _rebuilt(loaded, target, result, entry: dict | None, scratch: Path, device: str | None, approximate: set[str]) -> Rebuilt:
