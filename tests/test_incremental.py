@@ -290,3 +290,16 @@ def test_an_interrupted_build_keeps_outputs_and_lock_and_the_next_build_finishes
     finish = build(project)
     assert built_targets(finish) == ["with-extracted"]
     assert built_targets(build(project)) == []
+
+
+def test_locked_rebuilds_a_missing_producer_and_checks_its_readers_then(project):
+    build(project)
+    lock = (project / "recipe.lock").read_bytes()
+    (project / "dist" / "merged.safetensors").unlink()
+    # with-merged waits for merged, is planned again from the rebuilt file, and its key still matches the lock
+    assert built_targets(build(project, "--locked")) == ["merged"]
+    assert (project / "recipe.lock").read_bytes() == lock
+    edit(project, "      - {use: locon, strength: -0.3}", "      - {use: locon, strength: -0.35}")
+    result = CliRunner().invoke(app, ["build", "-q", "--locked", str(project / "recipe.yaml")])
+    assert result.exit_code == 2 and "--locked: target 'merged' would be built differently" in result.output
+    assert (project / "recipe.lock").read_bytes() == lock
