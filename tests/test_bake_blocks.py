@@ -10,13 +10,16 @@ from loraforge.ops.rounding import float16_into, float16_reference, round_float6
 
 
 def whole_weight_bake(weight, terms, dtype):
-    """The reference: the whole weight in float64, one GEMM per run of same-row terms, numpy's rounding."""
-    baked = weight.to(torch.float64)
-    bake._add_low_rank(baked, terms)
-    return float16_reference(baked) if dtype == torch.float16 else round_float64(baked, dtype)
+    """The reference: the whole-weight path (every element certified from the full envelope)."""
+    original = bake._blockable
+    try:
+        bake._blockable = lambda *args: False
+        return bake_weight(weight, terms, dtype)
+    finally:
+        bake._blockable = original
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [(640, 320), (320, 2560, 3, 3), (77, 5), (1280, 768)])
 def test_blocks_give_the_whole_weight_bytes(monkeypatch, dtype, shape):
     monkeypatch.setattr(bake, "BLOCK_ELEMENTS", 1 << 14)  # many blocks even for small weights
@@ -25,13 +28,13 @@ def test_blocks_give_the_whole_weight_bytes(monkeypatch, dtype, shape):
     width = weight[0].numel()
     terms = [
         LowRankTerm(torch.randn(shape[0], 8, generator=generator, dtype=torch.float64) * 0.01,
-                    torch.randn(8, width, generator=generator, dtype=torch.float64) * 0.01),
+                    torch.randn(8, width, generator=generator, dtype=torch.float64) * 0.01, None, 0.8, 0.5),
         LowRankTerm(torch.randn(shape[0], 4, generator=generator, dtype=torch.float64) * 0.01,
                     torch.randn(4, width, generator=generator, dtype=torch.float64) * 0.01),
     ]
     if shape[0] >= 128:  # a term on a 64-aligned row slice, as fused qkv weights get
         terms.append(LowRankTerm(torch.randn(64, 2, generator=generator, dtype=torch.float64),
-                                 torch.randn(2, width, generator=generator, dtype=torch.float64) * 0.01, (64, 128)))
+                                 torch.randn(2, width, generator=generator, dtype=torch.float64) * 0.01, (64, 128), -0.3))
     assert bake._blockable(weight, terms, dtype)
     ours = bake_weight(weight, terms, dtype, torch.empty(weight.numel(), dtype=torch.float64))
     assert torch.equal(ours.reshape(-1).view(torch.uint8), whole_weight_bake(weight, terms, dtype).reshape(-1).view(torch.uint8))

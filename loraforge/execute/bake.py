@@ -21,7 +21,13 @@ import torch
 
 from loraforge.errors import BuildError, FormatError
 from loraforge.execute.device import single_threaded_torch
-from loraforge.formats.adapters import load_factors, module_bias_delta, module_effective_delta, module_low_rank
+from loraforge.formats.adapters import (
+    load_factors,
+    module_bias_delta,
+    module_certificate,
+    module_effective_delta,
+    module_low_rank,
+)
 from loraforge.formats.dtypes import torch_dtype
 from loraforge.formats.hashing import modelspec_hash
 from loraforge.formats.metadata import HASH_KEY, checkpoint_metadata, release_date
@@ -123,12 +129,17 @@ def _terms(weight, applications, adapters, device) -> Iterator[Term]:
         if application.part == "bias":
             yield DenseTerm(application.coefficient, module_bias_delta(application.module, factors), rows)
             continue
-        low_rank = module_low_rank(application.module, factors, application.coefficient)
+        low_rank = module_low_rank(application.module, factors)
         if low_rank is not None:
-            yield LowRankTerm(*low_rank, rows)
+            up, down = low_rank
+            yield LowRankTerm(up, down, rows, application.coefficient, application.module.scale)
         else:
             delta = module_effective_delta(application.module, factors, target)
-            yield DenseTerm(application.coefficient, delta, rows)
+            certificate = module_certificate(application.module, factors, tuple(target.shape))
+            if certificate is None:  # DoRA: its float64 evaluation is the term's value
+                yield DenseTerm(application.coefficient, delta, rows)
+            else:
+                yield DenseTerm(application.coefficient, delta, rows, certificate.envelope, certificate.depth, certificate.exact)
 
 
 class _NonFiniteFactors(Exception):

@@ -32,7 +32,8 @@ from loraforge.formats.lora_output import LoraModuleFactors, is_conv_shape, lora
 from loraforge.formats.metadata import release_date
 from loraforge.formats.safetensors_reader import SafetensorsFile, open_safetensors
 from loraforge.formats.safetensors_writer import WriteResult
-from loraforge.ops.merge import ModuleTerms, concat, relative_error, svd_merge, tucker_down
+from loraforge.ops.merge import FactorSource, ModuleTerms, concat, concat_rounded, relative_error, svd_merge, tucker_down
+from loraforge.ops.rounding import round_float64
 from loraforge.ops.svd import module_seed
 from loraforge.plan.merge import MergeModule, MergeTarget, is_factored
 from loraforge.plan.model import BuildPlan
@@ -115,7 +116,10 @@ def _merge_module(target: MergeTarget, module: MergeModule, files, device) -> tu
     save_dtype = dtypes.torch_dtype(target.save)
     terms = _terms(module, files, device)
     result = _merge(target, module, terms)
-    up, down = result.up.to(save_dtype), result.down.to(save_dtype)
+    if target.method == "concat" and terms.dense is None:
+        up, down = concat_rounded(terms, save_dtype)  # correctly rounded: the same bytes everywhere
+    else:
+        up, down = round_float64(result.up, save_dtype), round_float64(result.down, save_dtype)
     outcome = ModuleOutcome(
         module=module,
         rank=result.rank,
@@ -135,7 +139,7 @@ def _open_ingredient(path: Path, use: str) -> SafetensorsFile:
 
 def _terms(module: MergeModule, files: Sequence[SafetensorsFile], device: torch.device) -> ModuleTerms:
     """Each contribution as float64 factors (LoRA/LoCon) or added into one dense sum (other kinds)."""
-    ups, downs, dense = [], [], None
+    ups, downs, sources, dense = [], [], [], None
     out = module.spec.shape[0]
     for contribution in module.contributions:
         adapter_module = contribution.module
@@ -152,10 +156,11 @@ def _terms(module: MergeModule, files: Sequence[SafetensorsFile], device: torch.
             down = tucker_down(loaded["mid"], loaded["down"]) if "mid" in loaded else loaded["down"].reshape(loaded["down"].shape[0], -1)
             ups.append(up * coefficient)
             downs.append(down)
+            sources.append(FactorSource(up, loaded["down"] if "mid" in loaded else down, loaded.get("mid"), contribution.coefficient, adapter_module.scale))
         else:
             delta = module_delta(adapter_module, loaded, module.spec.shape).reshape(out, -1) * contribution.coefficient
             dense = delta if dense is None else dense.add_(delta)
-    return ModuleTerms(tuple(ups), tuple(downs), dense)
+    return ModuleTerms(tuple(ups), tuple(downs), dense, tuple(sources))
 
 
 def _known_norm(target: MergeTarget, terms: ModuleTerms, result) -> float | None:

@@ -1,22 +1,29 @@
-"""Baking: W' = W + sum_i c_i * dW_i, accumulated in float64 and rounded once.
+"""Baking: W' = RN(W + Σ_i c_i·ΔW_i), the exact sum rounded once to the save dtype.
 
-Pure tensor math. Terms are added in the order given (the planner's order:
-recipe order of the LoRAs, then module name), so the float64 sum and
-therefore the rounded output are reproducible.
+Pure tensor math. Each output element is the correctly rounded value of the
+exact real sum of the stored numbers (base element, factors, and each
+term's float64 coefficient and scale), so the bytes do not depend on the
+BLAS, its code path, the thread count or the device. The sum is computed
+fast in float64 (any summation order) together with a rigorous error bound,
+and the few elements whose rounding the bound cannot decide are recomputed
+exactly (:mod:`loraforge.ops.certified`, :mod:`loraforge.ops.exact`).
 
 Plain LoRA/LoCon terms arrive as factors and are added with one in-place
 ``addmm_`` per row slice (their factors concatenated along the rank axis):
-no dense delta is ever allocated for them, which is what keeps the bake close
-to the speed of a plain copy. Other kinds arrive as dense deltas.
+no dense delta is ever allocated for them, which keeps the bake close to the
+speed of a plain copy. Their error envelope Σ_k|c·u_ik·d_kj| is bounded by
+Cauchy–Schwarz, ‖c·u_i‖₂·‖d_j‖₂, an outer product of norms that costs no
+second GEMM. Other kinds arrive as dense deltas with their own envelope.
 
 A CPU weight whose terms are all low-rank is baked in blocks of rows
 (:func:`_bake_low_rank_in_blocks`): widen the block to float64, add every
 term's GEMM restricted to those rows, round the block, next block. The
 float64 block stays in cache across the passes instead of streaming a
-float64 copy of the whole weight through memory three times. Each element
-still sees the same operations in the same order (one GEMM per run of
-same-row terms, the same concatenated factors), so the bytes are the same
-as the whole-weight path's.
+float64 copy of the whole weight through memory three times. For float16
+and bfloat16 outputs only the elements whose float32 image lies within one
+float32 step of a rounding midpoint (about 1 in 1400) get their individual
+bound checked: every other element is farther from a boundary than any
+float64 error bound can reach (see :func:`_block_candidates`).
 """
 
 from __future__ import annotations
@@ -25,84 +32,149 @@ import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from fractions import Fraction
 from itertools import groupby
-from typing import Iterable, Union
+from typing import Callable, Iterable, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from loraforge.ops.rounding import float16_into, round_float64
+from loraforge.ops.certified import certifiable, certify, exact_round, gamma
+from loraforge.ops.exact import dyadic_sum
+from loraforge.ops.rounding import round_float64
 
 
 @dataclass(frozen=True)
 class DenseTerm:
-    """A dense delta landing on a weight or on a row slice of it."""
+    """A dense delta landing on a weight or on a row slice of it.
+
+    ``delta`` is the float64 evaluation of ΔW (scale included). When it was
+    computed from factors, ``envelope`` is the same formula on absolute values,
+    ``depth`` the number of roundings along any product (Higham's n), and
+    ``exact`` gives the exact ΔW element at a flat index of ``delta``. With no
+    ``exact``, ``delta`` itself is the term's exact value (stored differences,
+    biases, and DoRA, whose float64 evaluation is taken as given).
+    """
 
     coefficient: float
     delta: Tensor  # float64, the shape of the weight or of its row slice
     rows: tuple[int, int] | None = None
+    envelope: Tensor | None = None
+    depth: int = 0
+    exact: Callable[[int], Fraction] | None = None
 
 
 @dataclass(frozen=True)
 class LowRankTerm:
-    """up @ down landing on a weight (or row slice) viewed as (out, in*kh*kw)."""
+    """coefficient·scale·(up @ down) landing on a weight (or row slice) viewed as (out, in*kh*kw)."""
 
-    up: Tensor  # float64 (out, r), already multiplied by coefficient and scale
-    down: Tensor  # float64 (r, in*kh*kw)
+    up: Tensor  # float64 (out, r), as stored
+    down: Tensor  # float64 (r, in*kh*kw), as stored
     rows: tuple[int, int] | None = None
+    coefficient: float = 1.0
+    scale: float = 1.0
+
+    @functools.cached_property
+    def scaled_up(self) -> Tensor:
+        """up·(coefficient·scale) in float64: what the GEMM multiplies (its rounding is in the bound)."""
+        return self.up * (self.coefficient * self.scale)
+
+    def exact(self, row: int, column: int) -> Fraction:
+        """The term's exact value at (row, column) of its slice."""
+        products = list(zip(self.up[row].tolist(), self.down[:, column].tolist()))
+        return Fraction(self.coefficient) * Fraction(self.scale) * dyadic_sum(products)
 
 
 Term = Union[DenseTerm, LowRankTerm]
 
 
 def bake_weight(weight: Tensor, terms: Iterable[Term], out_dtype: torch.dtype, workspace: Tensor | None = None) -> Tensor:
-    """The baked weight in ``out_dtype``: every term added in float64, then one correct rounding.
+    """The baked weight in ``out_dtype``: the exact sum, correctly rounded once.
 
     ``workspace`` (float64, at least ``weight.numel()`` elements, same device)
     is reused for the float64 copy so large tensors do not page-fault fresh
-    memory for every weight.
+    memory for every weight. float64 outputs cannot be certified from a
+    float64 sum; they get the float64 sum itself (docs/reproducibility.md).
     """
     terms = list(terms)
     if _blockable(weight, terms, out_dtype):
         return _bake_low_rank_in_blocks(weight, terms, out_dtype, workspace)
     baked = _float64_copy(weight, workspace)
+    matrix = baked.view(baked.shape[0], -1) if baked.dim() > 0 else baked.view(1, 1)
+    envelope = matrix.abs()
+    depth = 2
     for is_low_rank, run in groupby(terms, key=lambda term: isinstance(term, LowRankTerm)):
         if is_low_rank:
-            _add_low_rank(baked, list(run))
+            for rows, up, down, members in _gemm_groups(list(run)):
+                _slice(matrix, rows).addmm_(up, down)
+                _slice(envelope, rows).addr_(_row_norms(up), _column_norms(down))
+                depth += up.shape[1] + 3
         else:
             for term in run:
-                _slice(baked, term.rows).add_(term.delta.reshape(_slice(baked, term.rows).shape), alpha=term.coefficient)
-    return round_float64(baked, out_dtype)
+                target, bound = _slice(matrix, term.rows), _slice(envelope, term.rows)
+                target.add_(term.delta.reshape(target.shape), alpha=term.coefficient)
+                magnitude = term.envelope if term.envelope is not None else term.delta.abs()
+                bound.add_(magnitude.reshape(bound.shape), alpha=abs(term.coefficient))
+                depth += term.depth + 3
+    if not certifiable(out_dtype):
+        return round_float64(baked, out_dtype)
+    rounded, sure = certify(matrix, envelope.mul_(gamma(depth)), out_dtype)
+    unsure = (~sure).nonzero().tolist()
+    if unsure:
+        _round_exactly(rounded, unsure, weight.reshape(matrix.shape), terms, out_dtype)
+    return rounded.view(weight.shape)
 
 
-def _add_low_rank(baked: Tensor, terms: list[LowRankTerm]) -> None:
-    """Consecutive terms on the same rows share one GEMM over their concatenated ranks."""
-    for rows, up, down in _gemm_groups(terms):
-        target = _slice(baked, rows)
-        target.view(target.shape[0], -1).addmm_(up, down)
+def _round_exactly(rounded: Tensor, positions: list, weight: Tensor, terms: list[Term], out_dtype: torch.dtype) -> None:
+    """Write RN(exact value) at each (row, column) of ``rounded`` (the matrix view of the weight)."""
+    width = weight.shape[1]
+    values = []
+    for row, column in positions:
+        base = weight[row, column].item()
+        total = Fraction(base)
+        for term in terms:
+            first, stop = term.rows if term.rows is not None else (0, weight.shape[0])
+            if not first <= row < stop:
+                continue
+            if isinstance(term, LowRankTerm):
+                total += term.exact(row - first, column)
+            else:
+                local = (row - first) * width + column
+                delta = term.exact(local) if term.exact is not None else Fraction(term.delta.reshape(-1)[local].item())
+                total += Fraction(term.coefficient) * delta
+        values.append(base if total == 0 and base == 0 else exact_round(total, out_dtype))
+    index = torch.tensor(positions, dtype=torch.long, device=rounded.device)
+    rounded[index[:, 0], index[:, 1]] = torch.tensor(values, dtype=torch.float64, device=rounded.device).to(out_dtype)
 
 
-def _gemm_groups(terms: list[LowRankTerm]) -> list[tuple[tuple[int, int] | None, Tensor, Tensor]]:
-    """(rows, up, down) per run of consecutive same-row terms, factors concatenated along the rank."""
+def _gemm_groups(terms: list[LowRankTerm]) -> list[tuple[tuple[int, int] | None, Tensor, Tensor, list[LowRankTerm]]]:
+    """(rows, up, down, terms) per run of consecutive same-row terms, scaled factors concatenated along the rank."""
     groups = []
     for rows, group in groupby(terms, key=lambda term: term.rows):
         group = list(group)
-        up = group[0].up if len(group) == 1 else torch.cat([t.up for t in group], dim=1)
+        up = group[0].scaled_up if len(group) == 1 else torch.cat([t.scaled_up for t in group], dim=1)
         down = group[0].down if len(group) == 1 else torch.cat([t.down for t in group], dim=0)
-        groups.append((rows, up, down))
+        groups.append((rows, up, down, group))
     return groups
+
+
+def _row_norms(up: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(up, dim=1)
+
+
+def _column_norms(down: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(down, dim=0)
 
 
 # Elements per row block: 4 MiB of float64, which stays in this CPU's cache
 # while it is widened, accumulated and rounded; much smaller blocks lose to
 # per-call overhead and to re-reading each term's down factor.
 BLOCK_ELEMENTS = 1 << 19
-# Blocks start at multiples of this many rows (of the weight and of every row
-# slice a term lands on). The GEMM library's float64 result for a row depends
-# on where the row sits in its kernel's row tiles: blocks of 22 rows changed
-# 7 of 860 M float16 outputs of the SD 1.5 benchmark, while 64-row-aligned
-# blocks give the whole-matrix GEMM's bits (checked on 720 shapes and on the
-# full-size benchmark; tests/test_bake_blocks.py keeps checking).
+# Blocks start at multiples of this many rows. Certification makes the bytes
+# independent of how rows are tiled; the alignment is kept because it keeps
+# each block's float64 sums equal to the whole-matrix GEMM's, so the exact
+# recomputations happen at the same few elements either way.
 BLOCK_ROW_ALIGNMENT = 64
 _WIDE_FROM_SINGLE = (torch.float16, torch.bfloat16)  # widened through float32: both casts exact, both vectorised
 
@@ -116,46 +188,121 @@ def _blockable(weight: Tensor, terms: list[Term], out_dtype: torch.dtype) -> boo
         and bool(terms)
         and all(isinstance(term, LowRankTerm) for term in terms)
         and all(term.rows is None or term.rows[0] % BLOCK_ROW_ALIGNMENT == 0 for term in terms)
-        and out_dtype in (torch.float16, torch.float32, torch.float64)  # bfloat16's fix-up is not per block yet
+        and out_dtype in (torch.float16, torch.bfloat16, torch.float32)
     )
 
 
-def _bake_low_rank_in_blocks(weight: Tensor, terms: list[LowRankTerm], out_dtype: torch.dtype, workspace: Tensor | None) -> Tensor:
-    """bake_weight for low-rank terms, one block of rows at a time (same operations per element).
+@dataclass(frozen=True)
+class _Group:
+    """One GEMM of the block path, with the norms its error envelope needs."""
 
-    Blocks are independent (each element's operations depend only on its
-    64-row-aligned block), so BLOCK_THREADS workers take blocks in turn, each
+    first: int
+    stop: int
+    up: Tensor
+    down: Tensor
+    row_norms: Tensor
+    column_norms: Tensor
+
+
+def _bake_low_rank_in_blocks(weight: Tensor, terms: list[LowRankTerm], out_dtype: torch.dtype, workspace: Tensor | None) -> Tensor:
+    """bake_weight for low-rank terms, one block of rows at a time.
+
+    Blocks are independent, so BLOCK_THREADS workers take blocks in turn, each
     with its own scratch; which worker takes which block cannot change a byte.
     """
     rows = weight.shape[0]
     width = weight.numel() // rows
     source = weight.reshape(rows, width)
     baked = torch.empty((rows, width), dtype=out_dtype)
-    groups = [((0, rows) if span is None else span, up, down) for span, up, down in _gemm_groups(terms)]
+    groups = [
+        _Group(*((0, rows) if span is None else span), up, down, _row_norms(up), _column_norms(down))
+        for span, up, down, _ in _gemm_groups(terms)
+    ]
+    relative = gamma(2 + sum(group.up.shape[1] + 3 for group in groups))
+    largest = float(source.abs().max()) + sum(float(g.row_norms.max()) * float(g.column_norms.max()) for g in groups)
     block_rows = max(BLOCK_ROW_ALIGNMENT, BLOCK_ELEMENTS // width // BLOCK_ROW_ALIGNMENT * BLOCK_ROW_ALIGNMENT)
     block_rows = min(rows, block_rows)
     starts = range(0, rows, block_rows)
     workers = min(BLOCK_THREADS, len(starts))
     scratch = _block_scratch(workers, block_rows * width, source.dtype in _WIDE_FROM_SINGLE, workspace)
     pending = iter(starts)  # shared: next() on a range iterator is atomic under the GIL
+    unsure: list[list[int]] = []
 
     def work(buffer: Tensor, single: Tensor | None) -> None:
         for start in pending:
             stop = min(rows, start + block_rows)
             block = buffer[: (stop - start) * width].view(stop - start, width)
             _widen_into(block, source[start:stop], single)
-            for (first, end), up, down in groups:
-                low, high = max(first, start), min(end, stop)
+            for group in groups:
+                low, high = max(group.first, start), min(group.stop, stop)
                 if low < high:
-                    block[low - start:high - start].addmm_(up[low - first:high - first], down)
-            _round_into(block, baked[start:stop])
+                    block[low - start:high - start].addmm_(group.up[low - group.first:high - group.first], group.down)
+            flat = block.view(-1)
+            candidates = _block_candidates(flat, baked[start:stop].view(-1), relative * largest)
+            if candidates.numel():
+                bound = _block_bound(source, groups, start, width, candidates, relative)
+                rounded, sure = certify(flat[candidates], bound, out_dtype)
+                baked[start:stop].view(-1)[candidates] = rounded
+                missed = candidates[~sure]
+                unsure.extend([start + index // width, index % width] for index in missed.tolist())
 
     if workers == 1:
         work(*scratch[0])
     else:
         for future in [_block_pool().submit(work, *pair) for pair in scratch]:
             future.result()
+    if unsure:
+        _round_exactly(baked, sorted(unsure), source, terms, out_dtype)
     return baked.view(weight.shape)
+
+
+# float32 bit patterns (sign cleared) of float16's smallest normal and of the
+# largest finite float16 and bfloat16, and the float32 bits each format drops.
+_DROPPED_BITS = {torch.float16: 13, torch.bfloat16: 16}
+_SMALLEST_NORMAL = {torch.float16: 2.0**-14, torch.bfloat16: 2.0**-126}
+_LARGEST = {torch.float16: 65504.0, torch.bfloat16: float(torch.finfo(torch.bfloat16).max)}
+
+
+def _block_candidates(block: Tensor, out: Tensor, largest_bound: float) -> Tensor:
+    """Round ``block`` (float64) into ``out``; return the flat indices whose rounding needs their bound checked.
+
+    float16/bfloat16: the block is rounded to float32 and then to ``out`` (a
+    double rounding, correct except next to a midpoint). An element whose
+    float32 image is two or more float32 steps from every midpoint of the
+    format is farther than 1.5 float32 steps, 2^-24·|y| or more, from it; its
+    float64 error bound is below that whenever |y| > 2^25·bound, so it is
+    certainly rounded right. Candidates are the rest: float32 images within
+    one step of a midpoint (the dropped bits read 0x…FFF, 0x…000 or 0x…001 at
+    the midpoint's position), elements at or below max(the smallest normal,
+    2^25·largest bound) in magnitude (subnormal spacing, zeros, cancellation),
+    and elements at or beyond the largest finite value (overflow). float32
+    outputs check every element.
+    """
+    if out.dtype not in _DROPPED_BITS:
+        out.copy_(round_float64(block, out.dtype))
+        return torch.arange(block.numel())
+    nearest = block.to(torch.float32)
+    out.copy_(nearest)
+    magnitude = nearest.view(torch.int32).numpy() & 0x7FFFFFFF
+    window = (1 << (_DROPPED_BITS[out.dtype] - 1)) - 1  # midpoint bit and below, minus the midpoint bit
+    low = np.float32(max(_SMALLEST_NORMAL[out.dtype], largest_bound * 2.0**25)).view(np.int32)
+    high = np.float32(_LARGEST[out.dtype]).view(np.int32)
+    near = ((magnitude + 1) & window) <= 2
+    near |= magnitude <= low
+    near |= magnitude >= high
+    return torch.from_numpy(np.flatnonzero(near))
+
+
+def _block_bound(source: Tensor, groups: list[_Group], start: int, width: int, candidates: Tensor, relative: float) -> Tensor:
+    """The error bound γ·(|W| + Σ ‖c·u_i‖·‖d_j‖) at the candidates (flat indices of the block starting at ``start``)."""
+    rows = candidates // width + start
+    columns = candidates % width
+    bound = source[rows, columns].to(torch.float64).abs()
+    for group in groups:
+        inside = (rows >= group.first) & (rows < group.stop)
+        local = (rows - group.first).clamp(0, group.row_norms.numel() - 1)
+        bound += torch.where(inside, group.row_norms[local] * group.column_norms[columns], 0.0)
+    return bound.mul_(relative)
 
 
 # Workers baking the blocks of one weight. The torch ops and numpy casts in a
@@ -192,14 +339,6 @@ def _widen_into(block: Tensor, rows: Tensor, single: Tensor | None) -> None:
     staged = single[: block.numel()].view(block.shape)
     staged.copy_(rows)
     block.copy_(staged)
-
-
-def _round_into(block: Tensor, out: Tensor) -> None:
-    """One correct rounding of the float64 block into ``out`` (round_float64's result, without its allocations)."""
-    if out.dtype == torch.float16:
-        float16_into(block, out)
-    else:
-        out.copy_(round_float64(block, out.dtype))
 
 
 def _slice(tensor: Tensor, rows: tuple[int, int] | None) -> Tensor:

@@ -10,10 +10,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
+
 import torch
 from torch import Tensor
 
+from loraforge.ops.certified import gamma, round_certified
+from loraforge.ops.exact import dyadic_sum
+from loraforge.ops.rounding import round_float64
 from loraforge.ops.svd import LowRankResult, RankPolicy, dense_svd, factored_svd
+
+
+@dataclass(frozen=True)
+class FactorSource:
+    """One factored contribution as stored: ΔW = coefficient·scale·up @ (down, or mid ⊗ down for Tucker)."""
+
+    up: Tensor  # (out, r), float64
+    down: Tensor  # (r, in·kh·kw) or, with mid, the Tucker down (r, in, 1, 1); float64
+    mid: Tensor | None
+    coefficient: float
+    scale: float
 
 
 @dataclass(frozen=True)
@@ -23,6 +39,7 @@ class ModuleTerms:
     ups: tuple[Tensor, ...]  # (out, rᵢ), float64, coefficient·scale folded in
     downs: tuple[Tensor, ...]  # (rᵢ, in), float64
     dense: Tensor | None  # (out, in), float64, or None
+    sources: tuple[FactorSource, ...] = ()  # the factored pairs as stored, for correctly rounded concat
 
     def materialise(self) -> Tensor:
         """The dense Σ of every term (for the dense path and for measuring errors)."""
@@ -59,6 +76,52 @@ def concat(terms: ModuleTerms) -> LowRankResult:
     down = torch.cat(downs, dim=0)
     values = torch.zeros(0, dtype=torch.float64)
     return LowRankResult(up, down, values, int(down.shape[0]), 1.0, 0.0)
+
+
+def concat_rounded(terms: ModuleTerms, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(up, down) of :func:`concat` for factored terms, each element correctly rounded to ``dtype``.
+
+    Each up element is RN(coefficient·scale·u) with the exact product of the
+    three stored numbers, and each down element RN(d), or for a Tucker core
+    RN(Σ_j mid·down) exactly: the bytes depend on the inputs only.
+    Requires ``terms.sources`` and no dense part (that goes through an SVD).
+    """
+    assert terms.dense is None and len(terms.sources) == len(terms.ups)
+    ups, downs = [], []
+    for source in terms.sources:
+        product = source.up * (source.coefficient * source.scale)
+        multiplier = Fraction(source.coefficient) * Fraction(source.scale)
+        ups.append(round_certified(product, product.abs().mul_(gamma(3)), dtype,
+                                   lambda index, u=source.up, m=multiplier: m * Fraction(u.reshape(-1)[index].item()),
+                                   zero_is_exact=True))
+        if source.mid is None:
+            downs.append(round_float64(source.down, dtype))
+        else:
+            down = tucker_down(source.mid, source.down)
+            envelope = tucker_down(source.mid.abs(), source.down.abs())
+            rank = source.mid.shape[1]
+            element = _tucker_down_element(source.mid, source.down)
+            downs.append(round_certified(down, envelope.mul_(gamma(rank + 3)), dtype, element))
+    return torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+
+
+def _tucker_down_element(mid: Tensor, down: Tensor):
+    """Flat index of tucker_down's (r, in·kh·kw) result -> its exact value."""
+    down2 = down.reshape(down.shape[0], -1)
+    kernel = mid.shape[2:]
+    per_row = down2.shape[1] * math.prod(kernel)
+
+    def element(index: int) -> Fraction:
+        i, rest = divmod(index, per_row)
+        c, k = divmod(rest, math.prod(kernel))
+        position = []
+        for size in reversed(kernel):
+            position.append(k % size)
+            k //= size
+        column = mid[(i, slice(None), *position[::-1])].tolist()
+        return dyadic_sum(list(zip(column, down2[:, c].tolist())))
+
+    return element
 
 
 def svd_merge(

@@ -11,6 +11,7 @@ from .model import AdapterFile, AdapterModule, describe_kind, module_label
 from .parse import (
     load_factors,
     module_bias_delta,
+    module_certificate,
     module_delta,
     module_effective_delta,
     module_low_rank,
@@ -24,6 +25,7 @@ __all__ = [
     "describe_kind",
     "load_factors",
     "module_bias_delta",
+    "module_certificate",
     "module_delta",
     "module_effective_delta",
     "module_low_rank",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from loraforge.ops import deltas
+from loraforge.ops import deltas, exact
 
 from .model import AdapterModule, ModuleKeys
 
@@ -37,3 +37,9 @@ def build(mk: ModuleKeys) -> AdapterModule:
 
 def natural_delta(module: AdapterModule, factors: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
     return deltas.diff_delta(factors["diff"], dtype=dtype)
+
+
+def natural_exact(module: AdapterModule, factors: dict[str, Tensor]) -> tuple[int, exact.ElementFunction]:
+    """(rounding depth 0: the stored difference is exact; its element by flat index)."""
+    flat = factors["diff"].reshape(-1)
+    return 0, lambda index: exact.dyadic_sum([(flat[index].item(),)])

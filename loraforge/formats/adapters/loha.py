@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from loraforge.ops import deltas
+from loraforge.ops import deltas, exact
 
 from .model import AdapterModule, ModuleKeys, rank_mismatch
 
@@ -74,3 +74,11 @@ def natural_delta(module: AdapterModule, factors: dict[str, Tensor], dtype: torc
         t2=factors.get("hada_t2"),
         dtype=dtype,
     )
+
+
+def natural_exact(module: AdapterModule, factors: dict[str, Tensor]) -> tuple[int, exact.ElementFunction]:
+    """(rounding depth, exact natural-ΔW element by flat index, scale excluded)."""
+    w1a, w1b, w2a, w2b = (factors[k] for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+    t1, t2 = factors.get("hada_t1"), factors.get("hada_t2")
+    tucker = t1 is not None and t2 is not None
+    return exact.loha_depth(w1a, w2a, tucker), lambda index: exact.loha_element(w1a, w1b, w2a, w2b, t1, t2, index)

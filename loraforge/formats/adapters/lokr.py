@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from loraforge.ops import deltas
+from loraforge.ops import deltas, exact
 
 from .model import AdapterModule, ModuleKeys, rank_mismatch
 
@@ -74,3 +74,12 @@ def natural_delta(module: AdapterModule, factors: dict[str, Tensor], dtype: torc
         dtype=dtype,
     )
     return deltas.lokr_delta(w1, w2, scale=module.scale)
+
+
+def natural_exact(module: AdapterModule, factors: dict[str, Tensor]) -> tuple[int, exact.ElementFunction]:
+    """(rounding depth, exact natural-ΔW element by flat index, scale excluded)."""
+    w1 = (factors.get("lokr_w1"), factors.get("lokr_w1_a"), factors.get("lokr_w1_b"), None)
+    w2 = (factors.get("lokr_w2"), factors.get("lokr_w2_a"), factors.get("lokr_w2_b"), factors.get("lokr_t2"))
+    shapes = [deltas.lokr_factor_shape(*(None if t is None else tuple(t.shape) for t in w)) for w in (w1, w2)]
+    w1_shape, w2_shape = shapes[0], shapes[1]
+    return exact.lokr_depth(w1, w2), lambda index: exact.lokr_element(w1, w2, w1_shape, w2_shape, index)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from loraforge.ops import deltas
+from loraforge.ops import deltas, exact
 
 from .model import AdapterModule, ModuleKeys, rank_mismatch
 
@@ -68,3 +68,9 @@ def natural_delta(module: AdapterModule, factors: dict[str, Tensor], dtype: torc
     return deltas.lora_delta(
         factors["up"], factors["down"], scale=module.scale, mid=factors.get("mid"), dtype=dtype
     )
+
+
+def natural_exact(module: AdapterModule, factors: dict[str, Tensor]) -> tuple[int, exact.ElementFunction]:
+    """(rounding depth, exact natural-ΔW element by flat index, scale excluded)."""
+    up, down, mid = factors["up"], factors["down"], factors.get("mid")
+    return exact.lora_depth(up, mid), lambda index: exact.lora_element(up, down, mid, index)

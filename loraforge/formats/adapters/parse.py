@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from fractions import Fraction
 from collections.abc import Callable, Mapping
 from types import ModuleType
 
@@ -195,8 +196,8 @@ def module_delta(
     return deltas.fit_delta(natural, target_shape)
 
 
-def module_low_rank(module: AdapterModule, factors: Mapping[str, Tensor], coefficient: float):
-    """(coefficient·scale·up, down) as float64 matrices when ΔW is a plain product, else None.
+def module_low_rank(module: AdapterModule, factors: Mapping[str, Tensor]) -> tuple[Tensor, Tensor] | None:
+    """(up, down) as float64 matrices, as stored, when ΔW = scale·up @ down; else None.
 
     Plain kohya LoRA/LoCon modules (no Tucker core, no DoRA) qualify: their ΔW
     is up.flatten(1) @ down.flatten(1), so a bake can add it with one in-place
@@ -205,8 +206,32 @@ def module_low_rank(module: AdapterModule, factors: Mapping[str, Tensor], coeffi
     if module.kind != "lora" or module.tucker or module.dora:
         return None
     up, down = factors["up"], factors["down"]
-    up2 = up.reshape(up.shape[0], -1).to(torch.float64) * (coefficient * module.scale)
-    return up2, down.reshape(down.shape[0], -1).to(torch.float64)
+    return up.reshape(up.shape[0], -1).to(torch.float64), down.reshape(down.shape[0], -1).to(torch.float64)
+
+
+_NATURAL_EXACT = {"lora": lora.natural_exact, "loha": loha.natural_exact, "lokr": lokr.natural_exact, "diff": diff.natural_exact}
+
+
+@dataclasses.dataclass(frozen=True)
+class DeltaCertificate:
+    """What certified rounding needs of a ΔW computed from factors (see loraforge.ops.bake.DenseTerm)."""
+
+    envelope: Tensor  # the formula on absolute values, |scale| included, in the target shape
+    depth: int  # roundings along any one product of the float64 evaluation
+    exact: Callable[[int], Fraction]  # flat index in the target shape -> exact ΔW element, scale included
+
+
+def module_certificate(module: AdapterModule, factors: Mapping[str, Tensor], target_shape) -> DeltaCertificate | None:
+    """The certificate of ``module_delta``; None for DoRA, whose norm and division are not certified."""
+    from loraforge.ops import deltas
+
+    if module.dora:
+        return None
+    absolute = {role: tensor.abs() for role, tensor in factors.items()}
+    envelope = deltas.fit_delta(_NATURAL_DELTA[module.kind](module, absolute, torch.float64).abs(), target_shape)
+    depth, element = _NATURAL_EXACT[module.kind](module, dict(factors))
+    scale = Fraction(module.scale)
+    return DeltaCertificate(envelope, depth, lambda index: scale * element(index))
 
 
 def module_effective_delta(
