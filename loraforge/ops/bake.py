@@ -219,14 +219,15 @@ def _bake_low_rank_in_blocks(weight: Tensor, terms: list[LowRankTerm], out_dtype
         for span, up, down, _ in _gemm_groups(terms)
     ]
     relative = gamma(2 + sum(group.up.shape[1] + 3 for group in groups))
-    largest = float(source.abs().max()) + sum(float(g.row_norms.max()) * float(g.column_norms.max()) for g in groups)
+    lowest, highest = torch.aminmax(source)
+    largest = max(-float(lowest), float(highest)) + sum(float(g.row_norms.max()) * float(g.column_norms.max()) for g in groups)
     block_rows = max(BLOCK_ROW_ALIGNMENT, BLOCK_ELEMENTS // width // BLOCK_ROW_ALIGNMENT * BLOCK_ROW_ALIGNMENT)
     block_rows = min(rows, block_rows)
     starts = range(0, rows, block_rows)
     workers = min(BLOCK_THREADS, len(starts))
     scratch = _block_scratch(workers, block_rows * width, source.dtype in _WIDE_FROM_SINGLE, workspace)
     pending = iter(starts)  # shared: next() on a range iterator is atomic under the GIL
-    unsure: list[list[int]] = []
+    found: list[tuple[Tensor, Tensor]] = []  # (flat indices in the weight, float64 approximations)
 
     def work(buffer: Tensor, single: Tensor | None) -> None:
         for start in pending:
@@ -240,27 +241,34 @@ def _bake_low_rank_in_blocks(weight: Tensor, terms: list[LowRankTerm], out_dtype
             flat = block.view(-1)
             candidates = _block_candidates(flat, baked[start:stop].view(-1), relative * largest)
             if candidates.numel():
-                bound = _block_bound(source, groups, start, width, candidates, relative)
-                rounded, sure = certify(flat[candidates], bound, out_dtype)
-                baked[start:stop].view(-1)[candidates] = rounded
-                missed = candidates[~sure]
-                unsure.extend([start + index // width, index % width] for index in missed.tolist())
+                found.append((candidates + start * width, flat[candidates]))  # list.append is atomic
 
     if workers == 1:
         work(*scratch[0])
     else:
         for future in [_block_pool().submit(work, *pair) for pair in scratch]:
             future.result()
-    if unsure:
-        _round_exactly(baked, sorted(unsure), source, terms, out_dtype)
+    if found:
+        _certify_candidates(baked, source, groups, terms, found, relative, out_dtype)
     return baked.view(weight.shape)
 
 
-# float32 bit patterns (sign cleared) of float16's smallest normal and of the
-# largest finite float16 and bfloat16, and the float32 bits each format drops.
+def _certify_candidates(baked, source, groups, terms, found, relative: float, out_dtype: torch.dtype) -> None:
+    """Check every candidate of the weight against its own bound (one batch); recompute the undecided exactly."""
+    width = source.shape[1]
+    indices = torch.cat([index for index, _ in found])
+    approx = torch.cat([value for _, value in found])
+    rounded, sure = certify(approx, _candidate_bound(source, groups, indices, relative), out_dtype)
+    baked.view(-1)[indices] = rounded
+    missed = indices[~sure].tolist()
+    if missed:
+        _round_exactly(baked, sorted([index // width, index % width] for index in missed), source, terms, out_dtype)
+
+
+# The float32 bits each format drops, and its largest finite value.
 _DROPPED_BITS = {torch.float16: 13, torch.bfloat16: 16}
-_SMALLEST_NORMAL = {torch.float16: 2.0**-14, torch.bfloat16: 2.0**-126}
 _LARGEST = {torch.float16: 65504.0, torch.bfloat16: float(torch.finfo(torch.bfloat16).max)}
+_TINY = 2.0**-149  # the smallest float32 step: zeros are always candidates
 
 
 def _block_candidates(block: Tensor, out: Tensor, largest_bound: float) -> Tensor:
@@ -272,11 +280,11 @@ def _block_candidates(block: Tensor, out: Tensor, largest_bound: float) -> Tenso
     format is farther than 1.5 float32 steps, 2^-24·|y| or more, from it; its
     float64 error bound is below that whenever |y| > 2^25·bound, so it is
     certainly rounded right. Candidates are the rest: float32 images within
-    one step of a midpoint (the dropped bits read 0x…FFF, 0x…000 or 0x…001 at
-    the midpoint's position), elements at or below max(the smallest normal,
-    2^25·largest bound) in magnitude (subnormal spacing, zeros, cancellation),
-    and elements at or beyond the largest finite value (overflow). float32
-    outputs check every element.
+    one step of a midpoint (the low 12 bits read 0xFFF, 0x000 or 0x001: every
+    midpoint, subnormal ones included, has at least 12 trailing zero bits in
+    float32), elements at or below 2^25·largest bound in magnitude (zeros,
+    cancellation), and elements at or beyond the largest finite value
+    (overflow). float32 outputs check every element.
     """
     if out.dtype not in _DROPPED_BITS:
         out.copy_(round_float64(block, out.dtype))
@@ -284,19 +292,20 @@ def _block_candidates(block: Tensor, out: Tensor, largest_bound: float) -> Tenso
     nearest = block.to(torch.float32)
     out.copy_(nearest)
     magnitude = nearest.view(torch.int32).numpy() & 0x7FFFFFFF
-    window = (1 << (_DROPPED_BITS[out.dtype] - 1)) - 1  # midpoint bit and below, minus the midpoint bit
-    low = np.float32(max(_SMALLEST_NORMAL[out.dtype], largest_bound * 2.0**25)).view(np.int32)
-    high = np.float32(_LARGEST[out.dtype]).view(np.int32)
+    window = (1 << (_DROPPED_BITS[out.dtype] - 1)) - 1  # the bits below the midpoint's bit
+    low = int(np.float32(max(_TINY, largest_bound * 2.0**25)).view(np.int32))
+    high = int(np.float32(_LARGEST[out.dtype]).view(np.int32))
     near = ((magnitude + 1) & window) <= 2
-    near |= magnitude <= low
-    near |= magnitude >= high
+    # Outside (low, high), in one unsigned comparison.
+    near |= (magnitude - (low + 1)).view(np.uint32) >= high - low - 1
     return torch.from_numpy(np.flatnonzero(near))
 
 
-def _block_bound(source: Tensor, groups: list[_Group], start: int, width: int, candidates: Tensor, relative: float) -> Tensor:
-    """The error bound γ·(|W| + Σ ‖c·u_i‖·‖d_j‖) at the candidates (flat indices of the block starting at ``start``)."""
-    rows = candidates // width + start
-    columns = candidates % width
+def _candidate_bound(source: Tensor, groups: list[_Group], indices: Tensor, relative: float) -> Tensor:
+    """The error bound γ·(|W| + Σ ‖c·u_i‖·‖d_j‖) at flat indices of the weight's matrix view."""
+    width = source.shape[1]
+    rows = indices // width
+    columns = indices % width
     bound = source[rows, columns].to(torch.float64).abs()
     for group in groups:
         inside = (rows >= group.first) & (rows < group.stop)

@@ -21,7 +21,11 @@ from loraforge.plan.provenance import recorded_fields
 from loraforge.recipe.loader import LoadedRecipe
 
 # Bump when the numeric recipe of an operation changes in a way that changes bytes.
-BAKE_NUMERIC_POLICY = "bake-v2: float64 delta and accumulation, one correct (round-to-odd, nearest-even) rounding to the save dtype"
+BAKE_NUMERIC_POLICY = (
+    "bake-v3: each element RN(exact W + sum of coefficient x scale x dW) in the save dtype, round half to even, "
+    "certified (float64 sum with a rigorous bound, exact dyadic recomputation near midpoints); zero: +0 unless "
+    "untouched; DoRA terms as their float64 evaluation; float64 outputs not certified"
+)
 
 
 def canonical_json(value) -> str:

@@ -33,9 +33,10 @@ from loraforge.recipe.schema import RankSpec
 
 # Bump when the numeric recipe of merging changes in a way that changes bytes.
 MERGE_NUMERIC_POLICY = (
-    "merge-v1: float64 factors; concat folds coefficient x scale into up; svd: QR of stacked factors + SVD of "
+    "merge-v2: float64 factors; concat writes RN(coefficient x scale x up) and RN(down), certified exact "
+    "rounding (dense inputs: exact SVD at numerical rank); svd: QR of stacked factors + SVD of "
     "the core (dense inputs: float64 dense SVD, randomized seeded per module); numerical-rank cap; symmetric "
-    "split, canonical signs, alpha = rank; one rounding to the save dtype"
+    "split, canonical signs, alpha = rank; one correct rounding to the save dtype"
 )
 REPORT_SUFFIX = ".merge.json"
 MERGE_MEMORY_FLOOR = 256 << 20  # torch, thread pools, the output's factors
