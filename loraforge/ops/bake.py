@@ -225,28 +225,28 @@ def _bake_low_rank_in_blocks(weight: Tensor, terms: list[LowRankTerm], out_dtype
     block_rows = min(rows, block_rows)
     starts = range(0, rows, block_rows)
     workers = min(BLOCK_THREADS, len(starts))
-    scratch = _block_scratch(workers, block_rows * width, source.dtype in _WIDE_FROM_SINGLE, workspace)
+    scratch = [_Scratch.make(block_rows * width, workspace if index == 0 else None) for index in range(workers)]
     pending = iter(starts)  # shared: next() on a range iterator is atomic under the GIL
     found: list[tuple[Tensor, Tensor]] = []  # (flat indices in the weight, float64 approximations)
 
-    def work(buffer: Tensor, single: Tensor | None) -> None:
+    def work(scratch: _Scratch) -> None:
         for start in pending:
             stop = min(rows, start + block_rows)
-            block = buffer[: (stop - start) * width].view(stop - start, width)
-            _widen_into(block, source[start:stop], single)
+            block = scratch.wide[: (stop - start) * width].view(stop - start, width)
+            _widen_into(block, source[start:stop], scratch.single if source.dtype in _WIDE_FROM_SINGLE else None)
             for group in groups:
                 low, high = max(group.first, start), min(group.stop, stop)
                 if low < high:
                     block[low - start:high - start].addmm_(group.up[low - group.first:high - group.first], group.down)
             flat = block.view(-1)
-            candidates = _block_candidates(flat, baked[start:stop].view(-1), relative * largest)
+            candidates = _block_candidates(flat, baked[start:stop].view(-1), relative * largest, scratch)
             if candidates.numel():
                 found.append((candidates + start * width, flat[candidates]))  # list.append is atomic
 
     if workers == 1:
-        work(*scratch[0])
+        work(scratch[0])
     else:
-        for future in [_block_pool().submit(work, *pair) for pair in scratch]:
+        for future in [_block_pool().submit(work, one) for one in scratch]:
             future.result()
     if found:
         _certify_candidates(baked, source, groups, terms, found, relative, out_dtype)
@@ -271,7 +271,7 @@ _LARGEST = {torch.float16: 65504.0, torch.bfloat16: float(torch.finfo(torch.bflo
 _TINY = 2.0**-149  # the smallest float32 step: zeros are always candidates
 
 
-def _block_candidates(block: Tensor, out: Tensor, largest_bound: float) -> Tensor:
+def _block_candidates(block: Tensor, out: Tensor, largest_bound: float, scratch: _Scratch) -> Tensor:
     """Round ``block`` (float64) into ``out``; return the flat indices whose rounding needs their bound checked.
 
     float16/bfloat16: the block is rounded to float32 and then to ``out`` (a
@@ -289,15 +289,24 @@ def _block_candidates(block: Tensor, out: Tensor, largest_bound: float) -> Tenso
     if out.dtype not in _DROPPED_BITS:
         out.copy_(round_float64(block, out.dtype))
         return torch.arange(block.numel())
-    nearest = block.to(torch.float32)
+    count = block.numel()
+    nearest = scratch.single[:count]
+    nearest.copy_(block)
     out.copy_(nearest)
-    magnitude = nearest.view(torch.int32).numpy() & 0x7FFFFFFF
+    # In place, into preallocated arrays: fresh multi-MB temporaries cost a page fault per 4 KiB.
+    magnitude = nearest.view(torch.int32).numpy()
+    key, near, outside = scratch.key[:count], scratch.near[:count], scratch.outside[:count]
+    np.bitwise_and(magnitude, 0x7FFFFFFF, out=magnitude)
     window = (1 << (_DROPPED_BITS[out.dtype] - 1)) - 1  # the bits below the midpoint's bit
+    np.add(magnitude, 1, out=key)
+    np.bitwise_and(key, window, out=key)
+    np.less_equal(key, 2, out=near)
+    # Outside (low, high), in one unsigned comparison.
     low = int(np.float32(max(_TINY, largest_bound * 2.0**25)).view(np.int32))
     high = int(np.float32(_LARGEST[out.dtype]).view(np.int32))
-    near = ((magnitude + 1) & window) <= 2
-    # Outside (low, high), in one unsigned comparison.
-    near |= (magnitude - (low + 1)).view(np.uint32) >= high - low - 1
+    np.subtract(magnitude, low + 1, out=key)
+    np.greater_equal(key.view(np.uint32), high - low - 1, out=outside)
+    np.bitwise_or(near, outside, out=near)
     return torch.from_numpy(np.flatnonzero(near))
 
 
@@ -325,19 +334,22 @@ def _block_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=BLOCK_THREADS, thread_name_prefix="loraforge-block")
 
 
-def _block_scratch(workers: int, numel: int, staged: bool, workspace: Tensor | None) -> list[tuple[Tensor, Tensor | None]]:
-    """(float64 block buffer, float32 staging buffer or None) per worker; the first reuses the workspace."""
-    scratch = []
-    for index in range(workers):
-        buffer = _block_buffer(numel, workspace if index == 0 else None)
-        scratch.append((buffer, torch.empty(numel, dtype=torch.float32) if staged else None))
-    return scratch
+@dataclass(frozen=True)
+class _Scratch:
+    """One worker's buffers for a block: float64 sums, float32 staging, and the candidate filter's arrays."""
 
+    wide: Tensor  # float64
+    single: Tensor  # float32
+    key: np.ndarray  # int32
+    near: np.ndarray  # bool
+    outside: np.ndarray  # bool
 
-def _block_buffer(numel: int, workspace: Tensor | None) -> Tensor:
-    if workspace is not None and workspace.numel() >= numel and workspace.device.type == "cpu":
-        return workspace
-    return torch.empty(numel, dtype=torch.float64)
+    @staticmethod
+    def make(numel: int, workspace: Tensor | None) -> "_Scratch":
+        usable = workspace is not None and workspace.numel() >= numel and workspace.device.type == "cpu"
+        wide = workspace if usable else torch.empty(numel, dtype=torch.float64)
+        return _Scratch(wide, torch.empty(numel, dtype=torch.float32), np.empty(numel, np.int32),
+                        np.empty(numel, bool), np.empty(numel, bool))
 
 
 def _widen_into(block: Tensor, rows: Tensor, single: Tensor | None) -> None:
