@@ -4,6 +4,11 @@ The writer sleeps after each tensor and prints MIDWAY to stderr once the
 condition (a Python expression over ``self``, the SafetensorsWriter, and
 ``count``, the tensors written so far) first holds, so the signal really
 lands while a temp file is being written.
+
+The child first puts SIGINT back to Python's usual KeyboardInterrupt handler:
+a POSIX shell starts a background job with SIGINT ignored, children inherit
+that, and Python installs no handler for an ignored SIGINT, so a SIGINT test
+run as `pytest ... &` would otherwise see its signal ignored.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import sys
 from pathlib import Path
 
 SCRIPT = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from loraforge.formats import safetensors_writer
 original = safetensors_writer.SafetensorsWriter.write
 count = 0
