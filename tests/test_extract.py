@@ -182,6 +182,29 @@ def test_a_rebuild_in_another_process_with_other_threads_is_byte_identical(full_
     assert (folder / "again" / "ex.extract.json").read_bytes() == first.report_path.read_bytes()
 
 
+def build_in_subprocess(folder: Path, name: str, text: str, threads: int) -> Path:
+    """Build ``text`` (its outputs moved under ``name/``) in a fresh process with OMP/MKL on ``threads`` threads."""
+    (folder / f"{name}.yaml").write_text(text.replace("first/", f"{name}/"))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    code = "from loraforge.cli import app; app()"
+    subprocess.run(
+        [sys.executable, "-c", code, "build", "-q", str(folder / f"{name}.yaml"), "--device", "cpu"],
+        check=True, env=env, capture_output=True,
+    )
+    return folder / name / "ex.safetensors"
+
+
+@pytest.mark.parametrize("svd", ["randomized", "exact"])
+def test_builds_on_one_and_on_two_threads_are_byte_identical(full_rank, svd):
+    """Each module's SVD runs on one LAPACK/BLAS thread whatever OMP_NUM_THREADS/MKL_NUM_THREADS say."""
+    folder = full_rank[0]
+    text = recipe_text(rank=4, conv_rank=4, text_encoder="false", svd=svd, output="first/ex.safetensors")
+    one = build_in_subprocess(folder, f"{svd}-1", text, threads=1)
+    two = build_in_subprocess(folder, f"{svd}-2", text, threads=2)
+    assert sha256(one) == sha256(two)
+    assert one.with_suffix(".extract.json").read_bytes() == two.with_suffix(".extract.json").read_bytes()
+
+
 def test_unchanged_modules_are_skipped_and_listed(tmp_path):
     arch = get_architecture("sd1", "tiny")
     write_synthetic_checkpoint(tmp_path / "base.safetensors", arch, seed=1, dtype="F32")

@@ -58,3 +58,22 @@ def single_threaded_torch() -> Iterator[int]:
             _single_threaded_users -= 1
             if _single_threaded_users == 0:
                 torch.set_num_threads(_threads_before)
+
+
+@contextmanager
+def one_thread_per_module(device: torch.device) -> Iterator[int]:
+    """On the CPU, torch (and its BLAS/LAPACK) on one thread while inside; yields how many modules to run side by side.
+
+    For per-module SVD work (SVD merges, resizes, extractions): a
+    single-threaded LAPACK/BLAS call, and a single-threaded torch reduction,
+    give bytes that do not depend on OMP_NUM_THREADS, MKL_NUM_THREADS or the
+    number of cores, while several modules computed side by side in Python
+    threads (torch releases the GIL) keep the cores busy. The worker count is
+    the torch thread count from before (at least 1); on a GPU it is 1 and
+    nothing changes.
+    """
+    if device.type != "cpu":
+        yield 1
+        return
+    with single_threaded_torch() as previous:
+        yield max(1, previous)

@@ -23,6 +23,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from loraforge.errors import BuildError
+from loraforge.execute.device import one_thread_per_module
 from loraforge.formats.arch.table import TEXT_ENCODERS, ModuleSpec
 from loraforge.formats.lora_output import LoraModuleFactors, lora_metadata, write_lora
 from loraforge.formats.metadata import release_date
@@ -106,15 +107,40 @@ def run_extract(
 
 
 def _extract_all(target, tuned, base, device, on_progress) -> Iterator[ModuleOutcome]:
+    """Every candidate module's outcome, in the plan's order.
+
+    On the CPU each weight's difference and SVDs run on one torch thread,
+    several weights side by side (:func:`one_thread_per_module`), so the
+    bytes do not depend on the thread count; at most ``workers + 1`` weights
+    are in flight besides the ones being read ahead.
+    """
     by_key: dict[str, list[ModuleSpec]] = {}
     for module in target.modules:
         by_key.setdefault(module.key, []).append(module)
-    for key, tuned_weight, base_weight in _prefetched_pairs(tuned, base, list(by_key)):
+
+    def one_weight(key, tuned_weight, base_weight) -> list[ModuleOutcome]:
         base_weight = base_weight.to(device)
         delta = weight_delta(tuned_weight.to(device), base_weight, target.compute)
-        for module in by_key[key]:
-            yield _extract_module(target, module, delta, base_weight)
-            on_progress(target.module_bytes(module))
+        return [_extract_module(target, module, delta, base_weight) for module in by_key[key]]
+
+    with ExitStack() as stack:
+        workers = stack.enter_context(one_thread_per_module(device))
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="loraforge-extract"))
+        stack.callback(pool.shutdown, wait=True, cancel_futures=True)  # an error or interrupt: start nothing more
+        pending: deque = deque()
+        for key, tuned_weight, base_weight in _prefetched_pairs(tuned, base, list(by_key)):
+            pending.append(pool.submit(one_weight, key, tuned_weight, base_weight))
+            del tuned_weight, base_weight
+            while len(pending) > workers:
+                yield from _finished(pending.popleft(), target, on_progress)
+        while pending:
+            yield from _finished(pending.popleft(), target, on_progress)
+
+
+def _finished(future, target: ExtractionTarget, on_progress) -> Iterator[ModuleOutcome]:
+    for outcome in future.result():
+        yield outcome
+        on_progress(target.module_bytes(outcome.module))
 
 
 def _extract_module(target: ExtractionTarget, module: ModuleSpec, delta, base_weight) -> ModuleOutcome:
