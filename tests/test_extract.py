@@ -338,6 +338,13 @@ def test_example_recipe_plans_and_builds_from_the_committed_demo_inputs(tmp_path
     # neon (rank 8) + noir (rank 4) change every module by at most rank 12; 99.9 % energy never needs more.
     assert max(entry["rank"] for entry in report["modules"]) <= 12
     assert report["summary"]["min_energy_retained"] >= 0.999
+    # The lock records the numeric environment of the SVD step (only), next to its device class.
+    from loraforge.plan.numeric_environment import numeric_environment
+
+    locked = json.loads((tmp_path / "extract-demo.lock").read_text())["targets"]
+    assert locked["neon-noir-lora"]["device_class"] == "cpu"
+    assert locked["neon-noir-lora"]["numeric_environment"] == numeric_environment("cpu").to_json()
+    assert "numeric_environment" not in locked["neon-noir-full"] and "numeric_environment" not in locked["neon-noir-rebaked"]
 
 
 def test_an_extraction_is_not_a_base_but_feeds_a_bake_as_a_lora(tmp_path):

@@ -12,6 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 from loraforge.cli import app
+from loraforge.plan import numeric_environment as environments
+from loraforge.plan.numeric_environment import NumericEnvironment, numeric_environment
+from loraforge.resolve.lockfile import read_lock
 from loraforge.formats.arch import get_architecture
 from loraforge.resolve.store import Store
 from loraforge.testing.adapters import write_synthetic_adapter
@@ -132,6 +135,68 @@ def test_locked_build_fails_when_a_target_changed_or_there_is_no_lock(project):
     _write(project, style="models/other.safetensors")
     result = invoke("build", project / "recipe.yaml", "-q", "--locked")
     assert result.exit_code == 2 and "'models/other.safetensors' in the recipe" in " ".join(result.output.split())
+
+
+# --- the numeric environment of SVD steps ------------------------------------------
+
+RESIZE = """\
+loraforge: 1
+name: lock-resize
+date: "2026-11-01"
+precision: {save: float16}
+inputs:
+  style: {source: models/style.safetensors}
+targets:
+  resized:
+    kind: lora
+    method: svd
+    loras:
+      - {use: style}
+    rank: 2
+"""
+
+
+def test_an_svd_step_records_its_numeric_environment_and_locked_builds_accept_another(project):
+    recipe = project / "resize.yaml"
+    recipe.write_text(RESIZE)
+    assert invoke("build", recipe, "-q").exit_code == 0
+    lock_file = project / "resize.lock"
+    entry = json.loads(lock_file.read_text())["targets"]["resized"]
+    assert entry["device_class"] == "cpu"
+    assert entry["numeric_environment"] == numeric_environment("cpu").to_json()
+    assert NumericEnvironment.from_json(entry["numeric_environment"]) == numeric_environment("cpu")
+    output = project / "dist/resized.safetensors"
+    # Locked on another CPU (or by an older loraforge, with no environment): the action key names the device
+    # class only, so --locked rebuilds a missing output without complaint and leaves the lock as it was.
+    for environment in ({**entry["numeric_environment"], "processor": "other", "isa": "avx512f"}, None):
+        lock = json.loads(lock_file.read_text())
+        lock["targets"]["resized"].pop("numeric_environment", None)
+        if environment is not None:
+            lock["targets"]["resized"]["numeric_environment"] = environment
+        lock_file.write_text(json.dumps(lock, sort_keys=True, indent=2) + "\n")
+        before = lock_file.read_bytes()
+        assert read_lock(lock_file).targets["resized"].get("numeric_environment") == environment
+        output.unlink()
+        result = invoke("build", recipe, "-q", "--locked", "--offline")
+        assert result.exit_code == 0, result.output
+        assert lock_file.read_bytes() == before and _sha(output) == entry["sha256"]
+
+
+def test_numeric_environment_fields_and_differences(tmp_path, monkeypatch):
+    here = numeric_environment("cpu")
+    assert here is numeric_environment("cpu")  # computed once per process
+    assert here.device_class == "cpu" and here.torch and here.blas
+    assert here.label().startswith(f"cpu/{here.blas}/{here.processor}/{here.isa}")
+    assert NumericEnvironment.from_json(None) is None and NumericEnvironment.from_json({"device_class": "cpu"}) is None
+    other = NumericEnvironment(**{**here.to_json(), "isa": "avx512f" if here.isa != "avx512f" else "avx2"})
+    assert here.differences(here) == () and here.differences(other) == (f"isa {here.isa} vs {other.isa}",)
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu sse4_2 avx avx2 avx512f avx512bw\n")
+    assert environments._cpuinfo(cpuinfo) == ("intel", frozenset({"fpu", "sse4_2", "avx", "avx2", "avx512f", "avx512bw"}))
+    assert environments._cpuinfo(tmp_path / "absent") == ("unknown", frozenset())
+    monkeypatch.setenv("MKL_CBWR", "avx2")
+    monkeypatch.delenv("MKL_ENABLE_INSTRUCTIONS", raising=False)
+    assert environments._blas_settings() == "MKL_CBWR=AVX2"
 
 
 def test_remote_input_build_then_offline_build_uses_the_store(project, server, monkeypatch):

@@ -1,5 +1,6 @@
 """`loraforge verify` end to end on tiny models: reproduced, a flipped byte, a changed input,
-the cross-device tolerance rule, and that verify writes nothing the user owns."""
+the tolerance rule across device classes and numeric environments, and that verify writes
+nothing the user owns."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from loraforge.formats.arch import get_architecture
 from loraforge.formats.safetensors_reader import open_safetensors
 from loraforge.formats.safetensors_writer import save_tensors
 from loraforge.ops.compare import factored_relative_error
+from loraforge.plan.numeric_environment import numeric_environment
 from loraforge.resolve.hash_cache import cache_root
 from loraforge.testing.adapters import write_synthetic_adapter
 from loraforge.testing.checkpoints import write_synthetic_checkpoint
@@ -160,6 +162,8 @@ def test_untouched_build_verifies_and_nothing_is_written(project):
     }
     lock = lock_of(project)["targets"]
     assert lock["merged"]["device_class"] == "cpu"
+    assert lock["merged"]["numeric_environment"] == numeric_environment("cpu").to_json()
+    assert "numeric_environment" not in lock["bundle"] and "numeric_environment" not in lock["baked"]
     assert lock["merged"]["tolerance"] == {"relative_error": relative_error_tolerance(["F16"])}
     assert "tolerance" not in lock["bundle"] and "tolerance" not in lock["baked"]
 
@@ -220,17 +224,34 @@ def test_missing_lock_is_a_user_error(project):
     assert "no lock file" in result.output
 
 
-# --- another device class -------------------------------------------------------
+# --- another device class or numeric environment ----------------------------------
+
+CUDA_ENVIRONMENT = {
+    "device_class": "cuda", "blas": "cusolver", "processor": "NVIDIA H100 80GB HBM3", "isa": "sm_90",
+    "blas_settings": "", "torch_kernels": "cuda", "torch": "2.13.0+cuda12.8",
+}
 
 
-def _fake_other_device(project: Path, edit) -> dict:
-    """Pretend `merged` was built on cuda: its locked output is the CPU one edited by ``edit``."""
+def _fake_other_device(project: Path, edit, environment: dict | None = None, device_class: str = "cuda") -> dict:
+    """Pretend `merged` was built elsewhere: its locked output is the CPU one edited by ``edit``, its lock
+    entry names ``device_class`` and ``environment`` (a CUDA one by default; None drops the field, as an
+    older loraforge wrote it)."""
     sha = rewrite(project / MERGED, edit)
     lock = lock_of(project)
     entry = lock["targets"]["merged"]
-    entry.update(device_class="cuda", sha256=sha, size=(project / MERGED).stat().st_size)
+    entry.update(device_class=device_class, sha256=sha, size=(project / MERGED).stat().st_size)
+    entry.pop("numeric_environment")
+    if environment is not None or device_class == "cuda":
+        entry["numeric_environment"] = environment or CUDA_ENVIRONMENT
     write_lock(project, lock)
     return entry
+
+
+def _other_cpu() -> dict:
+    """This machine's CPU environment with another vendor and SIMD level (an Intel AVX-512 box, or an AMD one)."""
+    here = numeric_environment("cpu").to_json()
+    other = ("amd", "avx2") if here["processor"] == "intel" else ("intel", "avx512f")
+    return {**here, "processor": other[0], "isa": other[1]}
 
 
 def _nudge(module: str, factor: float):
@@ -251,11 +272,41 @@ def test_other_device_class_within_tolerance_passes(project):
     merged = targets_of(report)["merged"]
     assert code == 0, json.dumps(merged, indent=1)
     assert (merged["rule"], merged["status"], merged["locked_device_class"]) == ("tolerance", "within tolerance", "cuda")
+    assert merged["numeric_environment"] == {"lock": CUDA_ENVIRONMENT, "rebuilt": numeric_environment("cpu").to_json()}
     assert merged["tolerance"] == entry["tolerance"]["relative_error"]
     [measured] = merged["difference"]["modules"]
     assert measured["module"] == module and measured["within_tolerance"]
     assert 0 < measured["relative_error"] <= merged["tolerance"]
     assert targets_of(report)["baked"]["status"] == "reproduced"  # it read the CPU rebuild, which matches the disk's bake
+
+
+def test_other_cpu_environment_is_compared_within_tolerance_and_named(project):
+    """Same device class, another CPU (vendor, SIMD level): the lock's tolerance, and the report says why."""
+    module = "lora_unet_mid_block_attentions_0_proj_in"
+    other = _other_cpu()
+    _fake_other_device(project, _nudge(module, 1 + 2.0**-10), other, device_class="cpu")
+    found = verify_recipe(project / "recipe.yaml", ["merged"])
+    [verdict] = found.targets
+    assert found.ok and (verdict.rule, verdict.status) == ("tolerance", "within tolerance")
+    here = numeric_environment("cpu")
+    built = f"cpu/{other['blas']}/{other['processor']}/{other['isa']}"
+    assert verdict.reasons[0] == (
+        f"SVD step built on {built}, rebuilt on {here.label()} (processor {other['processor']} vs {here.processor}; "
+        f"isa {other['isa']} vs {here.isa}): compared within the lock's tolerance {verdict.tolerance:.3g} per module"
+    )
+    assert verdict.reasons[0] in "\n".join(report_lines(found))
+
+
+def test_a_lock_without_a_numeric_environment_is_compared_within_tolerance(project):
+    """Locks written before the environment was recorded still load; their SVD steps get the tolerance rule."""
+    module = "lora_unet_mid_block_attentions_0_proj_in"
+    _fake_other_device(project, _nudge(module, 1 + 2.0**-10), None, device_class="cpu")
+    assert "numeric_environment" not in lock_of(project)["targets"]["merged"]
+    code, report = verify_json(project, "merged")
+    merged = targets_of(report)["merged"]
+    assert code == 0 and (merged["rule"], merged["status"]) == ("tolerance", "within tolerance")
+    assert merged["numeric_environment"]["lock"] is None
+    assert "a numeric environment the lock does not record (device class cpu)" in merged["reasons"][0]
 
 
 def test_other_device_class_out_of_tolerance_names_the_module(project):
@@ -277,17 +328,15 @@ def test_other_device_class_out_of_tolerance_names_the_module(project):
     assert measured["relative_error"] > entry["tolerance"]["relative_error"]
 
 
-def test_same_device_class_demands_identical_bytes(project):
-    """The same one-ulp nudge that passes across device classes fails on the class the lock names."""
+def test_same_numeric_environment_demands_identical_bytes(project):
+    """The same one-ulp nudge that passes across environments fails in the environment the lock names."""
     module = "lora_unet_mid_block_attentions_0_proj_in"
-    _fake_other_device(project, _nudge(module, 1 + 2.0**-10))
-    lock = lock_of(project)
-    lock["targets"]["merged"]["device_class"] = "cpu"
-    write_lock(project, lock)
+    _fake_other_device(project, _nudge(module, 1 + 2.0**-10), numeric_environment("cpu").to_json(), device_class="cpu")
     code, report = verify_json(project, "merged")
     merged = targets_of(report)["merged"]
     assert code == 1 and (merged["rule"], merged["status"]) == ("byte-identical", "differs")
     assert [m["module"] for m in merged["difference"]["modules"]] == [module]
+    assert any(r.startswith("SVD step rebuilt in the numeric environment the lock records") for r in merged["reasons"])
 
 
 def test_an_edited_recipe_is_named_as_the_cause(project):

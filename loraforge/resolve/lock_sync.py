@@ -14,6 +14,7 @@ from typing import Mapping
 
 from loraforge import __version__
 from loraforge.errors import ResolveError
+from loraforge.plan.numeric_environment import target_environment
 from loraforge.recipe.loader import LoadedRecipe
 from loraforge.resolve.local import ResolvedInput
 from loraforge.resolve.lockfile import Lock, lock_path, numeric_policies, read_lock, write_lock
@@ -59,7 +60,8 @@ def updated_lock(
 
 def target_entry(loaded: LoadedRecipe, target, result) -> dict:
     """A built target's lock entry: action key, output (relative to the recipe), size, hashes,
-    and for steps whose bytes depend on the device class (SVDs), that class."""
+    and for steps whose bytes depend on the device class (SVDs), that class, the numeric
+    environment they ran in (plan/numeric_environment.py) and the cross-environment tolerance."""
     written = result.written
     entry = {
         "action_key": target.action_key,
@@ -72,7 +74,8 @@ def target_entry(loaded: LoadedRecipe, target, result) -> dict:
     device_class = getattr(target, "device_class", None)  # SVD steps only: their bytes depend on it
     if device_class is not None:
         entry["device_class"] = device_class
-        # What `verify` accepts per module from a rebuild on another device class (verify/tolerance.py).
+        entry["numeric_environment"] = target_environment(target).to_json()
+        # What `verify` accepts per module from a rebuild in another numeric environment (verify/tolerance.py).
         entry["tolerance"] = lock_tolerance_entry(written.path)
     return entry
 

@@ -10,7 +10,9 @@ state always gives the same bytes and diffs review well. Sections:
   sha256 and safetensors data-section sha256 (absent until the file was
   read once: ``lock`` does not download what the source can describe);
 * ``targets``: per built target its action key, output path (relative to
-  the recipe), size and sha256;
+  the recipe), size and sha256; for SVD steps also the device class, the
+  numeric environment (plan/numeric_environment.py; absent in locks of
+  older versions, which still load) and the per-module tolerance;
 * ``loraforge`` (version) and ``numeric_policy``: a change of either may
   change output bytes, so ``--locked`` refuses to run across one.
 

@@ -4,12 +4,15 @@ Rules (docs/reproducibility.md, "Verifying a build"):
 
 * bake, concat, and any other non-SVD step: the rebuild must have the
   lock's sha256 (byte-identical);
-* an SVD step (merge ``method: svd``, extract) rebuilt on the device class
-  the lock records: byte-identical too;
-* an SVD step rebuilt on another device class, and any target that reads a
-  target which reproduced only within tolerance: every module of the
-  rebuild must be within the lock entry's ``tolerance.relative_error`` of
-  the locked file on disk (which must itself have the lock's sha256).
+* an SVD step (merge ``method: svd``, resize, extract) rebuilt in the
+  numeric environment the lock records (plan/numeric_environment.py:
+  device class, BLAS, CPU vendor and SIMD level or GPU, BLAS settings,
+  torch): byte-identical too;
+* an SVD step rebuilt in another numeric environment (or locked without
+  one, by an older loraforge), and any target that reads a target which
+  reproduced only within tolerance: every module of the rebuild must be
+  within the lock entry's ``tolerance.relative_error`` of the locked file
+  on disk (which must itself have the lock's sha256).
 
 In every case the output on disk, when present, must have the lock's sha256.
 Whenever something differs and both files are there, they are compared
@@ -52,6 +55,8 @@ class Rebuilt:
     tolerance: float | None
     why_tolerance: str | None  # the reason the tolerance rule applies
     action_key: str | None = None  # as planned now
+    environment: object = None  # NumericEnvironment of an SVD step's rebuild, None for other steps
+    why_identical: str | None = None  # an SVD step in the lock's environment: said when its bytes differ
 
 
 def judge(rebuilt: Rebuilt, entry: dict | None) -> TargetVerdict:
@@ -64,6 +69,8 @@ def judge(rebuilt: Rebuilt, entry: dict | None) -> TargetVerdict:
         reasons.append(rebuilt.why_tolerance)
     if rebuilt.rebuilt_sha256 != locked:
         reasons.append(f"rebuilt sha256 {_short(rebuilt.rebuilt_sha256)} differs from the lock's {_short(locked)}")
+        if rebuilt.why_identical:
+            reasons.append(rebuilt.why_identical)
         if rebuilt.action_key and entry.get("action_key") not in (None, rebuilt.action_key) and not rebuilt.why_tolerance:
             reasons.append("its action key differs from the lock's too: the target's recipe entry, precision, "
                            "inputs or the loraforge version changed since the locked build")
@@ -115,6 +122,8 @@ def _verdict(rebuilt: Rebuilt, entry, status, reasons, on_disk, difference) -> T
         output=rebuilt.output,
         device_class=rebuilt.device_class,
         locked_device_class=(entry or {}).get("device_class"),
+        environment=rebuilt.environment.to_json() if rebuilt.environment is not None else None,
+        locked_environment=(entry or {}).get("numeric_environment") if rebuilt.environment is not None else None,
         tolerance=rebuilt.tolerance if rebuilt.rule == TOLERANCE else None,
         locked_sha256=(entry or {}).get("sha256"),
         rebuilt_sha256=rebuilt.rebuilt_sha256,

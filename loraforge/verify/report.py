@@ -40,6 +40,8 @@ class TargetVerdict:
     rebuilt_sha256: str
     on_disk_sha256: str | None  # None when the output is not present
     difference: FileDifference | None = None  # rebuilt vs on-disk, when they were compared
+    environment: dict | None = None  # SVD steps: the numeric environment of this rebuild
+    locked_environment: dict | None = None  # SVD steps: the one the lock records (None: not recorded)
 
     @property
     def ok(self) -> bool:
@@ -64,6 +66,7 @@ class TargetVerdict:
             "output": self.output,
             "device_class": self.device_class,
             "locked_device_class": self.locked_device_class,
+            "numeric_environment": {"lock": self.locked_environment, "rebuilt": self.environment},
             "tolerance": self.tolerance,
             "sha256": {"lock": self.locked_sha256, "rebuilt": self.rebuilt_sha256, "on_disk": self.on_disk_sha256},
             "difference": self.difference.to_json(self.tolerance) if self.difference else None,

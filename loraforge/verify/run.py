@@ -20,6 +20,7 @@ from loraforge.execute.device import single_threaded_torch
 from loraforge.plan.device_class import device_class
 from loraforge.plan.extract import ExtractionTarget
 from loraforge.plan.merge import MergeTarget
+from loraforge.plan.numeric_environment import NumericEnvironment, target_environment
 from loraforge.recipe.loader import LoadedRecipe, load_recipe
 from loraforge.resolve.hash_cache import forget
 from loraforge.resolve.lockfile import Lock, lock_path, numeric_policies, read_lock
@@ -133,7 +134,8 @@ def _rebuilt(loaded, target, result, entry: dict | None, scratch: Path, device: 
     path = Path(result.written.path).resolve()
     on_disk = loaded.root.resolve() / path.relative_to(scratch)
     this_class = getattr(target, "device_class", None) or device_class(device or target.device)
-    rule, tolerance, why = _rule(target, entry, this_class, approximate, path)
+    environment = target_environment(target)  # SVD steps only
+    rule, tolerance, why = _rule(target, entry, environment, approximate, path)
     return Rebuilt(
         name=target.name,
         operation=_operation(target),
@@ -148,21 +150,45 @@ def _rebuilt(loaded, target, result, entry: dict | None, scratch: Path, device: 
         tolerance=tolerance,
         why_tolerance=why,
         action_key=target.action_key,
+        environment=environment,
+        why_identical=_why_identical(environment) if rule == BYTE_IDENTICAL else None,
     )
 
 
-def _rule(target, entry: dict | None, this_class: str, approximate: set[str], rebuilt: Path):
-    """BYTE_IDENTICAL, or TOLERANCE with the allowed per-module error and the reason."""
-    locked_class = (entry or {}).get("device_class")
-    if is_svd_step(target) and locked_class and locked_class != this_class:
-        locked_tolerance = ((entry or {}).get("tolerance") or {}).get("relative_error")
-        tolerance = float(locked_tolerance) if locked_tolerance is not None else file_tolerance(rebuilt)
-        return TOLERANCE, tolerance, f"SVD step locked on {locked_class}, rebuilt on {this_class}: modules must agree within {tolerance:.3g}"
+def _rule(target, entry: dict | None, environment: NumericEnvironment | None, approximate: set[str], rebuilt: Path):
+    """BYTE_IDENTICAL, or TOLERANCE with the allowed per-module error and the reason.
+
+    An SVD step must reproduce byte for byte in the numeric environment the
+    lock records, and within the lock's per-module tolerance in another one,
+    or when the lock records none (written before loraforge recorded it).
+    """
+    if is_svd_step(target) and entry is not None and environment is not None:
+        locked = NumericEnvironment.from_json(entry.get("numeric_environment"))
+        if locked != environment:
+            locked_tolerance = (entry.get("tolerance") or {}).get("relative_error")
+            tolerance = float(locked_tolerance) if locked_tolerance is not None else file_tolerance(rebuilt)
+            if locked is None:
+                built = f"in a numeric environment the lock does not record (device class {entry.get('device_class') or 'unknown'})"
+                how = ""
+            else:
+                built = f"on {locked.label()}"
+                how = f" ({'; '.join(locked.differences(environment))})"
+            return TOLERANCE, tolerance, (
+                f"SVD step built {built}, rebuilt on {environment.label()}{how}: "
+                f"compared within the lock's tolerance {tolerance:.3g} per module"
+            )
     inexact = [dep for dep in getattr(target, "dependencies", ()) if dep in approximate]
     if inexact:
         tolerance = file_tolerance(rebuilt)
         return TOLERANCE, tolerance, f"reads {', '.join(inexact)}, which reproduced within tolerance only: modules must agree within {tolerance:.3g}"
     return BYTE_IDENTICAL, None, None
+
+
+def _why_identical(environment: NumericEnvironment | None) -> str | None:
+    """Said when an SVD step that had to reproduce byte for byte did not."""
+    if environment is None:
+        return None
+    return f"SVD step rebuilt in the numeric environment the lock records ({environment.label()}): its bytes must be identical"
 
 
 def _operation(target) -> str:

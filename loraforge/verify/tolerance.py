@@ -1,7 +1,8 @@
-"""The per-module tolerance of an SVD output rebuilt on another device class.
+"""The per-module tolerance of an SVD output rebuilt in another numeric environment.
 
-SVD steps (merge ``method: svd``, extract) compute in float64 and round once
-to the save dtype. Another device class (CPU LAPACK vs GPU cuSOLVER) gives
+SVD steps (merge ``method: svd``, resize, extract) compute in float64 and
+round once to the save dtype. Another numeric environment (CPU LAPACK vs GPU
+cuSOLVER, another BLAS code path or CPU: plan/numeric_environment.py) gives
 float64 factors that differ in the last few of their 53 bits; after the
 rounding almost every element comes out the same, and the few that sit near
 a rounding boundary move by one unit in the last place (ulp) of the save
@@ -14,7 +15,8 @@ more bits than F16, so its bound is 8192× tighter; the float64 SVDs
 themselves agree to ~1e-13 on well-separated spectra, far below it.
 
 The build records the number in the lock entry of every SVD target
-(``tolerance: {"relative_error": x}``, next to ``device_class``), so
+(``tolerance: {"relative_error": x}``, next to ``device_class`` and
+``numeric_environment``), so
 ``verify`` checks against what the lock promised, not against whatever this
 version of loraforge would choose.
 """
@@ -50,5 +52,6 @@ def lock_tolerance_entry(path: str | Path) -> dict:
 
 
 def is_svd_step(target) -> bool:
-    """Targets whose bytes depend on the device class (SVD merges, extractions): those that have one."""
+    """Targets whose bytes depend on the numeric environment (SVD merges and resizes, extractions):
+    those that have a device class."""
     return getattr(target, "device_class", None) is not None
