@@ -212,3 +212,35 @@ def test_concat_factors_are_correctly_rounded(monkeypatch, dtype):
     expected_down = [reference_round(sum(Fraction(mid[i, j, h, w].item()) * Fraction(down2[j, c].item()) for j in range(6)), dtype)
                      for i in range(10) for c in range(5) for h in range(3) for w in range(3)]
     assert out_down.reshape(-1).to(torch.float64).tolist() == expected_down
+
+
+def test_dora_terms_are_a_fixed_sequence_of_ieee_operations():
+    """DoRA's ΔW and norm are defined operation by operation: pure-Python floats (IEEE doubles) give the same bits."""
+    from loraforge.ops import deltas
+
+    rng = np.random.default_rng(17)
+    out, cin, rank, scale = 4, 6, 3, 0.5
+    up = rng.standard_normal((out, rank)).astype(np.float32).astype(np.float64)
+    down = rng.standard_normal((rank, cin)).astype(np.float32).astype(np.float64)
+    weight = rng.standard_normal((out, cin)).astype(np.float16).astype(np.float64)
+    magnitude = np.abs(rng.standard_normal((out, 1))).astype(np.float32).astype(np.float64)
+    ours = deltas.dora_effective_delta(
+        torch.from_numpy(weight),
+        deltas.lora_delta(torch.from_numpy(up), torch.from_numpy(down), scale=scale, fixed_order=True),
+        torch.from_numpy(magnitude),
+    )
+    expected = []
+    for o in range(out):
+        directed = []
+        for c in range(cin):
+            acc = float(up[o, 0]) * float(down[0, c])
+            for k in range(1, rank):
+                acc = acc + float(up[o, k]) * float(down[k, c])
+            directed.append(float(weight[o, c]) + acc * scale)
+        squares = [d * d for d in directed] + [0.0, 0.0]  # padded to 8
+        while len(squares) > 1:
+            half = len(squares) // 2
+            squares = [squares[i] + squares[i + half] for i in range(half)]
+        factor = float(magnitude[o, 0]) / (math.sqrt(squares[0]) + deltas.DORA_NORM_EPS)
+        expected.append([d * factor - float(weight[o, c]) for c, d in enumerate(directed)])
+    assert ours.tolist() == expected

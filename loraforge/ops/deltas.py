@@ -123,6 +123,42 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.to(dtype=dtype)
 
 
+# --------------------------------------------------------------------------- fixed-order arithmetic
+#
+# A GEMM or a hardware reduction sums in an order that depends on the BLAS,
+# its code path, the SIMD width and the device, so its last float64 bits do
+# too. Where a non-linear step (DoRA's norm and division) keeps those bits
+# from being certified away, ΔW and the norm are evaluated instead as a fixed
+# sequence of elementwise IEEE-754 operations (each correctly rounded on every
+# CPU and GPU, never fused): the same float64 bits everywhere.
+
+
+def fixed_order_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b as rank-1 updates in index order (separate multiply, then add): device-independent bits."""
+    if a.shape[1] == 0:
+        return torch.zeros(a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
+    out = a[:, :1] * b[:1]
+    for k in range(1, a.shape[1]):
+        out += a[:, k:k + 1] * b[k:k + 1]
+    return out
+
+
+def fixed_order_sum_rows(values: Tensor) -> Tensor:
+    """Σ over dim 1 of a (groups, n) tensor by a fixed pairwise tree of elementwise adds."""
+    width = values.shape[1]
+    size = 1 << max(0, (width - 1).bit_length())
+    if size != width:  # zero padding: x + 0 = x
+        values = torch.cat([values, values.new_zeros(values.shape[0], size - width)], dim=1)
+    while values.shape[1] > 1:
+        half = values.shape[1] // 2
+        values = values[:, :half] + values[:, half:]
+    return values[:, 0]
+
+
+def _product(a: Tensor, b: Tensor, fixed_order: bool) -> Tensor:
+    return fixed_order_matmul(a, b) if fixed_order else a @ b
+
+
 def lora_delta(
     up: Tensor,
     down: Tensor,
@@ -130,6 +166,7 @@ def lora_delta(
     scale: float = 1.0,
     mid: Tensor | None = None,
     dtype: torch.dtype = torch.float64,
+    fixed_order: bool = False,
 ) -> Tensor:
     """kohya LoRA / LoCon ΔW = scale · up @ down, in the shape the factors imply.
 
@@ -144,16 +181,29 @@ def lora_delta(
         down2 = _as(down, dtype).reshape(down.shape[0], -1)
         # Contract the rank axes of the core with up (rows) and down (columns).
         core = _as(mid, dtype)
-        delta = torch.einsum("oi,ijhw,jc->ochw", up2, core, down2)
+        if fixed_order:  # Σ_i up[o,i]·(Σ_j mid[i,j,h,w]·down[j,c]), inner sum first
+            inner = fixed_order_matmul(core.permute(0, 2, 3, 1).reshape(-1, core.shape[1]), down2)
+            inner = inner.reshape(core.shape[0], core.shape[2], core.shape[3], -1).permute(0, 3, 1, 2)
+            delta = fixed_order_matmul(up2, inner.reshape(core.shape[0], -1)).reshape(up2.shape[0], down2.shape[1], *core.shape[2:])
+        else:
+            delta = torch.einsum("oi,ijhw,jc->ochw", up2, core, down2)
     else:
         down2 = _as(down, dtype).reshape(down.shape[0], -1)
-        delta = (up2 @ down2).reshape(lora_delta_shape(tuple(up.shape), tuple(down.shape)))
+        delta = _product(up2, down2, fixed_order).reshape(lora_delta_shape(tuple(up.shape), tuple(down.shape)))
     return delta * scale
 
 
-def _tucker_rebuild(t: Tensor, a: Tensor, b: Tensor) -> Tensor:
+def _tucker_rebuild(t: Tensor, a: Tensor, b: Tensor, fixed_order: bool = False) -> Tensor:
     """LyCORIS Tucker rebuild: out[p,q,…] = Σ_ij t[i,j,…] · a[i,p] · b[j,q] (``rebuild_tucker``)."""
-    return torch.einsum("ij...,ip,jq->pq...", t, a, b)
+    if not fixed_order:
+        return torch.einsum("ij...,ip,jq->pq...", t, a, b)
+    kernel = tuple(t.shape[2:])
+    # inner[i,…,q] = Σ_j t[i,j,…]·b[j,q]; then out[p,(…,q)] = Σ_i a[i,p]·inner[i,(…,q)].
+    moved = t.reshape(t.shape[0], t.shape[1], -1).permute(0, 2, 1).reshape(-1, t.shape[1])
+    inner = fixed_order_matmul(moved, b).reshape(t.shape[0], -1)
+    out = fixed_order_matmul(a.transpose(0, 1).contiguous(), inner)
+    out = out.reshape(a.shape[1], *(kernel or ()), b.shape[1]) if kernel else out.reshape(a.shape[1], b.shape[1])
+    return out.permute(0, out.dim() - 1, *range(1, out.dim() - 1)) if kernel else out
 
 
 def loha_delta(
@@ -166,6 +216,7 @@ def loha_delta(
     t1: Tensor | None = None,
     t2: Tensor | None = None,
     dtype: torch.dtype = torch.float64,
+    fixed_order: bool = False,
 ) -> Tensor:
     """LoHa ΔW = scale · (w1a @ w1b) ⊙ (w2a @ w2b) (``lycoris/functional/loha.py``).
 
@@ -174,12 +225,12 @@ def loha_delta(
     w?b [r,in], t? [r,r,kh,kw], each half rebuilt as Σ t·a·b.
     """
     if t1 is not None and t2 is not None:
-        half1 = _tucker_rebuild(_as(t1, dtype), _as(w1a, dtype), _as(w1b, dtype))
-        half2 = _tucker_rebuild(_as(t2, dtype), _as(w2a, dtype), _as(w2b, dtype))
+        half1 = _tucker_rebuild(_as(t1, dtype), _as(w1a, dtype), _as(w1b, dtype), fixed_order)
+        half2 = _tucker_rebuild(_as(t2, dtype), _as(w2a, dtype), _as(w2b, dtype), fixed_order)
         return half1 * half2 * scale
     shape = loha_delta_shape(tuple(w1a.shape), tuple(w1b.shape))
-    half1 = _as(w1a, dtype) @ _as(w1b, dtype).reshape(w1b.shape[0], -1)
-    half2 = _as(w2a, dtype) @ _as(w2b, dtype).reshape(w2b.shape[0], -1)
+    half1 = _product(_as(w1a, dtype), _as(w1b, dtype).reshape(w1b.shape[0], -1), fixed_order)
+    half2 = _product(_as(w2a, dtype), _as(w2b, dtype).reshape(w2b.shape[0], -1), fixed_order)
     return (half1 * half2 * scale).reshape(shape)
 
 
@@ -190,14 +241,15 @@ def lokr_factor(
     t: Tensor | None = None,
     *,
     dtype: torch.dtype = torch.float64,
+    fixed_order: bool = False,
 ) -> Tensor:
     """One Kronecker factor: the full matrix, a @ b (b may be 4-D, kept as [·,d,k…]), or Tucker Σ t·a·b."""
     if full is not None:
         return _as(full, dtype)
     assert a is not None and b is not None
     if t is not None:
-        return _tucker_rebuild(_as(t, dtype), _as(a, dtype), _as(b, dtype))
-    product = _as(a, dtype) @ _as(b, dtype).reshape(b.shape[0], -1)
+        return _tucker_rebuild(_as(t, dtype), _as(a, dtype), _as(b, dtype), fixed_order)
+    product = _product(_as(a, dtype), _as(b, dtype).reshape(b.shape[0], -1), fixed_order)
     return product.reshape(a.shape[0], *b.shape[1:])
 
 
@@ -272,5 +324,15 @@ def dora_effective_delta(
     else:
         norm_dims = (0, *range(2, directed.dim()))
         magnitude = _as(dora_scale, dtype).reshape(1, directed.shape[1], *([1] * (directed.dim() - 2)))
-    norm = torch.linalg.vector_norm(directed, dim=norm_dims, keepdim=True)
+    norm = _fixed_order_norm(directed, norm_dims)
     return directed * (magnitude / (norm + eps)) - base
+
+
+def _fixed_order_norm(values: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """The 2-norm over ``dims`` (keepdim), as elementwise squares, a fixed pairwise tree of adds and sqrt."""
+    kept = [d for d in range(values.dim()) if d not in dims]
+    moved = values.permute(*kept, *dims)
+    groups = math.prod(values.shape[d] for d in kept)
+    total = fixed_order_sum_rows((moved * moved).reshape(groups, -1))
+    shape = [values.shape[d] if d in kept else 1 for d in range(values.dim())]
+    return torch.sqrt(total).reshape(shape)

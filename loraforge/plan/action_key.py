@@ -24,7 +24,7 @@ from loraforge.recipe.loader import LoadedRecipe
 BAKE_NUMERIC_POLICY = (
     "bake-v3: each element RN(exact W + sum of coefficient x scale x dW) in the save dtype, round half to even, "
     "certified (float64 sum with a rigorous bound, exact dyadic recomputation near midpoints); zero: +0 unless "
-    "untouched; DoRA terms as their float64 evaluation; float64 outputs not certified"
+    "untouched; DoRA terms as a fixed-order IEEE float64 sequence; float64 outputs not certified"
 )
 
 

@@ -35,7 +35,7 @@ def build(mk: ModuleKeys) -> AdapterModule:
     return mk.build(kind=KIND, tucker=False, rank=None, delta_shape=shape)
 
 
-def natural_delta(module: AdapterModule, factors: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+def natural_delta(module: AdapterModule, factors: dict[str, Tensor], dtype: torch.dtype, fixed_order: bool = False) -> Tensor:
     return deltas.diff_delta(factors["diff"], dtype=dtype)
 
 

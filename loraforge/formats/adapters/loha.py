@@ -63,7 +63,7 @@ def _halves_disagree(mk: ModuleKeys):
     )
 
 
-def natural_delta(module: AdapterModule, factors: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+def natural_delta(module: AdapterModule, factors: dict[str, Tensor], dtype: torch.dtype, fixed_order: bool = False) -> Tensor:
     return deltas.loha_delta(
         factors["hada_w1_a"],
         factors["hada_w1_b"],
@@ -73,6 +73,7 @@ def natural_delta(module: AdapterModule, factors: dict[str, Tensor], dtype: torc
         t1=factors.get("hada_t1"),
         t2=factors.get("hada_t2"),
         dtype=dtype,
+        fixed_order=fixed_order,
     )
 
 

@@ -64,14 +64,15 @@ def _factor(mk: ModuleKeys, which: str) -> tuple[tuple[int, ...], int | None]:
     return deltas.lokr_factor_shape(None, a_shape, b_shape), b_shape[0]
 
 
-def natural_delta(module: AdapterModule, factors: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
-    w1 = deltas.lokr_factor(factors.get("lokr_w1"), factors.get("lokr_w1_a"), factors.get("lokr_w1_b"), dtype=dtype)
+def natural_delta(module: AdapterModule, factors: dict[str, Tensor], dtype: torch.dtype, fixed_order: bool = False) -> Tensor:
+    w1 = deltas.lokr_factor(factors.get("lokr_w1"), factors.get("lokr_w1_a"), factors.get("lokr_w1_b"), dtype=dtype, fixed_order=fixed_order)
     w2 = deltas.lokr_factor(
         factors.get("lokr_w2"),
         factors.get("lokr_w2_a"),
         factors.get("lokr_w2_b"),
         factors.get("lokr_t2"),
         dtype=dtype,
+        fixed_order=fixed_order,
     )
     return deltas.lokr_delta(w1, w2, scale=module.scale)
 

@@ -64,9 +64,9 @@ def _check_mid(mk: ModuleKeys, up: tuple[int, ...], down: tuple[int, ...]) -> tu
     return mid
 
 
-def natural_delta(module: AdapterModule, factors: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+def natural_delta(module: AdapterModule, factors: dict[str, Tensor], dtype: torch.dtype, fixed_order: bool = False) -> Tensor:
     return deltas.lora_delta(
-        factors["up"], factors["down"], scale=module.scale, mid=factors.get("mid"), dtype=dtype
+        factors["up"], factors["down"], scale=module.scale, mid=factors.get("mid"), dtype=dtype, fixed_order=fixed_order
     )
 
 

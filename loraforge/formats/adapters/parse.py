@@ -175,7 +175,7 @@ def load_factors(file, module: AdapterModule, device="cpu", dtype: torch.dtype =
     }
 
 
-_NATURAL_DELTA: dict[str, Callable[[AdapterModule, dict[str, Tensor], torch.dtype], Tensor]] = {
+_NATURAL_DELTA: dict[str, Callable[..., Tensor]] = {
     "lora": lora.natural_delta,
     "loha": loha.natural_delta,
     "lokr": lokr.natural_delta,
@@ -188,11 +188,17 @@ def module_delta(
     factors: Mapping[str, Tensor],
     target_shape,
     dtype: torch.dtype = torch.float64,
+    fixed_order: bool = False,
 ) -> Tensor:
-    """The scaled ΔW of ``module`` in ``target_shape`` (DoRA not applied; see module_effective_delta)."""
+    """The scaled ΔW of ``module`` in ``target_shape`` (DoRA not applied; see module_effective_delta).
+
+    ``fixed_order``: products summed in index order with elementwise IEEE
+    operations instead of BLAS (loraforge.ops.deltas.fixed_order_matmul), so
+    the float64 bits are the same on every device.
+    """
     from loraforge.ops import deltas
 
-    natural = _NATURAL_DELTA[module.kind](module, dict(factors), dtype)
+    natural = _NATURAL_DELTA[module.kind](module, dict(factors), dtype, fixed_order)
     return deltas.fit_delta(natural, target_shape)
 
 
@@ -240,10 +246,15 @@ def module_effective_delta(
     weight: Tensor,
     dtype: torch.dtype = torch.float64,
 ) -> Tensor:
-    """What strength multiplies when baking: ΔW, or W_dora − W for a DoRA module."""
+    """What strength multiplies when baking: ΔW, or W_dora − W for a DoRA module.
+
+    A DoRA module's ΔW and norm are evaluated in a fixed order of elementwise
+    IEEE operations: its norm and division keep float64 rounding differences
+    from being certified away, so they must not arise (docs/baking.md).
+    """
     from loraforge.ops import deltas
 
-    delta = module_delta(module, factors, tuple(weight.shape), dtype)
+    delta = module_delta(module, factors, tuple(weight.shape), dtype, fixed_order=module.dora)
     if not module.dora:
         return delta
     return deltas.dora_effective_delta(weight, delta, factors[DORA_SCALE], dtype=dtype)
