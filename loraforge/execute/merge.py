@@ -14,15 +14,15 @@ from __future__ import annotations
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
 from loraforge.errors import BuildError
-from loraforge.execute.device import single_threaded_torch
+from loraforge.execute.device import one_thread_per_module
 from loraforge.execute.bake import ProgressCallback
 from loraforge.atomic import write_text_atomic
 from loraforge.plan.provenance import output_title, provenance_fields
@@ -82,7 +82,7 @@ def run_merge(
     """Build one `kind: lora` target into its output path (atomically), then its report."""
     with ExitStack() as stack:
         files = [stack.enter_context(_open_ingredient(i.path, i.use)) for i in target.ingredients]
-        workers = stack.enter_context(_one_thread_per_module(device))
+        workers = stack.enter_context(one_thread_per_module(device))
         merge_one = lambda module: _merge_module(target, module, files, device)  # noqa: E731
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="loraforge-merge"))
         merged = []
@@ -94,22 +94,6 @@ def run_merge(
     written = write_lora(target.output, factors, _metadata(plan, target, factors), target.save)
     _write_json(target.report_path, _report(plan, target, outcomes, written))
     return MergeResult(target.name, written, target.report_path, tuple(outcomes))
-
-
-@contextmanager
-def _one_thread_per_module(device: torch.device) -> Iterator[int]:
-    """On the CPU, run each module's LAPACK calls on one thread and several modules side by side.
-
-    The matrices are small (at most a few thousand by Σrᵢ), where multi-threaded
-    QR mostly waits on its own threads (measured 10x slower on a busy 2-core
-    machine), and a single-threaded LAPACK result does not depend on how many
-    cores the machine has, so the bytes do not either. Yields the worker count.
-    """
-    if device.type != "cpu":
-        yield 1
-        return
-    with single_threaded_torch() as previous:
-        yield max(1, previous)
 
 
 def _merge_module(target: MergeTarget, module: MergeModule, files, device) -> tuple[LoraModuleFactors, ModuleOutcome]:

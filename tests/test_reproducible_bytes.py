@@ -1,0 +1,79 @@
+"""Correctly rounded outputs are the same bytes under any BLAS code path and thread count.
+
+The example recipes' bake (LoRA + LoCon + LoHa) and concat merge are built in
+fresh processes under MKL's default code path, ``MKL_CBWR=COMPATIBLE`` (the
+SSE2 kernels), ``MKL_CBWR=AVX2`` where the CPU has it, and with one and two
+threads, and must all equal the sha256 committed in the example locks, which
+were written on another machine: certified rounding makes these bytes a
+function of the input bytes alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loraforge.formats.hashing import file_hashes
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+MODELS = ("tiny-sd15-base", "neon-lora", "noir-locon", "grain-loha")
+# (recipe, target) pairs whose outputs are correctly rounded (no SVD step upstream).
+CERTIFIED = (("demo", "neon-noir"), ("merge-chain", "neon-noir-bundle"))
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+ENVIRONMENTS = [
+    pytest.param({"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}, id="default-2-threads"),
+    pytest.param({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}, id="default-1-thread"),
+    pytest.param({"MKL_CBWR": "COMPATIBLE", "OMP_NUM_THREADS": "2"}, id="cbwr-compatible"),
+    pytest.param({"MKL_CBWR": "AVX2", "OMP_NUM_THREADS": "1"}, id="cbwr-avx2",
+                 marks=pytest.mark.skipif("avx2" not in _cpu_flags(), reason="the CPU has no AVX2")),
+]
+
+
+def _locked_sha256(recipe: str, target: str) -> str:
+    lock = json.loads((RECIPES / f"{recipe}.lock").read_text())
+    return lock["targets"][target]["sha256"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("repro")
+    (folder / "models").mkdir()
+    for name in MODELS:
+        shutil.copy(RECIPES / "models" / f"{name}.safetensors", folder / "models")
+    return folder
+
+
+@pytest.mark.parametrize("overrides", ENVIRONMENTS)
+def test_certified_outputs_equal_the_committed_lock_under_every_code_path(workspace, tmp_path, overrides):
+    for recipe, target in CERTIFIED:
+        folder = tmp_path / recipe
+        shutil.copytree(workspace, folder)
+        shutil.copy(RECIPES / f"{recipe}.yaml", folder / f"{recipe}.yaml")
+        env = {key: value for key, value in os.environ.items() if not key.startswith(("MKL_", "OMP_"))}
+        env.update(overrides, PYTHONHASHSEED=overrides.get("OMP_NUM_THREADS", "0"))
+        completed = subprocess.run(
+            [sys.executable, "-m", "loraforge.cli", "build", "-q", str(folder / f"{recipe}.yaml"), target],
+            env=env, capture_output=True, text=True,
+        )
+        assert completed.returncode == 0, completed.stderr
+        lock = json.loads((folder / f"{recipe}.lock").read_text())
+        output = folder / lock["targets"][target]["output"]
+        assert file_hashes(output).sha256 == _locked_sha256(recipe, target), (recipe, target, overrides)
