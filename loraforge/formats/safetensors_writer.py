@@ -10,11 +10,15 @@ ever holds a complete file. See docs/safetensors.md.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import hashlib
 import itertools
 import json
 import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -116,6 +120,23 @@ def _check_plan(plan: Sequence[TensorPlan]) -> None:
             raise SafetensorsWriteError(f"tensor {item.name!r} has invalid shape {item.shape!r} in the write plan")
 
 
+def _load_fallocate():
+    """libc's ``fallocate(fd, mode, offset, len)`` (Linux), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        function = libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    function.restype = ctypes.c_int
+    return function
+
+
+_fallocate = _load_fallocate()
+
+
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """A view of the tensor's bytes in C order; copies only if the tensor is not already contiguous on the CPU."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
@@ -155,6 +176,7 @@ class SafetensorsWriter:
         self._result: WriteResult | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._temp_path, self._handle = self._open_temp()
+        self._guarded(self._preallocate)
         self._guarded(self._emit_header, header)
 
     def _open_temp(self):
@@ -170,6 +192,22 @@ class SafetensorsWriter:
                     f"cannot create a temporary file in {directory} to write {self.path.name}: {error}. "
                     "Check that the directory exists and is writable."
                 ) from None
+
+    def _preallocate(self) -> None:
+        """Reserve the file's final size on disk before writing (Linux ``fallocate``, where the file system has it).
+
+        The size is known from the plan. Allocating it in one extent instead of
+        page by page as writes arrive cut the kernel time of writing a 2 GiB
+        output from 2-6 s to 0.5 s on ext4 here (docs/benchmarks.md), and a
+        full disk fails now, before any work, instead of after it. Where the
+        call is missing or unsupported nothing is reserved (no zero-filling
+        emulation, which would write everything twice).
+        """
+        if self.size and _fallocate is not None:
+            if _fallocate(self._handle.fileno(), 0, 0, self.size) != 0:
+                code = ctypes.get_errno()
+                if code == errno.ENOSPC:
+                    raise OSError(code, f"{os.strerror(code)} (the output needs {self.size} bytes)")
 
     def _emit_header(self, header: bytes) -> None:
         self._handle.write(header)
