@@ -106,7 +106,7 @@ def bake_weight(weight: Tensor, terms: Iterable[Term], out_dtype: torch.dtype, w
     depth = 2
     for is_low_rank, run in groupby(terms, key=lambda term: isinstance(term, LowRankTerm)):
         if is_low_rank:
-            for rows, up, down, members in _gemm_groups(list(run)):
+            for rows, up, down, _ in _gemm_groups(list(run)):
                 _slice(matrix, rows).addmm_(up, down)
                 _slice(envelope, rows).addr_(_row_norms(up), _column_norms(down))
                 depth += up.shape[1] + 3
@@ -188,7 +188,7 @@ def _blockable(weight: Tensor, terms: list[Term], out_dtype: torch.dtype) -> boo
         and bool(terms)
         and all(isinstance(term, LowRankTerm) for term in terms)
         and all(term.rows is None or term.rows[0] % BLOCK_ROW_ALIGNMENT == 0 for term in terms)
-        and out_dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and out_dtype in _DROPPED_BITS  # float16/bfloat16: the float32 filter finds the few elements to check
     )
 
 
@@ -280,15 +280,13 @@ def _block_candidates(block: Tensor, out: Tensor, largest_bound: float, scratch:
     format is farther than 1.5 float32 steps, 2^-24·|y| or more, from it; its
     float64 error bound is below that whenever |y| > 2^25·bound, so it is
     certainly rounded right. Candidates are the rest: float32 images within
-    one step of a midpoint (the low 12 bits read 0xFFF, 0x000 or 0x001: every
-    midpoint, subnormal ones included, has at least 12 trailing zero bits in
-    float32), elements at or below 2^25·largest bound in magnitude (zeros,
+    one step of a midpoint (the bits below the format's midpoint bit, 12 for
+    float16 and 15 for bfloat16, read all ones, zero or one; every midpoint,
+    float16 subnormal ones included, has at least that many trailing zero
+    bits in float32), elements at or below 2^25·largest bound in magnitude (zeros,
     cancellation), and elements at or beyond the largest finite value
-    (overflow). float32 outputs check every element.
+    (overflow).
     """
-    if out.dtype not in _DROPPED_BITS:
-        out.copy_(round_float64(block, out.dtype))
-        return torch.arange(block.numel())
     count = block.numel()
     nearest = scratch.single[:count]
     nearest.copy_(block)
