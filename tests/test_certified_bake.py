@@ -244,3 +244,14 @@ def test_dora_terms_are_a_fixed_sequence_of_ieee_operations():
         factor = float(magnitude[o, 0]) / (math.sqrt(squares[0]) + deltas.DORA_NORM_EPS)
         expected.append([d * factor - float(weight[o, c]) for c, d in enumerate(directed)])
     assert ours.tolist() == expected
+
+
+@pytest.mark.parametrize("blocks", [True, False])
+def test_non_finite_base_elements_stay_as_ieee_gives_them(monkeypatch, blocks):
+    """A base holding inf or NaN cannot be rounded exactly; the bake keeps IEEE's inf/NaN and finishes."""
+    if not blocks:
+        monkeypatch.setattr(bake, "_blockable", lambda *args: False)
+    weight = torch.tensor([[float("inf"), float("nan"), -float("inf"), 0.5]], dtype=torch.float16)
+    term = LowRankTerm(torch.ones(1, 1, dtype=torch.float64), torch.tensor([[1.0, 1.0, 1.0, 0.25]], dtype=torch.float64), None, 0.5, 1.0)
+    out = bake_weight(weight, [term], torch.float16).reshape(-1).tolist()
+    assert out[0] == math.inf and math.isnan(out[1]) and out[2] == -math.inf and out[3] == 0.625

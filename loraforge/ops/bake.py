@@ -29,6 +29,7 @@ float64 error bound can reach (see :func:`_block_candidates`).
 from __future__ import annotations
 
 import functools
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -132,6 +133,9 @@ def _round_exactly(rounded: Tensor, positions: list, weight: Tensor, terms: list
     values = []
     for row, column in positions:
         base = weight[row, column].item()
+        if not math.isfinite(base):  # inf/NaN in the base: IEEE's result (inf + finite, NaN) is the only one
+            values.append(rounded[row, column].item())
+            continue
         total = Fraction(base)
         for term in terms:
             first, stop = term.rows if term.rows is not None else (0, weight.shape[0])

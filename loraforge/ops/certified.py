@@ -99,7 +99,8 @@ def round_certified(
     rounded, sure = certify(approx, bound, dtype)
     if zero_is_exact:
         sure |= approx == 0
-    missed = (~sure).reshape(-1).nonzero().reshape(-1).tolist()
+    # inf/NaN approximations come from inf/NaN inputs: IEEE's result is the only one there is.
+    missed = (~sure & approx.isfinite()).reshape(-1).nonzero().reshape(-1).tolist()
     if missed:
         flat = rounded.view(-1)
         values = torch.tensor([exact_round(exact(index), dtype) for index in missed], dtype=torch.float64)
