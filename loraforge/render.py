@@ -15,6 +15,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.tree import Tree
 
+from loraforge.methods import lora_method
+
 MAX_SHOWN = 12  # keys listed before "... and N more"
 
 
@@ -186,7 +188,7 @@ def _merge_node(tree: Tree, target: dict, status_style: str) -> None:
     if target["depends_on"]:
         node.add(f"after {', '.join(target['depends_on'])}")
     node.add(f"output: {target['output']}  save dtype: {target['save_dtype']}  device: {target['device']}")
-    if target["method"] == "svd":
+    if lora_method(target["method"]).parameters:  # a method that chooses ranks
         conv = _rank_text(target["conv_rank"]) if target["conv_rank"] else "as rank"
         clamp = f"; clamp quantile {target['clamp_quantile']:g}" if target["clamp_quantile"] else ""
         node.add(f"rank: {_rank_text(target['rank'])}; conv rank: {conv}; dense svd: {target['dense_svd']}{clamp}")

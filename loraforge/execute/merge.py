@@ -11,8 +11,6 @@ truncation and of the factors as saved.
 
 from __future__ import annotations
 
-import json
-import math
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from loraforge.errors import BuildError
 from loraforge.execute.device import one_thread_per_module
 from loraforge.execute.bake import ProgressCallback
 from loraforge.atomic import write_text_atomic
+from loraforge.canonical import canonical_json
 from loraforge.plan.provenance import output_title, provenance_fields
 from loraforge.formats import dtypes
 from loraforge.formats.adapters import load_factors, module_delta
@@ -32,9 +31,7 @@ from loraforge.formats.lora_output import LoraModuleFactors, is_conv_shape, lora
 from loraforge.formats.metadata import release_date
 from loraforge.formats.safetensors_reader import SafetensorsFile, open_safetensors
 from loraforge.formats.safetensors_writer import WriteResult
-from loraforge.ops.merge import FactorSource, ModuleTerms, concat, concat_rounded, relative_error, svd_merge, tucker_down
-from loraforge.ops.rounding import round_float64
-from loraforge.ops.svd import module_seed
+from loraforge.ops.merge import FactorSource, ModuleTerms, relative_error, tucker_down
 from loraforge.plan.merge import MergeModule, MergeTarget, is_factored
 from loraforge.plan.model import BuildPlan
 
@@ -97,19 +94,16 @@ def run_merge(
 
 
 def _merge_module(target: MergeTarget, module: MergeModule, files, device) -> tuple[LoraModuleFactors, ModuleOutcome]:
-    save_dtype = dtypes.torch_dtype(target.save)
+    method = target.merge_method
     terms = _terms(module, files, device)
-    result = _merge(target, module, terms)
-    if target.method == "concat" and terms.dense is None:
-        up, down = concat_rounded(terms, save_dtype)  # correctly rounded: the same bytes everywhere
-    else:
-        up, down = round_float64(result.up, save_dtype), round_float64(result.down, save_dtype)
+    result = method.merge(terms, module.policy, target, module.name)
+    up, down = method.saved_factors(terms, result, dtypes.torch_dtype(target.save))
     outcome = ModuleOutcome(
         module=module,
         rank=result.rank,
         energy_retained=result.energy_retained,
         relative_error=result.relative_error,
-        saved_relative_error=relative_error(terms, up, down, _known_norm(target, terms, result)),
+        saved_relative_error=relative_error(terms, up, down, method.known_norm(terms, result)),
         singular_values=tuple(float(v) for v in result.singular_values[: result.rank + 4]),
     )
     return LoraModuleFactors(module.name, up.cpu(), down.cpu(), module.spec.shape), outcome
@@ -145,26 +139,6 @@ def _terms(module: MergeModule, files: Sequence[SafetensorsFile], device: torch.
             delta = module_delta(adapter_module, loaded, module.spec.shape).reshape(out, -1) * contribution.coefficient
             dense = delta if dense is None else dense.add_(delta)
     return ModuleTerms(tuple(ups), tuple(downs), dense, tuple(sources))
-
-
-def _known_norm(target: MergeTarget, terms: ModuleTerms, result) -> float | None:
-    """‖ΔW‖_F from the singular values when they are all there (factored SVD); else None (computed)."""
-    if target.method == "svd" and terms.dense is None:
-        return math.sqrt(float(torch.sum(result.singular_values**2)))
-    return None
-
-
-def _merge(target: MergeTarget, module: MergeModule, terms: ModuleTerms):
-    if target.method == "concat":
-        return concat(terms)
-    assert module.policy is not None
-    return svd_merge(
-        terms,
-        module.policy,
-        dense_method=target.dense_svd,
-        generator_seed=module_seed(target.seed, module.name),
-        clamp_quantile=target.clamp_quantile,
-    )
 
 
 def _metadata(plan: BuildPlan, target: MergeTarget, factors: Sequence[LoraModuleFactors]) -> dict[str, str]:
@@ -245,7 +219,7 @@ def _round(value: float) -> float:
 
 def _write_json(path: Path, report: dict) -> None:
     """Write the report atomically (temp file, fsync, rename), keys sorted, so it is reproducible."""
-    text = json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    text = canonical_json(report, indent=2, ascii=False) + "\n"
     try:
         write_text_atomic(path, text)
     except OSError as error:

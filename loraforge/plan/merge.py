@@ -23,6 +23,7 @@ from loraforge.formats.arch.table import Architecture, ModuleSpec
 from loraforge.formats.dtypes import precision_code
 from loraforge.formats.lora_output import estimated_lora_bytes, is_conv_shape, lora_save_dtype, planned_lora_adapter
 from loraforge.errors import FormatError
+from loraforge.methods.lora import LoraMergeMethod, lora_method
 from loraforge.ops.svd import RankPolicy
 from loraforge.plan.action_key import action_key
 from loraforge.plan.device_class import device_class
@@ -101,9 +102,13 @@ class MergeTarget:
         return self.save
 
     @property
+    def merge_method(self) -> LoraMergeMethod:
+        return lora_method(self.method)
+
+    @property
     def device_class(self) -> str | None:
-        """The device class the output's bytes depend on (svd), None when they depend on none (concat)."""
-        return device_class(self.device) if self.method == "svd" else None
+        """The device class the output's bytes depend on (SVD methods), None when they depend on none (concat)."""
+        return device_class(self.device) if self.merge_method.device_dependent else None
 
     def lora_adapter(self) -> AdapterFile:
         """The output as parse_adapter will see it, for targets that use this one (ranks at their bounds)."""
@@ -119,10 +124,6 @@ class MergeTarget:
 def is_factored(module) -> bool:
     """LoRA/LoCon modules (Tucker cores included) merge as factors; other kinds through their dense ΔW."""
     return module.kind == "lora"
-
-
-def rank_policy(spec: RankSpec) -> RankPolicy:
-    return RankPolicy(rank=spec.rank, energy=spec.energy, ratio=spec.ratio, max_rank=spec.max)
 
 
 def report_path_for(output: Path) -> Path:
@@ -184,7 +185,7 @@ def merge_action_key(loaded, target: str, method: str, input_hashes, device: str
     `verify` compares across classes within a tolerance. Concat is exact
     arithmetic in float64 with one rounding: no device in its key.
     """
-    extra = {"device_class": device_class(device)} if method == "svd" else None  # = MergeTarget.device_class
+    extra = {"device_class": device_class(device)} if lora_method(method).device_dependent else None  # = MergeTarget.device_class
     return action_key(loaded, target, "merge", input_hashes, MERGE_NUMERIC_POLICY, extra)
 
 
@@ -261,17 +262,11 @@ def _refuse_unmergeable(loaded, target: str, index: int, applications) -> None:
 def _merge_module(spec, contributions: tuple[ModuleApplication, ...]) -> MergeModule:
     module_spec = contributions[0].spec
     out, flat_in = module_spec.shape[0], math.prod(module_spec.shape[1:])
-    limit = min(out, flat_in)
     dense = any(not is_factored(c.module) for c in contributions)
     factored_rank = sum(int(c.module.rank) for c in contributions if is_factored(c.module))
-    if spec.method == "concat":
-        bound = factored_rank + (limit if dense else 0)
-        return MergeModule(module_spec, contributions, None, bound)
-    rank_spec = spec.conv_rank if (is_conv_shape(module_spec.shape) and spec.conv_rank is not None) else spec.rank
-    policy = rank_policy(rank_spec)
-    available = limit if dense else min(limit, factored_rank)
-    bound = min(available, policy.bound) if policy.bound is not None else available
-    return MergeModule(module_spec, contributions, policy, bound)
+    method = lora_method(spec.method)
+    policy = method.rank_policy(spec, is_conv_shape(module_spec.shape))
+    return MergeModule(module_spec, contributions, policy, method.module_bound(policy, factored_rank, dense, min(out, flat_in)))
 
 
 def _factor_dtypes(sources: list[AdapterSource]) -> list[str]:

@@ -14,7 +14,6 @@ graph has no cycles, and what a block-weight spec means for an architecture.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 import os
 import re
@@ -25,6 +24,8 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from loraforge.canonical import canonical_json
+from loraforge.methods.lora import LORA_METHODS
 from loraforge.recipe.sources import SourceSyntaxError, parse_source
 
 SCHEMA_VERSION = 1
@@ -422,11 +423,15 @@ class ExtractTarget(_TargetBase):
         return _unique((self.tuned, self.base))
 
 
+# Method fields that are None unless the recipe gives them (dense_svd has a default, so it cannot be refused).
+_OPTIONAL_METHOD_FIELDS = ("rank", "conv_rank", "clamp_quantile")
+
+
 class LoraTarget(_TargetBase):
     """Merge (or, with one ingredient, resize) LoRA-family adapters into one LoRA (docs/merging.md)."""
 
     kind: Literal["lora"]
-    method: Annotated[Literal["svd", "concat"], BeforeValidator(_choice_checker(("svd", "concat"), "merge method"))] = "svd"
+    method: Annotated[str, BeforeValidator(_choice_checker(tuple(LORA_METHODS), "merge method"))] = "svd"
     loras: tuple[LoraUse, ...] = Field(min_length=1)
     rank: Annotated[RankSpec, BeforeValidator(_check_positive_rank)] | None = None  # required for svd
     conv_rank: Annotated[RankSpec, BeforeValidator(_check_positive_rank)] | None = None  # k×k convs; default: rank
@@ -436,16 +441,18 @@ class LoraTarget(_TargetBase):
 
     @model_validator(mode="after")
     def _fields_fit_the_method(self) -> LoraTarget:
-        if self.method == "svd" and self.rank is None:
-            reason = "method svd needs a rank"
-            hint = "add e.g. rank: 32, or rank: {energy: 0.99, max: 128}; or use method: concat (exact, no rank)"
-            raise custom_error(reason, hint, problems=(((), reason, hint),))
-        if self.method == "concat":
-            given = [name for name in ("rank", "conv_rank", "clamp_quantile") if getattr(self, name) is not None]
-            if given:
-                reason = f"method concat keeps every rank exactly, so {given[0]} has no meaning here"
-                hint = f"remove {given[0]}, or use method: svd to reduce the rank"
-                raise custom_error(reason, hint, problems=(((given[0],), reason, hint),))
+        """The method's declared parameters decide which fields must and may be given (loraforge/methods/)."""
+        method = LORA_METHODS[self.method]
+        for field, hint in method.required.items():
+            if getattr(self, field) is None:
+                reason = f"method {method.name} needs a {field}"
+                raise custom_error(reason, hint, problems=(((), reason, hint),))
+        given = [name for name in _OPTIONAL_METHOD_FIELDS if name not in method.parameters and getattr(self, name) is not None]
+        if given:
+            others = [m.name for m in LORA_METHODS.values() if given[0] in m.parameters]
+            reason = f"method {method.name} {method.unused_reason}, so {given[0]} has no meaning here"
+            hint = f"remove {given[0]}" + (f", or use method: {others[0]} to reduce the rank" if others else "")
+            raise custom_error(reason, hint, problems=(((given[0],), reason, hint),))
         return self
 
     def dependencies(self) -> tuple[str, ...]:
@@ -580,7 +587,7 @@ class Recipe(_Strict):
         data = self.model_dump(mode="json")
         for name, target in data["targets"].items():
             target["output"] = self.default_output(name)
-        return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+        return canonical_json(data, allow_nan=False)
 
 
 def _unique(names: tuple[str, ...]) -> tuple[str, ...]:

@@ -10,6 +10,7 @@ exactly the recipe's values (0.8, not 0.800000).
 
 from __future__ import annotations
 
+from loraforge.methods import lora_method
 from loraforge.release.contents import BundledOutput, ReleaseContents
 from loraforge.recipe.schema import CheckpointTarget, ExtractTarget, LoraTarget, LoraUse, RankSpec
 
@@ -104,7 +105,7 @@ def _target_ingredients(contents: ReleaseContents, output: BundledOutput, spec) 
     lines = [heading, ""]
     if isinstance(spec, LoraTarget):
         detail = f"method {spec.method}"
-        if spec.method == "svd":
+        if lora_method(spec.method).parameters:  # a method that chooses ranks
             conv = _rank(spec.conv_rank) if spec.conv_rank else "as rank"
             detail += f", rank {_rank(spec.rank)}, conv rank {conv}"
         lines += [f"Merged into one LoRA: {detail}.", ""]
