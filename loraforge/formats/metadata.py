@@ -9,11 +9,11 @@ from the recipe or SOURCE_DATE_EPOCH.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 from typing import Mapping, Sequence
 
 from loraforge import __version__
+from loraforge.canonical import canonical_json
 from loraforge.formats.arch.table import Architecture
 
 MODELSPEC_VERSION = "1.0.1"
@@ -65,5 +65,5 @@ def checkpoint_metadata(
 
 
 def provenance_json(value) -> str:
-    """Canonical JSON for metadata values: sorted keys, no optional whitespace."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """Canonical JSON for metadata values: sorted keys, no optional whitespace, UTF-8."""
+    return canonical_json(value, ascii=False)

@@ -17,7 +17,8 @@ import json
 from typing import Mapping
 
 from loraforge import __version__
-from loraforge.plan.provenance import recorded_fields
+from loraforge.canonical import canonical_json
+from loraforge.plan.provenance import recorded_fields, target_parameters_json
 from loraforge.recipe.loader import LoadedRecipe
 
 # Bump when the numeric recipe of an operation changes in a way that changes bytes.
@@ -26,10 +27,6 @@ BAKE_NUMERIC_POLICY = (
     "certified (float64 sum with a rigorous bound, exact dyadic recomputation near midpoints); zero: +0 unless "
     "untouched; DoRA terms as a fixed-order IEEE float64 sequence; float64 outputs not certified"
 )
-
-
-def canonical_json(value) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
 def action_key(
@@ -55,15 +52,3 @@ def action_key(
         **dict(extra or {}),
     }
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
-
-
-def target_parameters_json(loaded: LoadedRecipe, target: str) -> str:
-    """The target's recipe entry with defaults and its effective precision, canonical JSON."""
-    recipe = loaded.recipe
-    spec = recipe.targets[target].model_dump(mode="json")
-    precision = recipe.effective_precision(target)
-    if precision is not None:
-        spec["precision"] = precision.model_dump(mode="json")
-    spec.pop("device", None)  # the device class, where it matters, comes through `extra`
-    spec.pop("output", None)  # where the file goes does not change its bytes
-    return canonical_json(spec)

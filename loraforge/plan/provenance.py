@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 
+from loraforge.canonical import canonical_json
 from loraforge.formats.metadata import provenance_json, release_date
 from loraforge.recipe.loader import LoadedRecipe
 
@@ -52,8 +53,6 @@ def recipe_slice_json(loaded: LoadedRecipe, name: str) -> str:
 
     Only that part, so that editing an unrelated target does not change this output's bytes.
     """
-    from loraforge.plan.action_key import target_parameters_json
-
     recipe = loaded.recipe
     names, stack = set(), [name]
     while stack:
@@ -80,3 +79,15 @@ def _input_json(spec) -> dict:
     if not data.get("allow_pickle"):
         data.pop("allow_pickle", None)
     return data
+
+
+def target_parameters_json(loaded: LoadedRecipe, target: str) -> str:
+    """The target's recipe entry with defaults and its effective precision, canonical JSON."""
+    recipe = loaded.recipe
+    spec = recipe.targets[target].model_dump(mode="json")
+    precision = recipe.effective_precision(target)
+    if precision is not None:
+        spec["precision"] = precision.model_dump(mode="json")
+    spec.pop("device", None)  # the device class, where it matters, comes through `extra`
+    spec.pop("output", None)  # where the file goes does not change its bytes
+    return canonical_json(spec)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+from loraforge.canonical import canonical_json
 from loraforge.formats.hashing import autov2, autov3
 from loraforge.release.contents import BundledFile, BundledOutput, InputRecord, ReleaseContents
 
@@ -45,7 +46,7 @@ def manifest_dict(contents: ReleaseContents, readme: BundledFile | None) -> dict
 
 
 def manifest_text(contents: ReleaseContents, readme: BundledFile | None) -> str:
-    return json.dumps(manifest_dict(contents, readme), sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    return canonical_json(manifest_dict(contents, readme), indent=2, ascii=False, allow_nan=False) + "\n"
 
 
 def bundle_files(contents: ReleaseContents, readme: BundledFile | None) -> list[BundledFile]:

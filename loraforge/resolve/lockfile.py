@@ -28,6 +28,7 @@ from pathlib import Path
 
 from loraforge import __version__
 from loraforge.atomic import write_text_atomic
+from loraforge.canonical import canonical_json
 from loraforge.errors import ResolveError
 
 LOCK_FORMAT = "loraforge-lock/1"
@@ -68,7 +69,7 @@ class Lock:
             "inputs": self.inputs,
             "targets": self.targets,
         }
-        return json.dumps(document, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+        return canonical_json(document, indent=2, ascii=False) + "\n"
 
 
 def read_lock(path: Path) -> Lock | None:
