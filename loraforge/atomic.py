@@ -1,25 +1,124 @@
-"""Atomic small-file writes: temp file in the same folder, fsync, rename.
+"""Atomic file writes: a temp file in the target's folder, fsync, rename, fsync the folder.
 
-For text outputs (lock files, build reports): a reader never sees a half
-written file, and a failed write leaves the previous file as it was.
-Large tensor files use the streaming SafetensorsWriter instead.
+Every file loraforge writes for a user (outputs, reports, lock files, store
+entries, release bundles) goes through here, which prevents two failures:
+
+- a crash, a full disk, Ctrl-C or SIGTERM in the middle of a write leaving a
+  half-written file at the path: the bytes go to a temp file next to it,
+  which is made durable (fsync) before one rename puts it in place, and the
+  folder is fsynced so that the rename itself survives a power cut. A reader
+  sees the old file or the new one, never a mixture; a failed write removes
+  its temp file and leaves the old file as it was.
+- a planted symlink redirecting the write: the temp file's name is unique and
+  unpredictable and it is created with O_CREAT|O_EXCL|O_NOFOLLOW, so a link
+  (or any file) already at that name makes the open fail instead of writing
+  through it. The rename replaces a symlink at the destination itself rather
+  than writing to where it points.
+
+Files are created with mode 0o666 less the umask, like ``open(path, "w")``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
+
+_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _temp_name(path: Path) -> Path:
+    # `.tmp-` marks every temp file; tests look for leftovers by it.
+    return path.with_name(f".{path.name}.tmp-{secrets.token_hex(8)}")
+
+
+def create_temp(path: Path, mode: str = "wb", **open_args) -> tuple[Path, IO]:
+    """A new, empty temp file in ``path``'s folder, open for writing: (its path, the file object).
+
+    OSError when the folder is missing or not writable. The caller either
+    passes both to :func:`commit` or removes them with :func:`discard`.
+    """
+    path = Path(path)
+    while True:
+        temp = _temp_name(path)
+        try:
+            fd = os.open(temp, _FLAGS, 0o666)
+        except FileExistsError:
+            continue  # 64 random bits already taken: only a planted file can do that; pick another
+        try:
+            return temp, os.fdopen(fd, mode, **open_args)
+        except BaseException:
+            os.close(fd)
+            temp.unlink(missing_ok=True)
+            raise
+
+
+def commit(temp: Path, handle: IO, path: Path) -> None:
+    """Make the temp file durable and move it onto ``path`` (replacing what is there)."""
+    handle.flush()
+    os.fsync(handle.fileno())
+    handle.close()
+    os.replace(temp, path)
+    fsync_folder(Path(path).parent)
+
+
+def discard(temp: Path, handle: IO | None = None) -> None:
+    """Close and delete a temp file that will not be committed."""
+    if handle is not None:
+        with contextlib.suppress(OSError):
+            handle.close()
+    Path(temp).unlink(missing_ok=True)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make renames in ``folder`` durable; skipped where a folder cannot be opened (Windows)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "wb", **open_args) -> Iterator[IO]:
+    """A file object whose contents appear at ``path`` only if the block succeeds."""
+    temp, handle = create_temp(path, mode, **open_args)
+    try:
+        yield handle
+    except BaseException:
+        discard(temp, handle)
+        raise
+    try:
+        commit(temp, handle, path)
+    except BaseException:
+        discard(temp, handle)
+        raise
+
+
+def atomic_text(path: Path) -> contextlib.AbstractContextManager[IO[str]]:
+    """:func:`atomic_file` for UTF-8 text with LF line ends."""
+    return atomic_file(path, "w", encoding="utf-8", newline="\n")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` (UTF-8, LF) atomically; OSError on failure, temp file removed."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temp, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except OSError:
-        temp.unlink(missing_ok=True)
-        raise
+    with atomic_text(path) as handle:
+        handle.write(text)
+
+
+def make_temp_folder(path: Path) -> Path:
+    """A new, empty folder next to ``path`` with a unique, unpredictable name (for building a
+    folder that then replaces ``path`` by rename); mode 0o777 less the umask."""
+    path = Path(path)
+    while True:
+        temp = _temp_name(path)
+        try:
+            temp.mkdir(mode=0o777)  # never follows a link: an existing name fails
+            return temp
+        except FileExistsError:
+            continue

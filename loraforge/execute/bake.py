@@ -21,6 +21,7 @@ import torch
 
 from loraforge.errors import BuildError, FormatError
 from loraforge.execute.device import single_threaded_torch
+from loraforge.execute.prefetch import prefetched
 from loraforge.formats.adapters import (
     load_factors,
     module_bias_delta,
@@ -221,16 +222,7 @@ def _prefetched(base: SafetensorsFile, layout: Sequence[OutputTensor]) -> Iterat
     def load(entry: OutputTensor):
         return base.read_bytes(entry.name) if entry.action == "copy" else base.read(entry.name)
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraforge-read") as pool:
-        pending: deque = deque()
-        for entry in layout:
-            pending.append((entry, pool.submit(load, entry)))
-            if len(pending) > PREFETCH_DEPTH:
-                done, future = pending.popleft()
-                yield done, future.result()
-        while pending:
-            done, future = pending.popleft()
-            yield done, future.result()
+    return prefetched(layout, load, PREFETCH_DEPTH)
 
 
 def _check_base_matches_plan(base: SafetensorsFile, target: BakeTarget) -> None:

@@ -11,8 +11,6 @@ to the output. See docs/extraction.md.
 
 from __future__ import annotations
 
-import json
-import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -22,8 +20,11 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from loraforge.atomic import atomic_text
+from loraforge.canonical import canonical_json
 from loraforge.errors import BuildError
 from loraforge.execute.device import one_thread_per_module
+from loraforge.execute.prefetch import prefetched
 from loraforge.formats.arch.table import TEXT_ENCODERS, ModuleSpec
 from loraforge.formats.lora_output import LoraModuleFactors, lora_metadata, write_lora
 from loraforge.formats.metadata import release_date
@@ -97,8 +98,8 @@ def run_extract(
         )
     report = _report(plan, target, extracted, skipped, text_encoders)
     target.output.parent.mkdir(parents=True, exist_ok=True)
-    with _AtomicText(target.report_path) as report_file:
-        report_file.write(json.dumps(report, indent=1, sort_keys=True, allow_nan=False) + "\n")
+    with atomic_text(target.report_path) as report_file:
+        report_file.write(canonical_json(report, indent=1, allow_nan=False) + "\n")
         written = _write_lora(plan, target, extracted)
     return ExtractResult(target.name, written, target.report_path, tuple(extracted), tuple(skipped), text_encoders)
 
@@ -190,16 +191,8 @@ def _prefetched_pairs(tuned: SafetensorsFile, base: SafetensorsFile, keys: Seque
     def load(key: str):
         return tuned.read(key), base.read(key)
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraforge-read") as pool:
-        pending: deque = deque()
-        for key in keys:
-            pending.append((key, pool.submit(load, key)))
-            if len(pending) > PREFETCH_DEPTH:
-                done, future = pending.popleft()
-                yield (done, *future.result())
-        while pending:
-            done, future = pending.popleft()
-            yield (done, *future.result())
+    for key, (tuned_weight, base_weight) in prefetched(keys, load, PREFETCH_DEPTH):
+        yield key, tuned_weight, base_weight
 
 
 def _check_files_match_plan(target: ExtractionTarget, tuned: SafetensorsFile, base: SafetensorsFile) -> None:
@@ -296,26 +289,3 @@ def _module_entry(outcome: ModuleOutcome) -> dict:
 def _round(value: float) -> float:
     """Reported figures to 9 significant digits: plenty to read, and stable in the last digits shown."""
     return float(f"{value:.9g}")
-
-
-class _AtomicText:
-    """A text file that appears at ``path`` only if the block succeeds (temp file, fsync, rename)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-    def __enter__(self):
-        self._handle = self.temp.open("w", encoding="utf-8", newline="\n")
-        return self._handle
-
-    def __exit__(self, exc_type, exc, traceback) -> None:
-        try:
-            self._handle.flush()
-            os.fsync(self._handle.fileno())
-        finally:
-            self._handle.close()
-        if exc_type is None:
-            os.replace(self.temp, self.path)
-        else:
-            self.temp.unlink(missing_ok=True)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraforge import __version__
+from loraforge.atomic import fsync_folder, make_temp_folder
 from loraforge.errors import BuildError
 from loraforge.plan.release import IncludedOutput, ReleaseTarget
 from loraforge.release.card import model_card
@@ -62,7 +63,7 @@ def run_release(plan, target: ReleaseTarget, device=None, on_progress=lambda nby
     folder = target.output
     folder.parent.mkdir(parents=True, exist_ok=True)
     _check_replaceable(folder)
-    temp = _fresh_folder(folder.with_name(f".{folder.name}.{os.getpid()}.tmp"))
+    temp = make_temp_folder(folder)  # unique and unpredictable (loraforge/atomic.py)
     try:
         outputs, linked = _place_outputs(target, temp, on_progress)
         recipe_file = _write_file(temp, target.recipe_file, target.recipe_bytes)
@@ -82,7 +83,8 @@ def run_release(plan, target: ReleaseTarget, device=None, on_progress=lambda nby
         )
         readme = _write_file(temp, README_NAME, model_card(contents).encode()) if target.readme else None
         manifest = _write_file(temp, MANIFEST_NAME, manifest_text(contents, readme).encode())
-        _fsync_folder(temp)
+        with contextlib.suppress(OSError):  # not every platform can open a folder
+            fsync_folder(temp)
         _swap_in(temp, folder)
     finally:
         _remove_tree(temp)  # gone already after a successful swap
@@ -261,19 +263,3 @@ def _remove_tree(path: Path) -> None:
             interrupt = caught
     if interrupt is not None:
         raise interrupt
-
-
-def _fresh_folder(path: Path) -> Path:
-    """An empty folder at ``path`` with the usual permissions (umask), replacing a leftover of a killed run."""
-    _remove_tree(path)
-    path.mkdir()
-    return path
-
-
-def _fsync_folder(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform can open a folder
-        handle = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(handle)
-        finally:
-            os.close(handle)

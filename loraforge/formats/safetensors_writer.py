@@ -14,7 +14,6 @@ import ctypes
 import ctypes.util
 import errno
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -27,14 +26,12 @@ from typing import Callable, Union
 
 import torch
 
+from loraforge import atomic
 from loraforge.errors import BuildError
 from loraforge.formats import dtypes
 from loraforge.formats.safetensors_reader import LENGTH_PREFIX, MAX_HEADER_SIZE, METADATA_KEY
 
 BytesLike = Union[bytes, bytearray, memoryview]
-
-# Distinguishes temp files of several writers in one process.
-_temp_counter = itertools.count()
 
 # Pieces at least this large are hashed on two worker threads while the main
 # thread writes them (hashlib and write() release the GIL), so hashing twice
@@ -180,18 +177,14 @@ class SafetensorsWriter:
         self._guarded(self._emit_header, header)
 
     def _open_temp(self):
-        directory = self.path.parent
-        while True:
-            temp = directory / f".{self.path.name}.tmp-{os.getpid()}-{next(_temp_counter)}"
-            try:
-                return temp, open(temp, "xb")
-            except FileExistsError:
-                continue
-            except OSError as error:
-                raise BuildError(
-                    f"cannot create a temporary file in {directory} to write {self.path.name}: {error}. "
-                    "Check that the directory exists and is writable."
-                ) from None
+        """(temp path, binary file object): a new temp file next to the target (loraforge/atomic.py)."""
+        try:
+            return atomic.create_temp(self.path)
+        except OSError as error:
+            raise BuildError(
+                f"cannot create a temporary file in {self.path.parent} to write {self.path.name}: {error}. "
+                "Check that the directory exists and is writable."
+            ) from None
 
     def _preallocate(self) -> None:
         """Reserve the file's final size on disk before writing (Linux ``fallocate``, where the file system has it).
@@ -300,11 +293,7 @@ class SafetensorsWriter:
 
     def _finish(self) -> None:
         self._stop_pool()
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
-        self._handle.close()
-        os.replace(self._temp_path, self.path)
-        _fsync_directory(self.path.parent)
+        atomic.commit(self._temp_path, self._handle, self.path)
 
     def commit(self, deferred_metadata: Mapping[str, Callable[[str], str]] | None = None) -> WriteResult:
         """Check every planned tensor was written, make the file durable and move it onto the target path.
@@ -399,17 +388,6 @@ class SafetensorsWriter:
                 self.abort()
             except Exception:
                 pass
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename durable; not possible (nor needed) on Windows."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_file_order(tensors: Mapping[str, torch.Tensor]) -> list[str]:

@@ -20,6 +20,7 @@ import json
 import os
 from pathlib import Path
 
+from loraforge.atomic import write_text_atomic
 from loraforge.errors import FormatError
 from loraforge.formats.hashing import file_hashes, file_sha256
 
@@ -92,9 +93,7 @@ def _write_entry(entry_path: Path, entry: dict) -> None:
     """Best effort: a read-only or full cache directory only costs a re-hash next time."""
     try:
         entry_path.parent.mkdir(parents=True, exist_ok=True)
-        temp = entry_path.with_name(f".{entry_path.name}.{os.getpid()}.tmp")
-        temp.write_text(json.dumps(entry, sort_keys=True))
-        os.replace(temp, entry_path)
+        write_text_atomic(entry_path, json.dumps(entry, sort_keys=True))
     except OSError:
         pass
 

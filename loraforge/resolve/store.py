@@ -19,6 +19,7 @@ correctness never depends on them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -30,6 +31,8 @@ from typing import Iterator
 
 from filelock import FileLock
 
+from loraforge.atomic import fsync_folder, write_text_atomic
+from loraforge.canonical import canonical_json
 from loraforge.errors import ResolveError
 from loraforge.resolve import hash_cache
 from loraforge.resolve.progress import FetchProgress, NoProgress
@@ -184,20 +187,10 @@ class Store:
 
 
 def _write_json_atomically(path: Path, value: dict) -> None:
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    temp.write_text(json.dumps(value, sort_keys=True, indent=1) + "\n")
-    os.replace(temp, path)
+    write_text_atomic(path, canonical_json(value, indent=1) + "\n")
 
 
 def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with contextlib.suppress(OSError):  # best effort: the blob is in place either way
+        fsync_folder(folder)
 
