@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 
 from loraforge import __version__
+from loraforge.cli_common import execute_plan, stderr, stdout
+from loraforge.cli_common import fail as _fail
 from loraforge.errors import LoraforgeError
 
 app = typer.Typer(
@@ -25,13 +26,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-stdout = Console(highlight=False)
-stderr = Console(stderr=True, highlight=False)
-
-
-def _fail(error: LoraforgeError) -> None:
-    stderr.print(f"[bold red]error:[/] {error}", markup=True, soft_wrap=True)
-    raise typer.Exit(error.exit_code)
 
 
 def _version(value: bool) -> None:
@@ -118,26 +112,6 @@ def build(
         stderr.print("interrupted: no partial output was left behind. Targets that finished are kept and in the lock.")
         raise typer.Exit(exit_code_of(interrupt))
     render_build_result(stdout, summary)
-
-
-def execute_plan(build_plan, *, device=None, quiet=False, locked=False, force=(), jobs=1, memory_budget=None):
-    """Run a plan the way `build` does: progress bars, the lock updated after each target (never
-    under --locked, which checks every target against it instead). Shared by `build` and `release`."""
-    from loraforge.cli_resolve import after_build, before_build, lock_hooks
-    from loraforge.execute.build import run_build
-    from loraforge.execute.jobs import parse_memory_size
-    from loraforge.render import BuildProgress
-
-    budget = parse_memory_size(memory_budget) if memory_budget else None
-    before_build(build_plan, locked)
-    on_built, check = lock_hooks(build_plan, locked)
-    with BuildProgress(stderr, enabled=not quiet) as progress:
-        summary = run_build(
-            build_plan, device=device, progress=progress.for_target, jobs=jobs, force=force,
-            memory_budget=budget, on_built=on_built, check=check,
-        )
-    after_build(build_plan, locked)
-    return summary
 
 
 def _print_json(report: dict) -> None:

@@ -25,7 +25,8 @@ def new(
     force: bool = typer.Option(False, "--force", help="Replace the file if it exists."),
 ) -> None:
     """Write a commented starter recipe; edit the lines marked CHANGE ME, then plan and build it."""
-    from loraforge.cli import _fail, stdout
+    from loraforge.cli_common import fail as _fail
+    from loraforge.cli_common import stdout
     from loraforge.recipe.starters import write_starter
 
     try:

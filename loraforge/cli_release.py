@@ -34,7 +34,8 @@ def release(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Build what the release needs, then the bundle folder: outputs, manifest.json, README.md, recipe and lock."""
-    from loraforge.cli import _fail, execute_plan, stderr, stdout
+    from loraforge.cli_common import execute_plan, stderr, stdout
+    from loraforge.cli_common import fail as _fail
     from loraforge.cli_resolve import fetch_progress, resolve_options
     from loraforge.plan.planner import plan_build
     from loraforge.recipe.loader import load_recipe

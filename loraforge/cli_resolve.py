@@ -115,40 +115,12 @@ def resolve_options(offline: bool, locked: bool, progress):
     return ResolveOptions(offline=offline, locked=locked, progress=progress)
 
 
-def before_build(plan, locked: bool) -> None:
-    """--locked: the planned targets must be the locked ones."""
-    if locked:
-        from loraforge.resolve.lock_sync import check_locked_targets
-        from loraforge.resolve.lockfile import lock_path, read_lock
-
-        check_locked_targets(plan, read_lock(lock_path(plan.loaded.path)))
-
-
-def lock_hooks(plan, locked: bool):
-    """(on_built, check) for run_build: record each built target in the lock, or, under --locked,
-    check each target's key against it (the lock is then never written)."""
-    from loraforge.resolve.lock_sync import check_locked_target, record_built_target
-    from loraforge.resolve.lockfile import lock_path, read_lock
-
-    if not locked:
-        return record_built_target, None
-    lock = read_lock(lock_path(plan.loaded.path))
-    return None, lambda target: check_locked_target(plan, target, lock)
-
-
-def after_build(plan, locked: bool) -> None:
-    """Record the inputs used in <recipe>.lock (never under --locked: it must not change)."""
-    if not locked:
-        from loraforge.resolve.lock_sync import write_lock_after_build
-
-        write_lock_after_build(plan)
-
-
 # --- commands -------------------------------------------------------------------
 
 
 def _consoles():
-    from loraforge.cli import _fail, stderr, stdout
+    from loraforge.cli_common import fail as _fail
+    from loraforge.cli_common import stderr, stdout
 
     return stdout, stderr, _fail
 

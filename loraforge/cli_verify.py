@@ -32,7 +32,8 @@ def verify(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars; print only what does not reproduce."),
 ) -> None:
     """Rebuild every target into a temporary folder and check it against <recipe>.lock and the outputs on disk."""
-    from loraforge.cli import _fail, stderr
+    from loraforge.cli_common import fail as _fail
+    from loraforge.cli_common import stderr
     from loraforge.cli_resolve import fetch_progress
     from loraforge.render import BuildProgress
     from loraforge.verify.run import verify_recipe

@@ -12,6 +12,10 @@ Settings (environment, read on each call so tests can shorten them):
 ``LORAFORGE_HTTP_RETRIES`` extra tries after a transient failure (5),
 ``LORAFORGE_HTTP_BACKOFF`` first wait between tries in seconds (1, doubling,
 at most 60).
+
+Credentials come from the source that makes the request (:class:`Auth`): this
+layer sends the headers it is given and prints the source's hint on a
+refusal; it knows no hub's tokens.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -53,6 +58,14 @@ class HttpSettings:
 
 
 @dataclass(frozen=True)
+class Auth:
+    """What a source sends with its requests, and what a refusal (HTTP 401/403) tells the user to do."""
+
+    headers: Mapping[str, str]
+    hint: str
+
+
+@dataclass(frozen=True)
 class Downloaded:
     hashes: StreamHashes
     final_url: str  # after redirects, without query or credentials
@@ -79,14 +92,14 @@ def new_client(settings: HttpSettings) -> httpx.Client:
     )
 
 
-def get_json(url: str, headers: dict[str, str], what: str, settings: HttpSettings | None = None) -> object:
+def get_json(url: str, auth: Auth, what: str, settings: HttpSettings | None = None) -> object:
     """GET a JSON document (an API answer) with the same retries and error messages as downloads."""
     settings = settings or HttpSettings.from_env()
     with new_client(settings) as client:
         for attempt in range(settings.retries + 1):
             try:
-                response = client.get(url, headers=headers)
-                _raise_for_status(response, what, url)
+                response = client.get(url, headers=dict(auth.headers))
+                _raise_for_status(response, what, url, auth.hint)
                 try:
                     return response.json()
                 except ValueError:
@@ -101,7 +114,7 @@ def download(
     part: Path,
     *,
     name: str,
-    headers: dict[str, str],
+    auth: Auth,
     progress: FetchProgress,
     settings: HttpSettings | None = None,
 ) -> Downloaded:
@@ -116,7 +129,7 @@ def download(
             attempt = 0
             while True:
                 try:
-                    final = _one_try(client, url, part, meta_path, hashes, headers, name, progress)
+                    final = _one_try(client, url, part, meta_path, hashes, auth, name, progress)
                     return Downloaded(hashes, safe_url(final))
                 except _Restart:
                     _drop_partial(part, meta_path)
@@ -129,8 +142,8 @@ def download(
         progress.finish(name)
 
 
-def _one_try(client, url, part, meta_path, hashes, headers, name, progress) -> str:
-    request_headers = dict(headers)
+def _one_try(client, url, part, meta_path, hashes, auth: Auth, name, progress) -> str:
+    request_headers = dict(auth.headers)
     validator = _read_meta(meta_path).get("validator")
     if hashes.size:
         request_headers["Range"] = f"bytes={hashes.size}-"
@@ -140,7 +153,7 @@ def _one_try(client, url, part, meta_path, hashes, headers, name, progress) -> s
         status = response.status_code
         if status == 416 and hashes.size:
             raise _Restart()  # the partial is not a prefix of what the server has now
-        _raise_for_status(response, f"Input '{name}'", url)
+        _raise_for_status(response, f"Input '{name}'", url, auth.hint)
         total = _int(response.headers.get("Content-Length"))
         if hashes.size and status == 200:
             # Range ignored, or the file changed (If-Range): this answer is the whole file; use it.
@@ -168,7 +181,7 @@ def _one_try(client, url, part, meta_path, hashes, headers, name, progress) -> s
         return str(response.url)
 
 
-def _raise_for_status(response: httpx.Response, what: str, url: str) -> None:
+def _raise_for_status(response: httpx.Response, what: str, url: str, hint: str) -> None:
     status = response.status_code
     if status in TRANSIENT_STATUS:
         raise _Retry(f"HTTP {status}", _retry_after(response))
@@ -178,23 +191,11 @@ def _raise_for_status(response: httpx.Response, what: str, url: str) -> None:
     if status in (401, 403):
         raise ResolveError(
             f"{what}: {shown} refused access (HTTP {status}). The file needs authentication or "
-            f"permission. {token_hint(url)}"
+            f"permission. {hint}"
         )
     if status == 404:
         raise ResolveError(f"{what}: {shown} does not exist (HTTP 404). Check the URL, repository, revision and file name.")
     raise ResolveError(f"{what}: {shown} answered HTTP {status} {response.reason_phrase}. Check the URL.")
-
-
-def token_hint(url: str) -> str:
-    from loraforge.resolve.sources.civitai import civitai_host, TOKEN_ENV
-
-    host = urlsplit(url).hostname or ""
-    if host == civitai_host():
-        return f"Set {TOKEN_ENV} to your Civitai API key (it is sent as a Bearer header, never stored)."
-    return (
-        "Set HF_TOKEN (or run `hf auth login`) for hf:// sources and CIVITAI_API_TOKEN for civitai: "
-        "sources; for other servers, download the file yourself and give its local path with `sha256:`."
-    )
 
 
 def _wait_or_give_up(error: Exception, attempt: int, settings: HttpSettings, what: str, url: str) -> None:

@@ -2,7 +2,7 @@
 
 Nothing the user owns is written: inputs are resolved without touching the
 lock, every output goes under a fresh temporary folder (plan_build's
-``output_dir``), no lock is written (run_build gets no ``on_built``), and the
+``output_dir``), no lock is written (the build driver's ``lock="none"``), and the
 folder is removed whatever happens. The rebuilt files are then judged one by
 one (:mod:`loraforge.verify.judge`).
 """
@@ -40,7 +40,7 @@ def verify_recipe(
     build_progress=None,
 ) -> VerifyReport:
     """Rebuild the selected targets (all when none are named) and judge them against ``<recipe>.lock``."""
-    from loraforge.execute.build import run_build
+    from loraforge.execute.driver import drive_build
     from loraforge.plan.planner import plan_build
 
     loaded = load_recipe(recipe)
@@ -50,7 +50,7 @@ def verify_recipe(
         options = ResolveOptions(offline=offline, **({"progress": fetch_progress} if fetch_progress else {}))
         plan = plan_build(loaded, selected, options, device=device, output_dir=scratch)
         drift = _input_drift(loaded, plan, lock)
-        built = run_build(plan, device=device, progress=build_progress)
+        built = drive_build(plan, device=device, progress=build_progress, lock="none")
         results = {r.target: r for r in built.built}
         with single_threaded_torch():  # small QRs and norms: extra threads only wait on each other
             verdicts = _judge_targets(loaded, plan, results, lock, scratch, device)

@@ -9,41 +9,21 @@ version is asked for (``GET {base}/api/v1/models/{model}``) and pinned in the
 lock. The lock records model, version and file ids, the file name and the
 download URL (never a token or a signed storage URL).
 
-``CIVITAI_API_TOKEN`` is sent as ``Authorization: Bearer`` (httpx drops it on
-redirects to another host). ``LORAFORGE_CIVITAI_BASE`` replaces
-``https://civitai.com`` (mirrors, tests).
+The token and base URL are read in :mod:`loraforge.resolve.sources.auth`.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Mapping
-from urllib.parse import urlsplit
 
 from loraforge.errors import ResolveError
 from loraforge.recipe.sources import SourceRef
 from loraforge.resolve.http import get_json
 from loraforge.resolve.progress import FetchProgress
+from loraforge.resolve.sources.auth import civitai_auth, civitai_base
 from loraforge.resolve.sources.base import Fetched, RemoteSource, Resolution
+from loraforge.resolve.sources.https import download_to_store
 from loraforge.resolve.store import Store
-
-TOKEN_ENV = "CIVITAI_API_TOKEN"
-BASE_ENV = "LORAFORGE_CIVITAI_BASE"
-DEFAULT_BASE = "https://civitai.com"
-
-
-def civitai_base() -> str:
-    return (os.environ.get(BASE_ENV) or DEFAULT_BASE).rstrip("/")
-
-
-def civitai_host() -> str:
-    return urlsplit(civitai_base()).hostname or ""
-
-
-def auth_headers() -> dict[str, str]:
-    token = os.environ.get(TOKEN_ENV, "").strip()
-    return {"Authorization": f"Bearer {token}"} if token else {}
-
 
 class CivitaiSource(RemoteSource):
     def resolve(self, name: str, ref: SourceRef, pinned: Mapping[str, str] | None) -> Resolution:
@@ -53,7 +33,8 @@ class CivitaiSource(RemoteSource):
         what = f"Input '{name}'"
         if version is None:
             version = _latest_version(what, model)
-        answer = get_json(f"{civitai_base()}/api/v1/model-versions/{version}", auth_headers(), what)
+        url = f"{civitai_base()}/api/v1/model-versions/{version}"
+        answer = get_json(url, civitai_auth(url), what)
         chosen = _choose_file(name, ref, answer, file_id)
         sha = (chosen.get("hashes") or {}).get("SHA256")
         url = chosen.get("downloadUrl") or f"{civitai_base()}/api/download/models/{version}"
@@ -67,10 +48,8 @@ class CivitaiSource(RemoteSource):
         return _resolution(location, None, sha.lower() if isinstance(sha, str) and len(sha) == 64 else None)
 
     def fetch(self, name: str, resolution: Resolution, store: Store, expected: str | None, progress: FetchProgress) -> Fetched:
-        from loraforge.resolve.sources.https import download_to_store
-
         url = resolution.location["url"]
-        return download_to_store(name, url, auth_headers(), resolution, store, expected, progress, None)
+        return download_to_store(name, url, civitai_auth(url), resolution, store, expected, progress, None)
 
 
 def _resolution(location: dict, size, sha) -> Resolution:
@@ -96,7 +75,8 @@ def _ids(name: str, ref: SourceRef) -> tuple[str | None, str | None, str | None]
 
 
 def _latest_version(what: str, model: str) -> str:
-    answer = get_json(f"{civitai_base()}/api/v1/models/{model}", auth_headers(), what)
+    url = f"{civitai_base()}/api/v1/models/{model}"
+    answer = get_json(url, civitai_auth(url), what)
     versions = answer.get("modelVersions") if isinstance(answer, dict) else None
     if not versions or not isinstance(versions[0], dict) or "id" not in versions[0]:
         raise ResolveError(f"{what}: Civitai model {model} lists no versions; write the version as @<version id>.")

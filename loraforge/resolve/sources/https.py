@@ -9,13 +9,12 @@ differ). A URL on the Civitai host gets the Civitai token, like ``civitai:``.
 from __future__ import annotations
 
 from typing import Mapping
-from urllib.parse import urlsplit
 
 from loraforge.recipe.sources import SourceRef
-from loraforge.resolve.http import download, safe_url
+from loraforge.resolve.http import Auth, download, safe_url
 from loraforge.resolve.progress import FetchProgress
 from loraforge.resolve.sources.base import Fetched, RemoteSource, Resolution
-from loraforge.resolve.sources.civitai import auth_headers, civitai_host
+from loraforge.resolve.sources.auth import https_auth
 from loraforge.resolve.store import Store
 
 
@@ -26,17 +25,16 @@ class HttpsSource(RemoteSource):
 
     def fetch(self, name: str, resolution: Resolution, store: Store, expected: str | None, progress: FetchProgress) -> Fetched:
         url = resolution.extra["url"]
-        headers = auth_headers() if urlsplit(url).hostname == civitai_host() else {}
-        return download_to_store(name, url, headers, resolution, store, expected, progress, "final_url")
+        return download_to_store(name, url, https_auth(url), resolution, store, expected, progress, "final_url")
 
 
-def download_to_store(name, url, headers, resolution: Resolution, store: Store, expected, progress, final_key: str | None) -> Fetched:
+def download_to_store(name, url, auth: Auth, resolution: Resolution, store: Store, expected, progress, final_key: str | None) -> Fetched:
     """Shared by https and civitai: download (resuming) into the store under the resolution's key."""
     from loraforge.resolve.store import source_key
 
     key = source_key(resolution.download_key)
     part = store.partial_path(key)
-    done = download(url, part, name=name, headers=headers, progress=progress)
+    done = download(url, part, name=name, auth=auth, progress=progress)
     try:
         blob = store.commit(part, done.hashes, expected, name)  # removes the partial on a wrong hash
     finally:
