@@ -1,5 +1,7 @@
 """The row-block bake and the fast float16 rounding give the simple path's bytes."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -36,7 +38,8 @@ def test_blocks_give_the_whole_weight_bytes(monkeypatch, dtype, shape):
         terms.append(LowRankTerm(torch.randn(64, 2, generator=generator, dtype=torch.float64),
                                  torch.randn(2, width, generator=generator, dtype=torch.float64) * 0.01, (64, 128), -0.3))
     assert bake._blockable(weight, terms, dtype)
-    ours = bake_weight(weight, terms, dtype, torch.empty(weight.numel(), dtype=torch.float64))
+    with ThreadPoolExecutor(max_workers=2) as pool:  # two workers taking blocks in turn, as a bake runs them
+        ours = bake_weight(weight, terms, dtype, torch.empty(weight.numel(), dtype=torch.float64), pool, 2)
     assert torch.equal(ours.reshape(-1).view(torch.uint8), whole_weight_bake(weight, terms, dtype).reshape(-1).view(torch.uint8))
 
 
@@ -71,3 +74,10 @@ def test_float16_into_equals_numpy_on_random_scales_and_specials():
         float16_into(tensor, out)
         assert torch.equal(out.view(torch.int16), float16_reference(tensor).view(torch.int16))
         assert torch.equal(round_float64(tensor, torch.float16).view(torch.int16), out.view(torch.int16))
+
+
+def test_float16_rounding_on_a_pool_gives_the_same_bytes():
+    values = torch.randn(3 << 20, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 0.05
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        sliced = round_float64(values, torch.float16, pool)
+    assert torch.equal(sliced.view(torch.int16), round_float64(values, torch.float16).view(torch.int16))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -21,6 +21,7 @@ import torch
 
 from loraforge.errors import BuildError, FormatError
 from loraforge.execute.device import single_threaded_torch
+from loraforge.execute.resources import Resources
 from loraforge.execute.prefetch import prefetched
 from loraforge.formats.adapters import (
     load_factors,
@@ -42,6 +43,11 @@ from loraforge.plan.layout import OutputTensor, output_layout
 from loraforge.plan.model import BakeTarget, BuildPlan, ModuleApplication
 
 PREFETCH_DEPTH = 2  # tensors read ahead of the one being computed
+# Threads baking the row blocks of one weight. Their torch ops and numpy casts
+# release the GIL, so two keep both cores of a 2-core machine busy next to the
+# reader, writer and hashing threads while torch itself stays single-threaded
+# (no OpenMP spin-waits); more were slower there.
+BAKE_WORKERS = 2
 MAX_PENDING_WRITES = 2  # computed tensors waiting for the writer thread
 MAX_LISTED_MODULES = 8  # modules named in a NaN/inf error before "and N more"
 
@@ -84,14 +90,17 @@ def run_bake(
         # those threads hold cost more than a second thread gains (measured:
         # the SD 1.5 bake took about twice as long with torch's default).
         stack.enter_context(single_threaded_torch())
+        resources = Resources.local(device)
+        pool = stack.enter_context(resources.worker_pool(BAKE_WORKERS, "loraforge-block"))
+        workers = min(BAKE_WORKERS, resources.cpu_threads)
         try:
             with _BackgroundWrites(writer, on_progress) as writes:
                 for entry, data in _prefetched(base, layout):
                     if entry.action == "bake":
                         applications = target.applications[entry.name]
-                        data = _bake_tensor(data, applications, adapters, device, torch_dtype(entry.dtype), workspace)
+                        data = _bake_tensor(data, applications, adapters, device, torch_dtype(entry.dtype), workspace, pool, workers)
                     elif entry.action == "convert":
-                        data = round_float64(data, torch_dtype(entry.dtype))  # one rounding, even from F64
+                        data = round_float64(data, torch_dtype(entry.dtype), pool)  # one rounding, even from F64
                     writes.submit(entry, data)
         except _NonFiniteFactors as found:
             raise _nonfinite_error(target, adapters, found.ingredient) from None
@@ -113,10 +122,12 @@ def _bake_tensor(
     device: torch.device,
     out_dtype: torch.dtype,
     workspace: torch.Tensor | None,
+    pool: Executor | None,
+    workers: int,
 ) -> torch.Tensor:
     weight = weight.to(device)
     terms = _terms(weight, applications, adapters, device)
-    return bake_weight(weight, terms, out_dtype, workspace).cpu()
+    return bake_weight(weight, terms, out_dtype, workspace, pool, workers).cpu()
 
 
 def _terms(weight, applications, adapters, device) -> Iterator[Term]:

@@ -30,8 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from fractions import Fraction
 from itertools import groupby
@@ -90,17 +89,25 @@ class LowRankTerm:
 Term = Union[DenseTerm, LowRankTerm]
 
 
-def bake_weight(weight: Tensor, terms: Iterable[Term], out_dtype: torch.dtype, workspace: Tensor | None = None) -> Tensor:
+def bake_weight(
+    weight: Tensor,
+    terms: Iterable[Term],
+    out_dtype: torch.dtype,
+    workspace: Tensor | None = None,
+    pool: Executor | None = None,
+    workers: int = 1,
+) -> Tensor:
     """The baked weight in ``out_dtype``: the exact sum, correctly rounded once.
 
     ``workspace`` (float64, at least ``weight.numel()`` elements, same device)
     is reused for the float64 copy so large tensors do not page-fault fresh
-    memory for every weight. float64 outputs cannot be certified from a
+    memory for every weight. ``pool`` (with ``workers`` threads) may bake row
+    blocks side by side; the bytes do not depend on it. float64 outputs cannot be certified from a
     float64 sum; they get the float64 sum itself (docs/reproducibility.md).
     """
     terms = list(terms)
     if _blockable(weight, terms, out_dtype):
-        return _bake_low_rank_in_blocks(weight, terms, out_dtype, workspace)
+        return _bake_low_rank_in_blocks(weight, terms, out_dtype, workspace, pool if workers > 1 else None, workers)
     baked = _float64_copy(weight, workspace)
     matrix = baked.view(baked.shape[0], -1) if baked.dim() > 0 else baked.view(1, 1)
     envelope = matrix.abs()
@@ -208,10 +215,12 @@ class _Group:
     column_norms: Tensor
 
 
-def _bake_low_rank_in_blocks(weight: Tensor, terms: list[LowRankTerm], out_dtype: torch.dtype, workspace: Tensor | None) -> Tensor:
+def _bake_low_rank_in_blocks(
+    weight: Tensor, terms: list[LowRankTerm], out_dtype: torch.dtype, workspace: Tensor | None, pool: Executor | None, workers: int
+) -> Tensor:
     """bake_weight for low-rank terms, one block of rows at a time.
 
-    Blocks are independent, so BLOCK_THREADS workers take blocks in turn, each
+    Blocks are independent, so the pool's workers take blocks in turn, each
     with its own scratch; which worker takes which block cannot change a byte.
     """
     rows = weight.shape[0]
@@ -228,7 +237,7 @@ def _bake_low_rank_in_blocks(weight: Tensor, terms: list[LowRankTerm], out_dtype
     block_rows = max(BLOCK_ROW_ALIGNMENT, BLOCK_ELEMENTS // width // BLOCK_ROW_ALIGNMENT * BLOCK_ROW_ALIGNMENT)
     block_rows = min(rows, block_rows)
     starts = range(0, rows, block_rows)
-    workers = min(BLOCK_THREADS, len(starts))
+    workers = 1 if pool is None else min(workers, len(starts))
     scratch = [_Scratch.make(block_rows * width, workspace if index == 0 else None) for index in range(workers)]
     pending = iter(starts)  # shared: next() on a range iterator is atomic under the GIL
     found: list[tuple[Tensor, Tensor]] = []  # (flat indices in the weight, float64 approximations)
@@ -250,7 +259,7 @@ def _bake_low_rank_in_blocks(weight: Tensor, terms: list[LowRankTerm], out_dtype
     if workers == 1:
         work(scratch[0])
     else:
-        for future in [_block_pool().submit(work, one) for one in scratch]:
+        for future in [pool.submit(work, one) for one in scratch]:
             future.result()
     if found:
         _certify_candidates(baked, source, groups, terms, found, relative, out_dtype)
@@ -272,7 +281,7 @@ def _certify_candidates(baked, source, groups, terms, found, relative: float, ou
 # The float32 bits each format drops, and its largest finite value.
 _DROPPED_BITS = {torch.float16: 13, torch.bfloat16: 16}
 _LARGEST = {torch.float16: 65504.0, torch.bfloat16: float(torch.finfo(torch.bfloat16).max)}
-_TINY = 2.0**-149  # the smallest float32 step: zeros are always candidates
+_SMALLEST_STEP = 2.0**-149  # the smallest float32 step: zeros are always candidates
 
 
 def _block_candidates(block: Tensor, out: Tensor, largest_bound: float, scratch: _Scratch) -> Tensor:
@@ -304,7 +313,7 @@ def _block_candidates(block: Tensor, out: Tensor, largest_bound: float, scratch:
     np.bitwise_and(key, window, out=key)
     np.less_equal(key, 2, out=near)
     # Outside (low, high), in one unsigned comparison.
-    low = int(np.float32(max(_TINY, largest_bound * 2.0**25)).view(np.int32))
+    low = int(np.float32(max(_SMALLEST_STEP, largest_bound * 2.0**25)).view(np.int32))
     high = int(np.float32(_LARGEST[out.dtype]).view(np.int32))
     np.subtract(magnitude, low + 1, out=key)
     np.greater_equal(key.view(np.uint32), high - low - 1, out=outside)
@@ -323,17 +332,6 @@ def _candidate_bound(source: Tensor, groups: list[_Group], indices: Tensor, rela
         local = (rows - group.first).clamp(0, group.row_norms.numel() - 1)
         bound += torch.where(inside, group.row_norms[local] * group.column_norms[columns], 0.0)
     return bound.mul_(relative)
-
-
-# Workers baking the blocks of one weight. The torch ops and numpy casts in a
-# block release the GIL, so two workers keep both cores busy while torch
-# itself stays single-threaded (no OpenMP spin-waits).
-BLOCK_THREADS = max(1, min(2, os.cpu_count() or 1))
-
-
-@functools.lru_cache(maxsize=1)
-def _block_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=BLOCK_THREADS, thread_name_prefix="loraforge-block")
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,7 @@ correctly rounded result because float32 keeps more than two extra bits
 
 from __future__ import annotations
 
-import functools
-import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 
 import numpy as np
 import torch
@@ -31,25 +29,31 @@ from torch import Tensor
 _BFLOAT16_HALFWAY = (0xFFFF, 0x8000)  # 16 bits dropped
 
 
-def round_float64(values: Tensor, dtype: torch.dtype) -> Tensor:
-    """``values`` (float64) rounded once, to nearest-even, to ``dtype``."""
+def round_float64(values: Tensor, dtype: torch.dtype, pool: Executor | None = None) -> Tensor:
+    """``values`` (float64) rounded once, to nearest-even, to ``dtype``.
+
+    ``pool``: threads that may convert slices of a large float16 result side by
+    side (elementwise, so the bytes are the same without it).
+    """
     if values.dtype != torch.float64 or dtype in (torch.float64, torch.float32):
         return values.to(dtype)  # float64 -> float32 is a single IEEE rounding
     if dtype == torch.float16:
-        return _float16(values)
+        return _float16(values, pool)
     if dtype == torch.bfloat16:
         return _bfloat16(values)
     return values.to(dtype)
 
 
-def _float16(values: Tensor) -> Tensor:
+def _float16(values: Tensor, pool: Executor | None) -> Tensor:
     """float64 -> float16 with one rounding (the CPU does it, whatever the device)."""
     source = values.detach().cpu().contiguous().reshape(-1)
     rounded = torch.empty(source.shape, dtype=torch.float16)
-    step = max(PARALLEL_SLICE, -(-source.numel() // _THREADS))
-    # Elementwise, so slices on a few threads give the same bytes (the casts release the GIL).
-    slices = range(0, source.numel(), step)
-    list(_pool().map(lambda start: float16_into(source[start:start + step], rounded[start:start + step]), slices))
+    if pool is None or source.numel() <= PARALLEL_SLICE:
+        float16_into(source, rounded)
+    else:
+        # Elementwise, so slices on a few threads give the same bytes (the casts release the GIL).
+        slices = range(0, source.numel(), PARALLEL_SLICE)
+        list(pool.map(lambda start: float16_into(source[start:start + PARALLEL_SLICE], rounded[start:start + PARALLEL_SLICE]), slices))
     return rounded.reshape(values.shape).to(values.device)
 
 
@@ -100,13 +104,7 @@ def float16_reference(values: Tensor) -> Tensor:
         return torch.from_numpy(values.detach().cpu().numpy().astype(np.float16))
 
 
-PARALLEL_SLICE = 1 << 20  # elements; smaller tensors are converted in one piece
-_THREADS = max(1, min(4, os.cpu_count() or 1))
-
-
-@functools.lru_cache(maxsize=1)
-def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="loraforge-round")
+PARALLEL_SLICE = 1 << 20  # elements per slice given to a pool; smaller tensors are converted in one piece
 
 
 def _bfloat16(values: Tensor) -> Tensor:
