@@ -255,3 +255,43 @@ def test_non_finite_base_elements_stay_as_ieee_gives_them(monkeypatch, blocks):
     term = LowRankTerm(torch.ones(1, 1, dtype=torch.float64), torch.tensor([[1.0, 1.0, 1.0, 0.25]], dtype=torch.float64), None, 0.5, 1.0)
     out = bake_weight(weight, [term], torch.float16).reshape(-1).tolist()
     assert out[0] == math.inf and math.isnan(out[1]) and out[2] == -math.inf and out[3] == 0.625
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_SCALES = st.sampled_from([2.0**-30, 2.0**-20, 2.0**-12, 2.0**-6, 1.0, 2.0**6, 2.0**12])
+
+
+@st.composite
+def _bake_case(draw):
+    rows, width, rank = draw(st.integers(1, 5)), draw(st.integers(1, 6)), draw(st.integers(1, 4))
+    dtype = draw(st.sampled_from([torch.float16, torch.bfloat16, torch.float32]))
+    def matrix(shape, scale):
+        values = draw(st.lists(st.floats(-4, 4, allow_nan=False, width=32), min_size=math.prod(shape), max_size=math.prod(shape)))
+        return torch.tensor(values, dtype=torch.float64).reshape(shape) * scale
+    weight = matrix((rows, width), draw(_SCALES)).to(torch.float16)
+    up, down = matrix((rows, rank), draw(_SCALES)), matrix((rank, width), draw(_SCALES))
+    coefficient = draw(st.sampled_from([1.0, 0.8, -0.3, 1 / 3, 1e-3]))
+    scale = draw(st.sampled_from([1.0, 0.5, 4 / 3]))
+    return weight, LowRankTerm(up, down, None, coefficient, scale), dtype
+
+
+@settings(max_examples=150, deadline=None)
+@given(_bake_case(), st.booleans())
+def test_any_small_bake_is_the_exact_sum_rounded_once(case, blocks):
+    """Random factors over wide exponent ranges (float16 subnormals, cancellation): RN(exact) element by element."""
+    weight, term, dtype = case
+    original = bake._blockable
+    bake._blockable = original if blocks else (lambda *args: False)
+    try:
+        ours = bake_weight(weight, [term], dtype)
+    finally:
+        bake._blockable = original
+    for (i, j), value in np.ndenumerate(ours.to(torch.float64).numpy()):
+        products = sum(Fraction(u) * Fraction(d) for u, d in zip(term.up[i].tolist(), term.down[:, j].tolist()))
+        exact = Fraction(weight[i, j].item()) + Fraction(term.coefficient) * Fraction(term.scale) * products
+        expected = reference_round(exact, dtype)
+        if exact == 0:
+            expected = weight[i, j].item() if products == 0 and weight[i, j].item() == 0 else 0.0
+            assert math.copysign(1, value) == math.copysign(1, expected), (i, j)
+        assert value == expected or (math.isinf(value) and math.isinf(expected) and value == expected), (i, j, value, expected)
