@@ -112,7 +112,7 @@ def prepare(arch_name: str) -> Path:
 
     folder = WORK / arch_name
     folder.mkdir(parents=True, exist_ok=True)
-    arch = get_architecture(arch_name, "full")
+    arch = get_architecture(arch_name)
     base = folder / "base.safetensors"
     if not base.exists():
         started = time.perf_counter()

@@ -52,7 +52,7 @@ def prepare(arch_name: str) -> Path:
 
     folder = WORK / arch_name
     folder.mkdir(parents=True, exist_ok=True)
-    arch = get_architecture(arch_name, "full")
+    arch = get_architecture(arch_name)
     if not (folder / "base.safetensors").exists():
         write_synthetic_checkpoint(folder / "base.safetensors", arch, seed=21, dtype="F16")
     keys = {m.key for m in arch.modules}

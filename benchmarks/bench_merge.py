@@ -51,7 +51,7 @@ ADAPTERS = (
 def prepare(arch_name: str) -> Path:
     folder = ROOT / "work" / f"merge-{arch_name}"
     folder.mkdir(parents=True, exist_ok=True)
-    arch = get_architecture(arch_name, "full")
+    arch = get_architecture(arch_name)
     for seed, (name, rank, options, _) in enumerate(ADAPTERS):
         path = folder / f"{name}.safetensors"
         if not path.exists():

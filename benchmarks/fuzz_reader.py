@@ -35,11 +35,11 @@ BATCH = 500
 
 def small_adapter_bytes() -> bytes:
     """A few real SD1 LoRA modules, so mutations hit adapter-shaped headers too."""
-    from loraforge.formats.arch import get_architecture
     from loraforge.formats.safetensors_writer import save_tensors
     from loraforge.testing.adapters import adapter_tensors
+    from loraforge.testing.arch import tiny_architecture
 
-    tensors = adapter_tensors(get_architecture("sd1", "tiny"), "lora", rank=2, seed=1)
+    tensors = adapter_tensors(tiny_architecture("sd1"), "lora", rank=2, seed=1)
     kept = dict(sorted(tensors.items())[:9])
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "seed.safetensors"

@@ -70,10 +70,10 @@ def _kind_line(report: dict) -> str:
     if report["kind"] == "checkpoint":
         variants = [v for v, on in (("inpaint", report["inpaint"]), ("v-prediction", report["v_prediction"])) if on]
         suffix = f" [{', '.join(variants)}]" if variants else ""
-        return f"checkpoint, {report['architecture_title']} ({report['size_class']} size){suffix}"
+        return f"checkpoint, {report['architecture_title']} ({report['size_text']}){suffix}"
     if report["kind"] == "adapter":
         arch = report.get("architecture_title")
-        where = f" for {arch} ({report['size_class']} size)" if arch else ""
+        where = f" for {arch} ({report['size_text']})" if arch else ""
         return f"{report['adapter_kind']} adapter{where}"
     return "unrecognised"
 

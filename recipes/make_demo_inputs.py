@@ -13,15 +13,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from loraforge.formats.arch import get_architecture
 from loraforge.testing.adapters import write_synthetic_adapter
+from loraforge.testing.arch import tiny_architecture
 from loraforge.testing.checkpoints import write_synthetic_checkpoint
 
 MODELS = Path(__file__).resolve().parent / "models"
 
 
 def make_sd15_demo() -> None:
-    arch = get_architecture("sd1", "tiny")
+    arch = tiny_architecture("sd1")
     write_synthetic_checkpoint(MODELS / "tiny-sd15-base.safetensors", arch, seed=1, dtype="F16")
     write_synthetic_adapter(MODELS / "neon-lora.safetensors", arch, "lora", rank=8, alpha=4, seed=2)
     write_synthetic_adapter(MODELS / "noir-locon.safetensors", arch, "lora", rank=4, seed=3, targets="all")
@@ -29,7 +29,7 @@ def make_sd15_demo() -> None:
 
 
 def make_sdxl_demo() -> None:
-    arch = get_architecture("sdxl", "tiny")
+    arch = tiny_architecture("sdxl")
     write_synthetic_checkpoint(MODELS / "tiny-sdxl-base.safetensors", arch, seed=11, dtype="F16")
     write_synthetic_adapter(MODELS / "xl-style-lora.safetensors", arch, "lora", rank=8, seed=12)
     write_synthetic_adapter(MODELS / "xl-detail-lokr.safetensors", arch, "lokr", rank=4, seed=13, text_encoder=False)

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from corpus.recipes import GOOD
 from loraforge.cli import app
-from loraforge.formats.arch import get_architecture
+from loraforge.testing.arch import tiny_architecture
 from loraforge.testing.adapters import write_synthetic_adapter
 from loraforge.testing.checkpoints import write_synthetic_checkpoint
 
@@ -20,7 +20,7 @@ OUTPUT = Path("dist/baked.safetensors")
 
 def write_models(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    sd1 = get_architecture("sd1", "tiny")
+    sd1 = tiny_architecture("sd1")
     write_synthetic_checkpoint(folder / "base.safetensors", sd1, seed=1, dtype="F32")
     write_synthetic_adapter(folder / "style.safetensors", sd1, "lora", rank=4, seed=2)
     return folder

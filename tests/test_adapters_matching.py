@@ -7,8 +7,9 @@ import torch
 
 from loraforge.errors import FormatError
 from loraforge.formats.adapters import AdapterFile, AdapterModule, parse_adapter
-from loraforge.formats.adapters.matching import detect_adapter_architecture, match_adapter
+from loraforge.formats.adapters.matching import detect_adapter_architecture, find_spec, match_adapter
 from loraforge.formats.arch import get_architecture
+from loraforge.testing.arch import tiny_architecture
 from loraforge.formats.safetensors_reader import open_safetensors
 from loraforge.formats.safetensors_writer import save_tensors
 from loraforge.testing.adapters import write_synthetic_adapter
@@ -35,7 +36,7 @@ def _parse(path):
 @pytest.mark.parametrize("arch_name", ARCHS)
 @pytest.mark.parametrize(("kind", "options"), VARIANTS, ids=[f"{k}-{i}" for i, (k, _) in enumerate(VARIANTS)])
 def test_synthetic_adapters_match_and_detect(tmp_path, arch_name, kind, options):
-    arch = get_architecture(arch_name, "tiny")
+    arch = tiny_architecture(arch_name)
     path = tmp_path / "adapter.safetensors"
     write_synthetic_adapter(path, arch, kind, **options)
     adapter = _parse(path)
@@ -46,7 +47,14 @@ def test_synthetic_adapters_match_and_detect(tmp_path, arch_name, kind, options)
     for module, spec in match.matched:
         assert module.name in (spec.kohya, spec.diffusers)
     detected = detect_adapter_architecture(adapter)
-    assert (detected.name, detected.size) == (arch_name, "tiny")
+    assert _same_family_and_modules(detected, arch, adapter)  # the family, at the dimensions its module shapes imply
+
+
+def _same_family_and_modules(detected, arch, adapter) -> bool:
+    """An adapter shows the widths of the modules it has (not the vocabulary, VAE or untouched layers)."""
+    return detected.name == arch.name and all(
+        find_spec(m, detected).shape == find_spec(m, arch).shape for m in adapter.modules
+    )
 
 
 def _module(name, delta_shape, naming="kohya"):
@@ -76,13 +84,28 @@ def test_sd1_and_sd2_told_apart_by_text_encoder_width():
     assert detect_adapter_architecture(_adapter(_module(te_q, (1024, 1024)))).name == "sd2"
 
 
+TE_LAST = "lora_te_text_model_encoder_layers_{}_self_attn_q_proj"
+
+
 def test_sd1_and_sd2_tiny_told_apart(tmp_path):
-    for name in ("sd1", "sd2"):
-        arch = get_architecture(name, "tiny")
+    # Scaled, the widths no longer tell SD1 from SD2 (any width is some scaled SD1 or SD2); the text
+    # encoder's depth does: SD 1.x's CLIP has 12 layers, SD 2.x's OpenCLIP 24.
+    for name, last_layer in (("sd1", 11), ("sd2", 23)):
+        arch = tiny_architecture(name)
         path = tmp_path / f"{name}.safetensors"
-        write_synthetic_adapter(path, arch, "lora", targets=[TO_K, TO_Q1], text_encoder=False)
-        detected = detect_adapter_architecture(_parse(path))
-        assert (detected.name, detected.size) == (name, "tiny")
+        write_synthetic_adapter(path, arch, "lora", targets=[TO_K, TO_Q1, TE_LAST.format(last_layer)])
+        adapter = _parse(path)
+        detected = detect_adapter_architecture(adapter)
+        assert _same_family_and_modules(detected, arch, adapter)
+
+
+def test_scaled_unet_attention_reads_as_sd1_at_the_implied_dimensions(tmp_path):
+    # to_q and to_k of a scaled SD2 fit SD1 built at the same widths: the earlier family wins.
+    path = tmp_path / "sd2.safetensors"
+    write_synthetic_adapter(path, tiny_architecture("sd2"), "lora", targets=[TO_K, TO_Q1], text_encoder=False)
+    detected = detect_adapter_architecture(_parse(path))
+    assert detected.name == "sd1"
+    assert dict(detected.dimensions)["model_channels"] == 16 and dict(detected.dimensions)["context"] == 32
 
 
 def test_self_attention_only_is_ambiguous_and_reads_as_sd1():
@@ -91,7 +114,7 @@ def test_self_attention_only_is_ambiguous_and_reads_as_sd1():
 
 
 def test_shape_mismatch_and_unmatched_are_reported():
-    sd2 = get_architecture("sd2", "full")
+    sd2 = get_architecture("sd2")
     stray = _module("lora_unet_not_a_layer", (4, 4))
     sd1_to_k = _module(TO_K, (320, 768))
     to_q = _module(TO_Q1, (320, 320))
@@ -103,7 +126,7 @@ def test_shape_mismatch_and_unmatched_are_reported():
 
 
 def test_linear_lora_on_sd1_1x1_proj_in_matches():
-    sd1 = get_architecture("sd1", "full")
+    sd1 = get_architecture("sd1")
     name = "lora_unet_down_blocks_0_attentions_0_proj_in"
     assert sd1.module_by_kohya[name].shape == (320, 320, 1, 1)
     match = match_adapter(_adapter(_module(name, (320, 320))), sd1)
@@ -111,7 +134,7 @@ def test_linear_lora_on_sd1_1x1_proj_in_matches():
 
 
 def test_diffusers_names_with_and_without_unet_prefix():
-    sd1 = get_architecture("sd1", "full")
+    sd1 = get_architecture("sd1")
     prefixed = _module("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", (320, 320), "diffusers")
     bare = _module("mid_block.attentions.0.transformer_blocks.0.attn1.to_q", (1280, 1280), "diffusers")
     te = _module("text_encoder.text_model.encoder.layers.3.mlp.fc1", (3072, 768), "diffusers")
@@ -121,7 +144,7 @@ def test_diffusers_names_with_and_without_unet_prefix():
 
 
 def test_sd2_fused_qkv_rows_match(tmp_path):
-    arch = get_architecture("sd2", "tiny")
+    arch = tiny_architecture("sd2")
     names = [f"lora_te_text_model_encoder_layers_0_self_attn_{p}_proj" for p in ("q", "k", "v")]
     path = tmp_path / "te.safetensors"
     write_synthetic_adapter(path, arch, "lora", targets=names)
@@ -130,7 +153,7 @@ def test_sd2_fused_qkv_rows_match(tmp_path):
 
 
 def test_sdxl_both_text_encoders(tmp_path):
-    arch = get_architecture("sdxl", "tiny")
+    arch = tiny_architecture("sdxl")
     path = tmp_path / "xl.safetensors"
     write_synthetic_adapter(path, arch, "peft", targets="attn")
     match = match_adapter(_parse(path), arch)
@@ -148,3 +171,15 @@ def test_detection_fails_clearly(tmp_path):
     )
     with pytest.raises(FormatError, match=r"no module of .*flux\.safetensors matches SD1/SD2/SDXL.*double_blocks"):
         detect_adapter_architecture(_parse(path))
+
+
+def test_scaled_sd1_and_sd2_loras_told_apart_by_proj_in_form(tmp_path):
+    # A LoRA keeps a layer's form: SD1's proj_in is a 1x1 conv (4-D ΔW), SD2's a linear (2-D ΔW).
+    proj_in = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    for name in ("sd1", "sd2"):
+        arch = tiny_architecture(name)
+        path = tmp_path / f"{name}.safetensors"
+        write_synthetic_adapter(path, arch, "lora", targets=[TO_K, proj_in], text_encoder=False)
+        adapter = _parse(path)
+        detected = detect_adapter_architecture(adapter)
+        assert _same_family_and_modules(detected, arch, adapter)

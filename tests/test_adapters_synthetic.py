@@ -12,11 +12,11 @@ import torch
 
 from loraforge.formats.adapters import load_factors, module_delta, parse_adapter
 from loraforge.formats.adapters.matching import match_adapter
-from loraforge.formats.arch import get_architecture
+from loraforge.testing.arch import tiny_architecture
 from loraforge.formats.safetensors_reader import open_safetensors
 from loraforge.testing.adapters import DELTA_STD, factorize, select_targets, write_synthetic_adapter
 
-SD1 = get_architecture("sd1", "tiny")
+SD1 = tiny_architecture("sd1")
 
 
 def _parse(path):
@@ -35,10 +35,10 @@ def test_same_arguments_same_bytes_other_seed_other_bytes(tmp_path):
 def test_bytes_independent_of_hash_seed_and_threads(tmp_path):
     threads_before = torch.get_num_threads()
     script = (
-        "import sys, torch; from loraforge.formats.arch import get_architecture;"
+        "import sys, torch; from loraforge.testing.arch import tiny_architecture;"
         "from loraforge.testing.adapters import write_synthetic_adapter;"
         "torch.set_num_threads(int(sys.argv[2]));"
-        "print(write_synthetic_adapter(sys.argv[1], get_architecture('sd1', 'tiny'), 'lora', targets='all',"
+        "print(write_synthetic_adapter(sys.argv[1], tiny_architecture('sd1'), 'lora', targets='all',"
         " tucker=True, dora=True).sha256)"
     )
     # One other process, with another hash seed and thread count than this one.

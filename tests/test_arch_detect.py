@@ -8,12 +8,13 @@ import pytest
 
 from loraforge.errors import FormatError
 from loraforge.formats.arch import ARCHITECTURE_NAMES, detect_architecture, get_architecture
+from loraforge.testing.arch import architecture_at, tiny_architecture
 
 UNET = "model.diffusion_model."
 
 
 def shapes_of(name: str, size: str = "full", components=None) -> dict[str, tuple[int, ...]]:
-    arch = get_architecture(name, size)
+    arch = architecture_at(name, size)
     return {t.key: t.shape for t in arch.tensors if components is None or t.component in components}
 
 
@@ -21,7 +22,7 @@ def shapes_of(name: str, size: str = "full", components=None) -> dict[str, tuple
 @pytest.mark.parametrize("name", ARCHITECTURE_NAMES)
 def test_detects_each_table(name, size):
     detection = detect_architecture(shapes_of(name, size))
-    assert detection.architecture is get_architecture(name, size)
+    assert detection.architecture is architecture_at(name, size)
     assert (detection.inpaint, detection.v_prediction, detection.missing, detection.extra) == (False, None, (), ())
 
 
@@ -39,7 +40,13 @@ def test_unet_only_file_is_still_told_apart_by_shapes():
     for name in ("sd1", "sd2"):
         for size in ("full", "tiny"):
             detection = detect_architecture(shapes_of(name, size, components={"unet"}))
-            assert (detection.architecture.name, detection.architecture.size) == (name, size)
+            # The UNet shows its own dimensions; a file without text encoder and VAE cannot show theirs.
+            unet_dims = ("model_channels", "context")
+            expected = dict(architecture_at(name, size).dimensions)
+            assert detection.architecture.name == name
+            assert {k: v for k, v in detection.architecture.dimensions if k in unet_dims} == {
+                k: expected[k] for k in unet_dims
+            }
 
 
 def test_marker_tensors_are_extra_and_v_pred_sets_v_prediction():
@@ -114,4 +121,47 @@ def test_detection_is_fast_for_sdxl():
 
 def test_shapes_given_as_lists_work():
     shapes = {k: list(v) for k, v in shapes_of("sd2", "tiny").items()}
-    assert detect_architecture(shapes).architecture is get_architecture("sd2", "tiny")
+    assert detect_architecture(shapes).architecture is tiny_architecture("sd2")
+
+
+def test_a_consistently_scaled_sd1_is_detected_with_its_dimensions():
+    # SD 1.5's key names at channel counts no preset has: model channels 24, context 40.
+    dims = {"model_channels": 24, "context": 40, "vocab": 100, "vae_channels": 12}
+    shapes = {t.key: t.shape for t in get_architecture("sd1", dims).tensors}
+    detection = detect_architecture(shapes)
+    arch = detection.architecture
+    assert (arch.name, arch.size) == ("sd1", "scaled")
+    assert dict(arch.dimensions) == dims
+    assert arch.size_text == "scaled: model channels 24, context 40, vocab 100, vae channels 12"
+    assert arch is get_architecture("sd1", dims)
+    assert (detection.missing, detection.extra) == ((), ())
+
+
+@pytest.mark.parametrize("name", ARCHITECTURE_NAMES)
+def test_dimensions_are_read_from_the_unet_alone(name):
+    full = dict(get_architecture(name).dimensions)
+    dims = {"model_channels": 8, "context": 40 if name != "sdxl" else 48}
+    shapes = {t.key: t.shape for t in get_architecture(name, dims).tensors if t.component == "unet"}
+    if name == "sdxl":
+        dims["adm_in_channels"] = full["adm_in_channels"]  # label_emb is part of the UNet: read there
+    detection = detect_architecture(shapes)
+    assert detection.architecture.name == name
+    assert {k: v for k, v in detection.architecture.dimensions if k in dims} == dims
+
+
+def test_one_tensor_of_another_width_is_refused_in_a_scaled_model():
+    dims = {"model_channels": 24, "context": 40}
+    shapes = {t.key: t.shape for t in get_architecture("sd1", dims).tensors}
+    key = UNET + "output_blocks.5.1.transformer_blocks.0.attn2.to_v.weight"
+    shapes[key] = (shapes[key][0], 41)
+    with pytest.raises(FormatError) as info:
+        detect_architecture(shapes)
+    message = str(info.value)
+    assert "closest is sd1 (scaled: model channels 24, context 40" in message and key in message
+
+
+def test_a_scaled_sd1_inpaint_conv_in():
+    shapes = {t.key: t.shape for t in get_architecture("sd1", {"model_channels": 24, "context": 40}).tensors}
+    shapes[UNET + "input_blocks.0.0.weight"] = (24, 9, 3, 3)
+    detection = detect_architecture(shapes)
+    assert detection.inpaint is True and dict(detection.architecture.dimensions)["model_channels"] == 24

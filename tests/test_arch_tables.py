@@ -13,6 +13,7 @@ from loraforge.formats.arch import ARCHITECTURE_NAMES, COMPONENTS, get_architect
 from loraforge.formats.arch import sdxl
 from loraforge.formats.arch.family import assemble
 from loraforge.formats.arch.unet import RESNET_RENAMES, diffusers_to_ldm, ldm_to_diffusers, unit_map
+from loraforge.testing.arch import TINY, architecture_at, tiny_architecture
 
 ALL_TABLES = [(name, size) for name in ARCHITECTURE_NAMES for size in ("full", "tiny")]
 UNET = "model.diffusion_model."
@@ -34,7 +35,7 @@ def unet_params(arch) -> int:
 )
 def test_tensor_counts_per_component(name, counts):
     for size in ("full", "tiny"):
-        arch = get_architecture(name, size)
+        arch = architecture_at(name, size)
         seen = {}
         for tensor in arch.tensors:
             seen[tensor.component] = seen.get(tensor.component, 0) + 1
@@ -114,7 +115,7 @@ def test_sdxl_has_no_unet_attention_at_the_first_level():
 
 @pytest.mark.parametrize("name, size", ALL_TABLES)
 def test_every_key_is_unique_and_has_a_component(name, size):
-    arch = get_architecture(name, size)
+    arch = architecture_at(name, size)
     assert len(arch.tensor_by_key) == len(arch.tensors)
     for tensor in arch.tensors:
         assert tensor.component in COMPONENTS
@@ -125,7 +126,7 @@ def test_every_key_is_unique_and_has_a_component(name, size):
 
 @pytest.mark.parametrize("name, size", ALL_TABLES)
 def test_module_shapes_equal_their_tensor_or_slice(name, size):
-    arch = get_architecture(name, size)
+    arch = architecture_at(name, size)
     for module in arch.modules:
         weight = arch.tensor_by_key[module.key]
         assert module.component == weight.component and module.component not in ("vae", "other")
@@ -142,7 +143,7 @@ def test_module_shapes_equal_their_tensor_or_slice(name, size):
 
 @pytest.mark.parametrize("name, size", ALL_TABLES)
 def test_every_linear_and_conv_weight_of_unet_and_text_encoders_is_a_target(name, size):
-    arch = get_architecture(name, size)
+    arch = architecture_at(name, size)
     targeted = {m.key for m in arch.modules}
     for tensor in arch.tensors:
         is_weight = tensor.key.endswith("weight") and len(tensor.shape) in (2, 4)
@@ -155,7 +156,7 @@ def test_every_linear_and_conv_weight_of_unet_and_text_encoders_is_a_target(name
 
 @pytest.mark.parametrize("name, size", ALL_TABLES)
 def test_kohya_names_are_a_bijection_with_key_and_rows(name, size):
-    arch = get_architecture(name, size)
+    arch = architecture_at(name, size)
     by_target = {(m.key, m.rows): m.kohya for m in arch.modules}
     assert len(by_target) == len(arch.modules) == len(arch.module_by_kohya)
     for module in arch.modules:
@@ -166,11 +167,11 @@ def test_kohya_names_are_a_bijection_with_key_and_rows(name, size):
 
 @pytest.mark.parametrize("name, size", ALL_TABLES)
 def test_diffusers_names_are_unique_and_agree_with_kohya(name, size):
-    arch = get_architecture(name, size)
+    arch = architecture_at(name, size)
     assert len(arch.module_by_diffusers) == len(arch.modules)
     te_prefixes = {"te": ("text_encoder.", "lora_te_"), "te1": ("text_encoder.", "lora_te1_"),
                    "te2": ("text_encoder_2.", "lora_te2_")}
-    config = get_config(name, size).unet
+    config = get_config(name, TINY[name] if size == "tiny" else None).unet
     for module in arch.modules:
         assert arch.module_by_diffusers[module.diffusers] is module
         if module.component == "unet":
@@ -188,7 +189,7 @@ def test_diffusers_names_are_unique_and_agree_with_kohya(name, size):
 
 @pytest.mark.parametrize("name", ARCHITECTURE_NAMES)
 def test_tiny_has_the_same_keys_and_modules_with_smaller_shapes(name):
-    full, tiny = get_architecture(name), get_architecture(name, "tiny")
+    full, tiny = get_architecture(name), tiny_architecture(name)
     assert [t.key for t in tiny.tensors] == [t.key for t in full.tensors]
     assert [(m.kohya, m.diffusers, m.key, m.block) for m in tiny.modules] == [
         (m.kohya, m.diffusers, m.key, m.block) for m in full.modules
@@ -198,7 +199,7 @@ def test_tiny_has_the_same_keys_and_modules_with_smaller_shapes(name):
 
 
 def test_tiny_sd1_and_tiny_sd2_differ_by_shapes():
-    sd1, sd2 = get_architecture("sd1", "tiny"), get_architecture("sd2", "tiny")
+    sd1, sd2 = tiny_architecture("sd1"), tiny_architecture("sd2")
     key = UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
     assert sd1.tensor_by_key[key].shape != sd2.tensor_by_key[key].shape
     proj = UNET + "input_blocks.1.1.proj_in.weight"
@@ -335,25 +336,34 @@ def test_unknown_paths_raise_key_error():
 
 def test_get_architecture_is_cached_and_fast():
     start = time.perf_counter()
-    built = assemble(sdxl.config("full"))  # uncached build of the largest table
+    built = assemble(sdxl.config(dict(sdxl.FAMILY.full)))  # uncached build of the largest table
     assert time.perf_counter() - start < 1.0
     first = get_architecture("sdxl")
     assert built == first
     assert get_architecture("sdxl") is first
-    assert get_architecture("sdxl", "full") is first
+    assert get_architecture("sdxl", dict(sdxl.FAMILY.full)) is first
+    assert get_architecture("sdxl", {"model_channels": 320}) is first
 
 
 def test_metadata_fields():
     assert [get_architecture(n).ss_base_model_version for n in ARCHITECTURE_NAMES] == ["sd_v1", "sd_v2", "sdxl_base_v1-0"]
     assert get_architecture("sdxl").modelspec_architecture == "stable-diffusion-xl-v1-base"
-    assert get_architecture("sd1", "tiny").size == "tiny"
+    assert [get_architecture(n).modelspec_implementation for n in ARCHITECTURE_NAMES] == [
+        "https://github.com/CompVis/stable-diffusion",
+        "https://github.com/Stability-AI/stablediffusion",
+        "https://github.com/Stability-AI/generative-models",
+    ]
+    assert [get_architecture(n).ss_v2 for n in ARCHITECTURE_NAMES] == [False, True, False]
+    assert get_architecture("sd1").size == "full"
+    assert tiny_architecture("sd1").size == "scaled"
+    assert tiny_architecture("sd1").dimensions_text == "model channels 16, context 24, vocab 64, vae channels 8"
 
 
-def test_unknown_architecture_and_size_are_user_errors():
+def test_unknown_architecture_and_dimension_are_user_errors():
     with pytest.raises(LoraforgeError, match=r"Unknown architecture 'flux'.*sd1, sd2, sdxl"):
         get_architecture("flux")
-    with pytest.raises(LoraforgeError, match=r"Unknown size 'huge'.*full, tiny"):
-        get_architecture("sd1", "huge")
+    with pytest.raises(LoraforgeError, match=r"sd1 has no dimension huge; its dimensions are model_channels, context"):
+        get_architecture("sd1", {"huge": 1})
 
 
 def test_module_kind_helpers():

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from loraforge.execute.build import run_build
-from loraforge.formats.arch import get_architecture
+from loraforge.testing.arch import tiny_architecture
 from loraforge.plan.planner import plan_build
 from loraforge.recipe.loader import load_recipe
 from loraforge.testing.adapters import write_synthetic_adapter
@@ -163,7 +163,7 @@ def assert_within_one_ulp(actual: torch.Tensor, expected64: torch.Tensor, key: s
     [("sd1", "F32", "same"), ("sd2", "F32", "float32"), ("sdxl", "F16", "same"), ("sd1", "F32", "float16")],
 )
 def test_bake_matches_independent_reference(tmp_path, arch_name, base_dtype, save):
-    arch = get_architecture(arch_name, "tiny")
+    arch = tiny_architecture(arch_name)
     write_synthetic_checkpoint(tmp_path / "base.safetensors", arch, seed=5, dtype=base_dtype, markers=("v_pred",))
     for seed, (name, kind, options, *_strengths) in enumerate(INGREDIENTS, start=10):
         write_synthetic_adapter(tmp_path / f"{name}.safetensors", arch, kind, seed=seed, dtype="F32", **options)
@@ -187,7 +187,7 @@ def test_bake_matches_independent_reference(tmp_path, arch_name, base_dtype, sav
 
 def test_untouched_tensors_are_byte_identical(tmp_path):
     """Raw data bytes of every untouched tensor equal the base's, marker tensors included."""
-    arch = get_architecture("sd1", "tiny")
+    arch = tiny_architecture("sd1")
     write_synthetic_checkpoint(tmp_path / "base.safetensors", arch, seed=5, dtype="F16", markers=("v_pred", "ztsnr"))
     for seed, (name, kind, options, *_strengths) in enumerate(INGREDIENTS, start=10):
         write_synthetic_adapter(tmp_path / f"{name}.safetensors", arch, kind, seed=seed, **options)
@@ -207,7 +207,7 @@ def test_untouched_tensors_are_byte_identical(tmp_path):
 
 def test_dora_diff_and_peft_bake_match_reference(tmp_path):
     """DoRA (strength interpolates W..W_dora), full diffs with bias, and PEFT-named LoRAs."""
-    arch = get_architecture("sd1", "tiny")
+    arch = tiny_architecture("sd1")
     write_synthetic_checkpoint(tmp_path / "base.safetensors", arch, seed=7, dtype="F32")
     write_synthetic_adapter(tmp_path / "dora.safetensors", arch, "lora", rank=4, seed=1, dora="in", dtype="F32")
     write_synthetic_adapter(tmp_path / "diff.safetensors", arch, "diff", seed=2, dtype="F32", text_encoder=False,

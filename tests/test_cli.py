@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from loraforge.cli import app
-from loraforge.formats.arch import get_architecture
+from loraforge.testing.arch import TINY, tiny_architecture
 from loraforge.formats.safetensors_reader import open_safetensors
 from loraforge.testing.adapters import write_synthetic_adapter
 from loraforge.testing.checkpoints import write_synthetic_checkpoint
@@ -46,11 +46,11 @@ targets:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("models")
-    sd1 = get_architecture("sd1", "tiny")
+    sd1 = tiny_architecture("sd1")
     write_synthetic_checkpoint(folder / "base.safetensors", sd1, seed=1, dtype="F32")
     write_synthetic_adapter(folder / "style.safetensors", sd1, "lora", rank=4, seed=2)
     write_synthetic_adapter(folder / "convs.safetensors", sd1, "lora", rank=4, seed=3, targets="all")
-    write_synthetic_adapter(folder / "xl.safetensors", get_architecture("sdxl", "tiny"), "lora", rank=4, seed=4)
+    write_synthetic_adapter(folder / "xl.safetensors", tiny_architecture("sdxl"), "lora", rank=4, seed=4)
     return folder
 
 
@@ -173,7 +173,7 @@ def test_bad_input_gives_one_clear_error_and_writes_nothing(project, case):
 
 
 def test_unmatched_keys_are_an_error_unless_allowed(project, models):
-    sd1 = get_architecture("sd1", "tiny")
+    sd1 = tiny_architecture("sd1")
     write_synthetic_adapter(project / "odd.safetensors", sd1, "lora", rank=2, seed=9)
     from safetensors.torch import load_file, save_file
 
@@ -223,7 +223,7 @@ def test_cuda_device_without_gpu_is_a_clear_error(project):
     ],
 )
 def test_inspect_identifies_adapters(tmp_path, kind, options, expected_kind, expected_rank):
-    arch = get_architecture("sd1", "tiny")
+    arch = tiny_architecture("sd1")
     path = tmp_path / "adapter.safetensors"
     write_synthetic_adapter(path, arch, kind, rank=4, seed=1, **options)
     result = invoke("inspect", path, "--json")
@@ -242,9 +242,10 @@ def test_inspect_identifies_adapters(tmp_path, kind, options, expected_kind, exp
 @pytest.mark.parametrize("name", ["sd1", "sd2", "sdxl"])
 def test_inspect_identifies_checkpoints(tmp_path, name):
     path = tmp_path / "model.safetensors"
-    write_synthetic_checkpoint(path, get_architecture(name, "tiny"), seed=1)
+    write_synthetic_checkpoint(path, tiny_architecture(name), seed=1)
     report = json.loads(invoke("inspect", path, "--json").output)
-    assert report["kind"] == "checkpoint" and report["architecture"] == name and report["size_class"] == "tiny"
+    assert report["kind"] == "checkpoint" and report["architecture"] == name and report["size_class"] == "scaled"
+    assert report["dimensions"] == dict(TINY[name])
     assert report["missing_keys"] == [] and report["extra_keys"] == []
     with open_safetensors(path) as file:
         data_start = file.header_size

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from loraforge.formats.arch import get_architecture
+from loraforge.testing.arch import tiny_architecture
 from loraforge.formats.safetensors_writer import save_tensors
 from loraforge.ops.compare import dense_relative_error, factored_relative_error, product_norm
 from loraforge.verify.files import compare_files, lora_module_name
@@ -144,7 +144,7 @@ def test_lora_files_name_the_modules_that_differ(tmp_path):
 
 def test_checkpoint_rows_are_named_by_module(tmp_path):
     """A fused qkv weight (SDXL te2 in_proj) differing in its v rows names only the v module."""
-    arch = get_architecture("sdxl", "tiny")
+    arch = tiny_architecture("sdxl")
     fused = next(m for m in arch.modules if m.rows and m.kohya.endswith("_v_proj"))
     shape = arch.tensor_by_key[fused.key].shape
     g = _gen(6)

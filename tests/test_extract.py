@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from loraforge.errors import BuildError, RecipeError
 from loraforge.execute.build import run_build
-from loraforge.formats.arch import get_architecture
+from loraforge.testing.arch import tiny_architecture
 from loraforge.ops.extract import extract_low_rank, policy_for
 from loraforge.plan.planner import plan_build
 from loraforge.recipe.loader import load_recipe
@@ -78,7 +78,7 @@ def module_part(tensor: torch.Tensor, module) -> torch.Tensor:
 def planted(tmp_path_factory):
     """Tiny SD 2 (fused qkv text encoder, 3x3 convs) in float32; tuned = base + rank-3 differences everywhere."""
     folder = tmp_path_factory.mktemp("planted")
-    arch = get_architecture("sd2", "tiny")
+    arch = tiny_architecture("sd2")
     write_synthetic_checkpoint(folder / "base.safetensors", arch, seed=1, dtype="F32")
     keys = {m.key for m in arch.modules}
     write_tuned_checkpoint(
@@ -125,7 +125,7 @@ def test_energy_policy_finds_the_planted_rank_and_exact_svd_is_optimal():
 def full_rank(tmp_path_factory):
     """Tiny SD 1.5, tuned = base + a slowly decaying full-rank difference plus noise on every UNet module."""
     folder = tmp_path_factory.mktemp("full-rank")
-    arch = get_architecture("sd1", "tiny")
+    arch = tiny_architecture("sd1")
     write_synthetic_checkpoint(folder / "base.safetensors", arch, seed=2, dtype="F32")
     keys = {m.key for m in arch.modules if m.component == "unet"}
 
@@ -206,7 +206,7 @@ def test_builds_on_one_and_on_two_threads_are_byte_identical(full_rank, svd):
 
 
 def test_unchanged_modules_are_skipped_and_listed(tmp_path):
-    arch = get_architecture("sd1", "tiny")
+    arch = tiny_architecture("sd1")
     write_synthetic_checkpoint(tmp_path / "base.safetensors", arch, seed=1, dtype="F32")
     changed = {m.key for m in arch.modules if m.block == "OUT05"}
     te_key = next(m.key for m in arch.modules if m.is_text_encoder)
@@ -239,7 +239,7 @@ def test_unchanged_modules_are_skipped_and_listed(tmp_path):
 
 
 def test_identical_checkpoints_are_an_error_and_write_nothing(tmp_path):
-    arch = get_architecture("sd1", "tiny")
+    arch = tiny_architecture("sd1")
     write_synthetic_checkpoint(tmp_path / "base.safetensors", arch, seed=1, dtype="F16")
     write_synthetic_checkpoint(tmp_path / "tuned.safetensors", arch, seed=1, dtype="F16")
     with pytest.raises(BuildError, match="nothing to extract"):
@@ -248,8 +248,8 @@ def test_identical_checkpoints_are_an_error_and_write_nothing(tmp_path):
 
 
 def test_different_architectures_are_one_error_at_planning(tmp_path):
-    write_synthetic_checkpoint(tmp_path / "base.safetensors", get_architecture("sd1", "tiny"), seed=1)
-    write_synthetic_checkpoint(tmp_path / "tuned.safetensors", get_architecture("sdxl", "tiny"), seed=1)
+    write_synthetic_checkpoint(tmp_path / "base.safetensors", tiny_architecture("sd1"), seed=1)
+    write_synthetic_checkpoint(tmp_path / "tuned.safetensors", tiny_architecture("sdxl"), seed=1)
     (tmp_path / "recipe.yaml").write_text(recipe_text())
     with pytest.raises(RecipeError) as caught:
         plan_build(load_recipe(tmp_path / "recipe.yaml"))
@@ -260,7 +260,7 @@ def test_different_architectures_are_one_error_at_planning(tmp_path):
 
 
 def test_different_shapes_are_one_error_at_planning(tmp_path):
-    arch = get_architecture("sd1", "tiny")
+    arch = tiny_architecture("sd1")
     write_synthetic_checkpoint(tmp_path / "base.safetensors", arch, seed=1)
     write_synthetic_checkpoint(tmp_path / "plain.safetensors", arch, seed=2)
     # An inpainting variant: conv_in takes 9 channels instead of 4.
@@ -348,7 +348,7 @@ def test_example_recipe_plans_and_builds_from_the_committed_demo_inputs(tmp_path
 
 
 def test_an_extraction_is_not_a_base_but_feeds_a_bake_as_a_lora(tmp_path):
-    arch = get_architecture("sd1", "tiny")
+    arch = tiny_architecture("sd1")
     write_synthetic_checkpoint(tmp_path / "base.safetensors", arch, seed=1)
     write_synthetic_checkpoint(tmp_path / "tuned.safetensors", arch, seed=2)
     (tmp_path / "recipe.yaml").write_text(recipe_text() + "  baked:\n    kind: checkpoint\n    base: ex-lora\n    loras: []\n")

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from loraforge.cli import app
 from slow_build import start_slow_build
-from loraforge.formats.arch import get_architecture
+from loraforge.testing.arch import tiny_architecture
 from loraforge.testing.adapters import write_synthetic_adapter
 from loraforge.testing.checkpoints import write_synthetic_checkpoint
 from loraforge.testing.tuned import write_tuned_checkpoint
@@ -70,7 +70,7 @@ TARGETS = ["extracted", "merged", "bundle", "with-extracted", "with-merged"]
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("chain-models")
-    arch = get_architecture("sd1", "tiny")
+    arch = tiny_architecture("sd1")
     write_synthetic_checkpoint(folder / "base.safetensors", arch, seed=11)
     # A fine-tune that changed every linear weight by a small rank-2 update.
     write_tuned_checkpoint(folder / "tuned.safetensors", folder / "base.safetensors", _rank_two_change)

@@ -8,7 +8,7 @@ import math
 import torch
 
 from loraforge.formats.adapters import parse_adapter
-from loraforge.formats.arch import get_architecture
+from loraforge.testing.arch import tiny_architecture
 from loraforge.formats.hashing import file_hashes
 from loraforge.formats.lora_output import (
     LoraModuleFactors,
@@ -21,7 +21,7 @@ from loraforge.formats.lora_output import (
 )
 from loraforge.formats.safetensors_reader import open_safetensors
 
-SDXL = get_architecture("sdxl", "tiny")
+SDXL = tiny_architecture("sdxl")
 
 
 def _modules():

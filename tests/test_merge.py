@@ -20,14 +20,14 @@ from safetensors import safe_open
 
 from loraforge.errors import LoraforgeError
 from loraforge.execute.build import run_build
-from loraforge.formats.arch import get_architecture
+from loraforge.testing.arch import tiny_architecture
 from loraforge.formats.hashing import file_hashes
 from loraforge.plan.planner import plan_build
 from loraforge.recipe.loader import load_recipe
 from loraforge.testing.adapters import write_synthetic_adapter
 from loraforge.testing.checkpoints import write_synthetic_checkpoint
 
-SD1 = get_architecture("sd1", "tiny")
+SD1 = tiny_architecture("sd1")
 # (name, synthetic kind, options); LoRA ranks 2-8 with alphas ≠ rank, a LoCon with 3x3 convs and Tucker cores.
 ADAPTERS = (
     ("style", "lora", {"rank": 8, "alpha": 4, "text_encoder": True}),
@@ -64,7 +64,7 @@ def models(tmp_path_factory) -> Path:
     write_synthetic_checkpoint(folder / "base.safetensors", SD1, seed=1, dtype="F32")
     for seed, (name, kind, options) in enumerate(ADAPTERS):
         write_synthetic_adapter(folder / f"{name}.safetensors", SD1, kind, seed=seed, dtype="F32", **options)
-    write_synthetic_adapter(folder / "xl.safetensors", get_architecture("sdxl", "tiny"), "lora", rank=4)
+    write_synthetic_adapter(folder / "xl.safetensors", tiny_architecture("sdxl"), "lora", rank=4)
     write_synthetic_adapter(folder / "dora.safetensors", SD1, "lora", rank=4, dora=True)
     return folder
 

@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from loraforge.cli import app
-from loraforge.formats.arch import get_architecture
+from loraforge.testing.arch import tiny_architecture
 from loraforge.formats.safetensors_reader import open_safetensors
 from loraforge.recipe.loader import load_recipe
 from loraforge.recipe.starters import ARCHES, STARTERS
@@ -72,7 +72,7 @@ def _per_block(modules, count: int) -> list[str]:
 @pytest.fixture(scope="module", params=ARCHES)
 def tiny_models(request, tmp_path_factory):
     """A tiny base of the architecture, an attention LoRA (style) and a LoCon over every block (detail)."""
-    arch = get_architecture(request.param, "tiny")
+    arch = tiny_architecture(request.param)
     folder = tmp_path_factory.mktemp(f"models-{request.param}")
     style = _per_block([m for m in arch.modules if is_attention_target(m)], 2)
     detail = style + [name for name in _per_block(arch.modules, 2) if name not in style]

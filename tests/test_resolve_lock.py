@@ -15,7 +15,7 @@ from loraforge.cli import app
 from loraforge.plan import numeric_environment as environments
 from loraforge.plan.numeric_environment import NumericEnvironment, numeric_environment
 from loraforge.resolve.lockfile import read_lock
-from loraforge.formats.arch import get_architecture
+from loraforge.testing.arch import tiny_architecture
 from loraforge.resolve.store import Store
 from loraforge.testing.adapters import write_synthetic_adapter
 from loraforge.testing.checkpoints import write_synthetic_checkpoint
@@ -44,7 +44,7 @@ targets:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("lock-models")
-    sd1 = get_architecture("sd1", "tiny")
+    sd1 = tiny_architecture("sd1")
     write_synthetic_checkpoint(folder / "base.safetensors", sd1, seed=1, dtype="F32")
     write_synthetic_adapter(folder / "style.safetensors", sd1, "lora", rank=4, seed=2)
     write_synthetic_adapter(folder / "other.safetensors", sd1, "lora", rank=4, seed=3)

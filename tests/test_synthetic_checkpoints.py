@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from loraforge.formats.arch.table import Architecture, TensorSpec
+from loraforge.testing.arch import tiny_architecture
 from loraforge.formats.hashing import file_sha256
 from loraforge.formats.safetensors_reader import open_safetensors
 from loraforge.testing import checkpoints
@@ -32,7 +33,7 @@ TENSORS = (
 ARCH = Architecture(
     name="handmade",
     title="Hand-made test architecture",
-    size="tiny",
+    size="scaled",
     modelspec_architecture="stable-diffusion-v1",
     ss_base_model_version="sd_v1",
     tensors=TENSORS,
@@ -166,9 +167,8 @@ def test_independent_of_hash_seed_and_threads(tmp_path):
 
 
 def test_real_tiny_tables(tmp_path):
-    arch_module = pytest.importorskip("loraforge.formats.arch")
     for name in ("sd1", "sdxl"):
-        arch = arch_module.get_architecture(name, "tiny")
+        arch = tiny_architecture(name)
         path = tmp_path / f"{name}.safetensors"
         result = write_synthetic_checkpoint(path, arch, seed=0)
         with open_safetensors(path) as reader:

@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from loraforge.cli import app
-from loraforge.formats.arch import get_architecture
+from loraforge.testing.arch import tiny_architecture
 from loraforge.formats.safetensors_reader import open_safetensors
 from loraforge.formats.safetensors_writer import save_tensors
 from loraforge.ops.compare import factored_relative_error
@@ -63,7 +63,7 @@ MERGED, BAKED = "dist/merged.safetensors", "dist/baked.safetensors"
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("models")
-    sd1 = get_architecture("sd1", "tiny")
+    sd1 = tiny_architecture("sd1")
     write_synthetic_checkpoint(folder / "base.safetensors", sd1, seed=1, dtype="F16")
     write_synthetic_adapter(folder / "style.safetensors", sd1, "lora", rank=4, seed=2)
     write_synthetic_adapter(folder / "convs.safetensors", sd1, "lora", rank=2, seed=3, targets="all", text_encoder=False)
@@ -197,7 +197,7 @@ def test_one_flipped_byte_names_the_target_tensor_and_module(project):
 
 
 def test_a_changed_input_names_the_input_the_targets_and_the_modules(project):
-    sd1 = get_architecture("sd1", "tiny")
+    sd1 = tiny_architecture("sd1")
     write_synthetic_adapter(project / "models/style.safetensors", sd1, "lora", rank=4, seed=99)
     before = snapshot(project)
     found = verify_recipe(project / "recipe.yaml")

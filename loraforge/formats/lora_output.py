@@ -117,7 +117,7 @@ def lora_metadata(
             "ss_network_dim": dim,
             "ss_network_alpha": dim,
             "ss_base_model_version": arch.ss_base_model_version,
-            "ss_v2": str(arch.name == "sd2"),
+            "ss_v2": str(arch.ss_v2),
             SSHS_KEY: SSHS_PLACEHOLDER,
         }
     )

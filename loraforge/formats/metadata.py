@@ -22,14 +22,6 @@ HASH_KEY = "modelspec.hash_sha256"
 # reserves this many characters in the header and fills them in at the end.
 HASH_PLACEHOLDER = "0x" + "0" * 64
 
-# The reference code base whose key layout each architecture's files use.
-IMPLEMENTATIONS = {
-    "sd1": "https://github.com/CompVis/stable-diffusion",
-    "sd2": "https://github.com/Stability-AI/stablediffusion",
-    "sdxl": "https://github.com/Stability-AI/generative-models",
-}
-
-
 def release_date(recipe_date: str | None) -> str | None:
     """The recipe's date, else SOURCE_DATE_EPOCH as a UTC date, else none at all."""
     if recipe_date:
@@ -52,7 +44,7 @@ def checkpoint_metadata(
     metadata = {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": arch.modelspec_architecture,
-        "modelspec.implementation": IMPLEMENTATIONS[arch.name],
+        "modelspec.implementation": arch.modelspec_implementation,
         "modelspec.title": title,
         "modelspec.merged_from": ", ".join(merged_from),
         HASH_KEY: HASH_PLACEHOLDER,

@@ -224,11 +224,11 @@ def _read_structure(loaded, target, field, ref, path):
 
 def _check_same_model(loaded, target: str, tuned: CheckpointSource, base: CheckpointSource) -> None:
     a, b = tuned.detection.architecture, base.detection.architecture
-    if (a.name, a.size) != (b.name, b.size):
+    if (a.name, a.dimensions) != (b.name, b.dimensions):
         raise loaded.error(
             ("targets", target, "tuned"),
-            f"the tuned model '{tuned.name}' is {a.title} ({a.size} size) but the base model '{base.name}' is "
-            f"{b.title} ({b.size} size); a LoRA can only be extracted from two checkpoints of the same architecture.",
+            f"the tuned model '{tuned.name}' is {a.title} ({a.size_text}) but the base model '{base.name}' is "
+            f"{b.title} ({b.size_text}); a LoRA can only be extracted from two checkpoints of the same architecture.",
             "Use the base checkpoint the tuned model was fine-tuned from.",
         )
     mismatched = [

@@ -37,8 +37,9 @@ from typing import Mapping
 
 from loraforge.atomic import write_text_atomic
 from loraforge.errors import UsageError
+from loraforge.formats.arch.registry import ARCHITECTURE_NAMES
 
-ARCHES = ("sd1", "sd2", "sdxl")
+ARCHES = ARCHITECTURE_NAMES  # the families of formats/arch/
 DEFAULT_ARCH = "sd1"
 DEFAULT_FILE = "recipe.yaml"
 # Other names people use for these architectures: accepted nowhere, named in the hint.

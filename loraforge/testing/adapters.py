@@ -245,7 +245,7 @@ def synthetic_metadata(arch: Architecture, kind: str, *, rank: int, alpha: float
         "ss_network_dim": str(rank),
         "ss_network_module": module,
         "ss_output_name": f"synthetic-{kind}",
-        "ss_v2": str(arch.name == "sd2"),
+        "ss_v2": str(arch.ss_v2),
     }
 
 

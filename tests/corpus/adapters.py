@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from loraforge.formats.arch import get_architecture
+from loraforge.testing.arch import tiny_architecture
 from loraforge.formats.safetensors_writer import save_tensors
 from loraforge.testing.adapters import adapter_tensors
 
@@ -26,11 +26,11 @@ Q_DIFFUSERS = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 
 
 def sd1_lora(rank: int = 4, seed: int = 2) -> dict[str, torch.Tensor]:
-    return adapter_tensors(get_architecture("sd1", "tiny"), "lora", rank=rank, seed=seed)
+    return adapter_tensors(tiny_architecture("sd1"), "lora", rank=rank, seed=seed)
 
 
 def sdxl_lora() -> dict[str, torch.Tensor]:
-    return adapter_tensors(get_architecture("sdxl", "tiny"), "lora", rank=4, seed=5)
+    return adapter_tensors(tiny_architecture("sdxl"), "lora", rank=4, seed=5)
 
 
 def _variant(edit, *fragments: str, stage: str = "plan", notes: str = "") -> Case:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from loraforge.errors import FormatError
-from loraforge.formats.arch import ARCHITECTURE_NAMES, SIZES, Architecture, ModuleSpec, get_architecture
+from loraforge.formats.arch import ARCHITECTURE_NAMES, Architecture, ModuleSpec, get_architecture, get_family
 from loraforge.ops.deltas import delta_fits
 
 from .model import AdapterFile, AdapterModule
@@ -47,24 +47,44 @@ def match_adapter(adapter: AdapterFile, arch: Architecture) -> AdapterMatch:
     return AdapterMatch(tuple(matched), tuple(unmatched), tuple(mismatched))
 
 
-def candidate_architectures() -> tuple[Architecture, ...]:
-    """Every table detection considers, in tie-break order (sd1, sd2, sdxl; full before tiny)."""
-    return tuple(get_architecture(name, size) for name in ARCHITECTURE_NAMES for size in SIZES)
+def candidate_architectures(adapter: AdapterFile | None = None) -> tuple[Architecture, ...]:
+    """Every table detection considers, in tie-break order: per family (sd1, sd2, sdxl) the released
+    model, then the family at the dimensions the adapter's module shapes imply (where those differ)."""
+    result = []
+    for name in ARCHITECTURE_NAMES:
+        full = get_architecture(name)
+        result.append(full)
+        if adapter is not None:
+            shapes = {spec.key: tuple(m.delta_shape) for m in adapter.modules if (spec := find_spec(m, full))}
+            scaled = get_architecture(name, get_family(name).infer(shapes))
+            if scaled is not full:
+                result.append(scaled)
+    return tuple(result)
+
+
+# Kinds whose ΔW shape is the layer's own (a 1x1 conv's LoRA is 4-D); LoHa and LoKr flatten convs.
+_SHAPE_EXACT_KINDS = ("lora", "diff")
 
 
 def detect_adapter_architecture(adapter: AdapterFile) -> Architecture:
-    """The architecture (name and size) on which most modules land with fitting shapes.
+    """The architecture (name and dimensions) on which most modules land with fitting shapes.
 
-    Ties go to fewer shape mismatches, then to the earlier candidate
+    Ties go to fewer shape mismatches, then to a released (full-size) model, then (between scaled
+    models, where widths tell SD1 from SD2 no more) to more exact shapes - SD1's 1x1-conv proj_in
+    against SD2's linear one - then to the earlier candidate
     (:func:`candidate_architectures`). SD1 and SD2 share module names; their
     cross-attention and text-encoder widths (768 vs 1024) tell them apart, so
     an adapter that touches only self-attention can be ambiguous and reads as SD1.
     """
     best: tuple[int, int, int] | None = None
     best_arch: Architecture | None = None
-    for order, arch in enumerate(candidate_architectures()):
+    for order, arch in enumerate(candidate_architectures(adapter)):
         match = match_adapter(adapter, arch)
-        score = (len(match.matched), -len(match.shape_mismatches), -order)
+        full = arch.size == "full"
+        exact = 0 if full else sum(
+            1 for m, spec in match.matched if m.kind in _SHAPE_EXACT_KINDS and tuple(m.delta_shape) == spec.shape
+        )
+        score = (len(match.matched), -len(match.shape_mismatches), full, exact, -order)
         if match.matched and (best is None or score > best):
             best, best_arch = score, arch
     if best_arch is None:

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from loraforge.errors import FormatError
+from loraforge.formats.arch.registry import component_prefixes
 from loraforge.ops import deltas
 
 KINDS = ("lora", "loha", "lokr", "diff")
@@ -81,15 +82,7 @@ class AdapterFile:
         raise KeyError(name)
 
 
-_COMPONENT_PREFIXES = (
-    ("lora_unet_", "unet"),
-    ("lora_te1_", "te1"),
-    ("lora_te2_", "te2"),
-    ("lora_te_", "te"),
-    ("unet.", "unet"),
-    ("text_encoder_2.", "te2"),
-    ("text_encoder.", "te"),
-)
+_COMPONENT_PREFIXES = component_prefixes()  # from the family configs (formats/arch/<family>.py)
 
 
 def component_of(name: str) -> str:

@@ -1,7 +1,7 @@
 """Split an adapter file's keys into modules and hand each to its kind's parser.
 
 Only the safetensors header is consulted (names, shapes, dtypes), plus the
-tiny 0-d alpha tensors, so parsing a large adapter costs no tensor reads.
+small 0-d alpha tensors, so parsing a large adapter costs no tensor reads.
 """
 
 from __future__ import annotations

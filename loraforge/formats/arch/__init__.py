@@ -1,13 +1,23 @@
 """Architecture tables (SD 1.x, SD 2.x, SDXL base), detection and block weights.
 
-    get_architecture(name, size="full") -> Architecture
+    get_architecture(name, dimensions=None) -> Architecture   (the released model when None)
+    get_family(name) -> Family   (sd1.py, sd2.py, sdxl.py: the families as data)
     detect_architecture({key: shape}) -> Detection
     parse_block_weights(spec, arch) -> BlockWeights   (block_weights.py)
 """
 
 from .block_weights import PRESETS, BlockWeightError, BlockWeights, parse_block_weights
 from .detect import Detection, detect_architecture
-from .registry import ARCHITECTURE_NAMES, SIZES, UnknownArchitectureError, get_architecture, get_config
+from .family import Family
+from .registry import (
+    ARCHITECTURE_NAMES,
+    FAMILIES,
+    UnknownArchitectureError,
+    component_prefixes,
+    get_architecture,
+    get_config,
+    get_family,
+)
 from .table import COMPONENTS, TEXT_ENCODERS, Architecture, ModuleSpec, TensorSpec
 
 __all__ = [
@@ -17,7 +27,8 @@ __all__ = [
     "BlockWeights",
     "parse_block_weights",
     "COMPONENTS",
-    "SIZES",
+    "FAMILIES",
+    "Family",
     "TEXT_ENCODERS",
     "Architecture",
     "Detection",
@@ -26,5 +37,7 @@ __all__ = [
     "UnknownArchitectureError",
     "detect_architecture",
     "get_architecture",
+    "component_prefixes",
     "get_config",
+    "get_family",
 ]

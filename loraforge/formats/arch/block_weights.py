@@ -3,8 +3,8 @@
 A spec is one of:
 
 * ``None``: every block at 1.0;
-* a preset name (``PRESETS``, the 17-value presets of the LoRA Block Weight
-  extension);
+* a preset name (``PRESETS``: the families' presets, the 17-value presets of
+  the LoRA Block Weight extension, defined in sd1.py / sd2.py);
 * a vector, as a list of numbers or a comma-separated string, whose length is
   one of the architecture's forms (SD 1.x/2.x: 17 or 26, SDXL: 12 or 20);
 * a mapping of block ids, inclusive ranges within one prefix (``OUT03-OUT06``)
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from ...errors import PlanError
-from .blocks import SD_BLOCKS_17
+from .registry import FAMILIES, get_family
 from .table import Architecture
 
 
@@ -32,22 +32,12 @@ class BlockWeightError(PlanError):
     """A block-weight spec that is malformed or does not cover a block that is needed."""
 
 
-# The presets of the LoRA Block Weight extension, in the SD 1.x/2.x 17-value form
-# (BASE, IN01, IN02, IN04, IN05, IN07, IN08, M00, OUT03 ... OUT11).
-PRESETS: dict[str, tuple[float, ...]] = {
-    "NONE": (0.0,) * 17,
-    "ALL": (1.0,) * 17,
-    "INS": (1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
-    "IND": (1, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
-    "INALL": (1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
-    "MIDD": (1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0),
-    "OUTD": (1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0),
-    "OUTS": (1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1),
-    "OUTALL": (1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1),
-    "ALL0.5": (0.5,) * 17,
-}
-PRESETS = {name: tuple(float(v) for v in values) for name, values in PRESETS.items()}
-PRESET_FORM: tuple[str, ...] = SD_BLOCKS_17
+# Every family's named presets (sd1.py / sd2.py: the LoRA Block Weight extension's
+# 17-value presets; SDXL defines none of its own). A name means the same values everywhere.
+PRESETS: dict[str, tuple[float, ...]] = {}
+for _family in FAMILIES.values():
+    for _name, _values in _family.block_presets:
+        PRESETS.setdefault(_name, _values)
 
 # Presets whose value is the same for every block carry over to any form of any
 # architecture; the others describe positions in the SD 1.x/2.x UNet and have
@@ -127,12 +117,13 @@ def _parse_string(text: str, arch: Architecture) -> BlockWeights:
 
 
 def _from_preset(name: str, arch: Architecture) -> BlockWeights:
-    values = PRESETS[name]
-    if len(PRESET_FORM) in arch.block_forms and arch.block_forms[len(PRESET_FORM)] == PRESET_FORM:
-        return _result(dict(zip(PRESET_FORM, values)), f"preset {name}", arch)
+    family = get_family(arch.name)
+    own = dict(family.block_presets).get(name)
+    if own is not None:
+        return _result(dict(zip(family.preset_form, own)), f"preset {name}", arch)
     if name in UNIFORM_PRESETS:
         short_form = arch.block_forms[min(arch.block_forms)]
-        return _result(dict.fromkeys(short_form, values[0]), f"preset {name}", arch)
+        return _result(dict.fromkeys(short_form, PRESETS[name][0]), f"preset {name}", arch)
     raise BlockWeightError(
         f"Block-weight preset {name} is defined for the 17 blocks of SD 1.x/2.x and has no meaning for "
         f"{arch.title}, whose UNet has different levels. Presets valid for {arch.title}: "

@@ -1,12 +1,21 @@
-"""Assembles an Architecture from the configs of its parts.
+"""A model family as data, and the one place that turns it into a table.
 
-sd1.py, sd2.py and sdxl.py are configuration only; this is the one place that
-turns a configuration into the table (tensors in checkpoint order: UNet, text
+A :class:`Family` is everything loraforge knows about one architecture: its
+metadata strings, its released dimensions, the anchors from which detection
+reads a file's dimensions, where an inpainting UNet deviates, and a function
+that turns dimensions into an :class:`ArchitectureConfig` of component builder
+configs (UNet, text encoders, VAE). sd1.py, sd2.py and sdxl.py are such data;
+:func:`assemble` builds the table (tensors in checkpoint order: UNet, text
 encoders, VAE, then the remaining tensors of a full checkpoint).
+
+Dimensions are named integers (model channels, context width, ...). The
+released model is the family at its ``full`` dimensions; any other values give
+a consistently scaled model with the same keys.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from ._builder import TableBuilder
@@ -33,14 +42,15 @@ SCHEDULE_BUFFERS: tuple[str, ...] = (
 )
 TRAINING_TIMESTEPS = 1000
 
+Dimensions = tuple[tuple[str, int], ...]  # (name, value) in the family's order
+# One way to read a dimension from a file: (tensor key, axis, divisor).
+Anchor = tuple[str, int, int]
+
 
 @dataclass(frozen=True)
 class ArchitectureConfig:
-    name: str
-    title: str
-    size: str
-    modelspec_architecture: str
-    ss_base_model_version: str
+    family: "Family"
+    dimensions: Dimensions
     float_dtype: str
     unet: UNetConfig
     text_encoders: tuple[TextEncoderConfig, ...]
@@ -48,6 +58,50 @@ class ArchitectureConfig:
     block_forms: tuple[tuple[int, tuple[str, ...]], ...]  # (length, block ids), longest first
     # Other tensors of a full checkpoint: (key, shape, dtype or None for float_dtype).
     other: tuple[tuple[str, tuple[int, ...], str | None], ...] = ()
+
+
+@dataclass(frozen=True)
+class Family:
+    """One architecture family: naming, metadata, dimensions, detection anchors and builders."""
+
+    name: str  # "sd1"
+    title: str  # "Stable Diffusion 1.x"
+    modelspec_architecture: str  # ModelSpec ``modelspec.architecture``
+    modelspec_implementation: str  # ModelSpec ``modelspec.implementation``: the reference code base
+    ss_base_model_version: str  # kohya ``ss_base_model_version``
+    ss_v2: bool  # kohya ``ss_v2``
+    full: Dimensions  # the released model's dimensions
+    # Detection anchors: dimension name -> the places it can be read from, first present wins.
+    anchors: tuple[tuple[str, tuple[Anchor, ...]], ...]
+    configure: Callable[[Mapping[str, int]], ArchitectureConfig]
+    # Inpainting: this tensor may have ``inpaint_in_channels`` inputs instead of the table's.
+    inpaint_key: str
+    inpaint_in_channels: int
+    # Named block-weight presets: (name, one value per block of ``preset_form``).
+    block_presets: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    preset_form: tuple[str, ...] = ()
+
+    def dimensions(self, values: Mapping[str, int] | None = None) -> Dimensions:
+        """The full dimensions with ``values`` put in; unknown names are a ValueError."""
+        values = dict(values or {})
+        unknown = sorted(set(values) - {name for name, _ in self.full})
+        if unknown:
+            raise ValueError(
+                f"{self.name} has no dimension {', '.join(unknown)}; its dimensions are "
+                f"{', '.join(name for name, _ in self.full)}"
+            )
+        return tuple((name, int(values.get(name, default))) for name, default in self.full)
+
+    def infer(self, shapes: Mapping[str, tuple[int, ...]]) -> Dimensions:
+        """The dimensions a file's tensors imply, read at the anchors (the full value where none is present)."""
+        found = {}
+        for name, anchors in self.anchors:
+            for key, axis, divisor in anchors:
+                shape = shapes.get(key)
+                if shape is not None and len(shape) > axis and shape[axis] > 0 and shape[axis] % divisor == 0:
+                    found[name] = int(shape[axis]) // divisor
+                    break
+        return self.dimensions(found)
 
 
 def schedule_tensors() -> tuple[tuple[str, tuple[int, ...], None], ...]:
@@ -62,13 +116,17 @@ def assemble(config: ArchitectureConfig) -> Architecture:
     build_vae(builder, config.vae)
     for key, shape, dtype in config.other:
         builder.tensor(key, shape, "other", dtype=dtype)
+    family = config.family
     return Architecture(
-        name=config.name,
-        title=config.title,
-        size=config.size,
-        modelspec_architecture=config.modelspec_architecture,
-        ss_base_model_version=config.ss_base_model_version,
+        name=family.name,
+        title=family.title,
+        size="full" if config.dimensions == family.full else "scaled",
+        modelspec_architecture=family.modelspec_architecture,
+        ss_base_model_version=family.ss_base_model_version,
         tensors=tuple(builder.tensors),
         modules=tuple(builder.modules),
         block_forms=dict(config.block_forms),
+        modelspec_implementation=family.modelspec_implementation,
+        ss_v2=family.ss_v2,
+        dimensions=config.dimensions,
     )

@@ -1,49 +1,62 @@
-"""Name/size -> configuration -> cached Architecture."""
+"""Family name (+ dimensions) -> configuration -> cached Architecture."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
 
 from ...errors import PlanError
 from . import sd1, sd2, sdxl
-from .family import ArchitectureConfig, assemble
+from .family import ArchitectureConfig, Dimensions, Family, assemble
 from .table import Architecture
+from .unet import DIFFUSERS_UNET_PREFIX, KOHYA_UNET_PREFIX
 
-ARCHITECTURE_NAMES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
-SIZES: tuple[str, ...] = ("full", "tiny")
-
-_CONFIG_FACTORIES = {"sd1": sd1.config, "sd2": sd2.config, "sdxl": sdxl.config}
+FAMILIES: dict[str, Family] = {family.name: family for family in (sd1.FAMILY, sd2.FAMILY, sdxl.FAMILY)}
+ARCHITECTURE_NAMES: tuple[str, ...] = tuple(FAMILIES)
 
 
 class UnknownArchitectureError(PlanError):
-    """An architecture name or size that loraforge does not know."""
+    """An architecture name or dimension that loraforge does not know."""
 
 
-def _check(name: str, size: str) -> None:
-    if name not in _CONFIG_FACTORIES:
+def get_family(name: str) -> Family:
+    if name not in FAMILIES:
         raise UnknownArchitectureError(
             f"Unknown architecture {name!r}. Supported architectures are: "
             f"{', '.join(ARCHITECTURE_NAMES)} (Stable Diffusion 1.x, 2.x and XL base). "
             "Fix the architecture name in the recipe, or leave it out to detect it from the base checkpoint."
         )
-    if size not in SIZES:
-        raise UnknownArchitectureError(
-            f"Unknown size {size!r} for architecture {name!r}; valid sizes are: {', '.join(SIZES)} "
-            "('full' is the real model, 'tiny' has the same keys with small channel counts for tests)."
-        )
+    return FAMILIES[name]
 
 
-@lru_cache(maxsize=None)
-def get_config(name: str, size: str = "full") -> ArchitectureConfig:
-    _check(name, size)
-    return _CONFIG_FACTORIES[name](size)
+def _dimensions(name: str, dimensions: Mapping[str, int] | Dimensions | None) -> Dimensions:
+    try:
+        return get_family(name).dimensions(dict(dimensions or {}))
+    except ValueError as error:
+        raise UnknownArchitectureError(str(error)) from None
 
 
-def get_architecture(name: str, size: str = "full") -> Architecture:
-    """The architecture table ``name`` ("sd1", "sd2", "sdxl") at ``size`` ("full", "tiny"); built once."""
-    return _build(name, size)
+def get_config(name: str, dimensions: Mapping[str, int] | Dimensions | None = None) -> ArchitectureConfig:
+    """The component configs of ``name`` at ``dimensions`` (the released model's where not given)."""
+    dims = _dimensions(name, dimensions)
+    return get_family(name).configure(dict(dims))
 
 
-@lru_cache(maxsize=None)
-def _build(name: str, size: str) -> Architecture:
-    return assemble(get_config(name, size))
+def get_architecture(name: str, dimensions: Mapping[str, int] | Dimensions | None = None) -> Architecture:
+    """The table of ``name`` ("sd1", "sd2", "sdxl") at ``dimensions``; built once per dimensions."""
+    return _build(name, _dimensions(name, dimensions))
+
+
+@lru_cache(maxsize=64)
+def _build(name: str, dimensions: Dimensions) -> Architecture:
+    return assemble(get_family(name).configure(dict(dimensions)))
+
+
+def component_prefixes() -> tuple[tuple[str, str], ...]:
+    """(adapter module-name prefix, component) of every family: kohya and diffusers, UNet and text encoders."""
+    prefixes = {KOHYA_UNET_PREFIX: "unet", DIFFUSERS_UNET_PREFIX: "unet"}
+    for name in ARCHITECTURE_NAMES:  # a prefix two families share keeps the first family's component
+        for encoder in get_config(name).text_encoders:
+            prefixes.setdefault(encoder.kohya_prefix, encoder.component)
+            prefixes.setdefault(encoder.diffusers_prefix, encoder.component)
+    return tuple(prefixes.items())

@@ -52,17 +52,30 @@ class ModuleSpec:
 
 @dataclass(frozen=True)
 class Architecture:
-    """A Stable Diffusion family member at one size ("full" or "tiny")."""
+    """A family member (sd1.py, sd2.py, sdxl.py) built at one set of dimensions."""
 
     name: str  # "sd1", "sd2", "sdxl"
     title: str  # "Stable Diffusion 1.x"
-    size: str  # "full" or "tiny" (same keys, small channel counts)
+    size: str  # "full" (the released dimensions) or "scaled" (same keys, other dimensions)
     modelspec_architecture: str  # "stable-diffusion-v1", "stable-diffusion-v2-768-v", "stable-diffusion-xl-v1-base"
     ss_base_model_version: str  # kohya metadata: "sd_v1", "sd_v2", "sdxl_base_v1-0"
     tensors: tuple[TensorSpec, ...]
     modules: tuple[ModuleSpec, ...]
     # LoRA-Block-Weight forms: vector length -> the block id of each position.
     block_forms: dict[int, tuple[str, ...]] = field(hash=False, compare=False)
+    modelspec_implementation: str = ""  # ModelSpec: the reference code base whose key layout the files use
+    ss_v2: bool = False  # kohya metadata ``ss_v2``
+    dimensions: tuple[tuple[str, int], ...] = ()  # (name, value), e.g. ("model_channels", 320)
+
+    @property
+    def dimensions_text(self) -> str:
+        """``model channels 320, context 768, ...``"""
+        return ", ".join(f"{name.replace('_', ' ')} {value}" for name, value in self.dimensions)
+
+    @property
+    def size_text(self) -> str:
+        """``full size``, or the dimensions of a scaled model."""
+        return "full size" if self.size == "full" else f"scaled: {self.dimensions_text}"
 
     @cached_property
     def tensor_by_key(self) -> dict[str, TensorSpec]:

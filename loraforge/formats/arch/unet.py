@@ -27,6 +27,7 @@ from ._builder import TableBuilder, kohya_name
 
 UNET_PREFIX = "model.diffusion_model."
 DIFFUSERS_UNET_PREFIX = "unet."
+KOHYA_UNET_PREFIX = "lora_unet_"
 
 # Layer names inside a resnet: LDM name -> diffusers name.
 RESNET_RENAMES: tuple[tuple[str, str], ...] = (
@@ -171,7 +172,7 @@ class _UNetEmitter:
         diffusers_inner = dict(RESNET_RENAMES)[inner] if unit.kind == "resnet" else inner
         diffusers_path = unit.diffusers + ("." + diffusers_inner if diffusers_inner else "")
         kohya_path = ldm_path if self.config.kohya_uses_ldm_names else diffusers_path
-        target = (kohya_name("lora_unet_", kohya_path), DIFFUSERS_UNET_PREFIX + diffusers_path, unit.block)
+        target = (kohya_name(KOHYA_UNET_PREFIX, kohya_path), DIFFUSERS_UNET_PREFIX + diffusers_path, unit.block)
         self.builder.layer(UNET_PREFIX + ldm_path, shape, "unet", bias=bias, target=target)
 
     def norm(self, unit: Unit, inner: str, channels: int) -> None:
