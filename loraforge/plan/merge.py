@@ -218,7 +218,7 @@ def _common_architecture(loaded, target: str, sources: list[AdapterSource]) -> A
         if candidate is not None and all(_fits(s.adapter, candidate) for s in sources):
             return candidate
     described = ", ".join(
-        f"'{use}' looks like {arch.title} ({arch.size} size)" if arch else f"'{use}' matches no known architecture"
+        f"'{use}' looks like {arch.title} ({arch.size_text})" if arch else f"'{use}' matches no known architecture"
         for use, arch in guesses
     )
     raise loaded.error(
