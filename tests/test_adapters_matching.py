@@ -59,7 +59,7 @@ def _same_family_and_modules(detected, arch, adapter) -> bool:
 
 def _module(name, delta_shape, naming="kohya"):
     return AdapterModule(
-        name=name, naming=naming, kind="lora", tucker=False, dora=False, keys={}, rank=4, alpha=4.0,
+        name=name, naming=naming, kind="lora", tucker=False, dora=False, keys={}, rank=4, alpha=4.0, scale=1.0,
         delta_shape=delta_shape,
     )
 

@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from loraforge.formats import dtypes
-from loraforge.formats.adapters.model import AdapterFile, AdapterModule, describe_kind
+from loraforge.formats.adapters.kinds import describe_kind
+from loraforge.formats.adapters.model import AdapterFile, AdapterModule
 from loraforge.formats.arch.table import Architecture
 from loraforge.formats.hashing import modelspec_hash
 from loraforge.formats.metadata import HASH_KEY, checkpoint_metadata
@@ -193,6 +194,7 @@ def planned_lora_adapter(path: str | os.PathLike[str], modules: Sequence[tuple[s
                 keys={role: f"{name}.{suffix}" for role, suffix in sorted(SUFFIXES.items())},
                 rank=rank,
                 alpha=float(rank),
+                scale=1.0,  # alpha = rank
                 delta_shape=tuple(weight_shape),
                 shapes=dict(sorted(shapes.items())),
             )

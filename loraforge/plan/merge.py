@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraforge.formats.adapters import AdapterFile
+from loraforge.formats.adapters import AdapterFile, adapter_kind
 from loraforge.formats.adapters.matching import detect_adapter_architecture, match_adapter
 from loraforge.formats.arch.table import Architecture, ModuleSpec
 from loraforge.formats.dtypes import precision_code
@@ -123,7 +123,7 @@ class MergeTarget:
 
 def is_factored(module) -> bool:
     """LoRA/LoCon modules (Tucker cores included) merge as factors; other kinds through their dense ΔW."""
-    return module.kind == "lora"
+    return adapter_kind(module.kind).factored
 
 
 def report_path_for(output: Path) -> Path:

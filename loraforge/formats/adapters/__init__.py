@@ -7,7 +7,8 @@ shape (math in :mod:`loraforge.ops.deltas`); ``matching`` maps modules onto an
 architecture. docs/adapters.md describes every format and convention.
 """
 
-from .model import AdapterFile, AdapterModule, describe_kind, module_label
+from .kinds import ADAPTER_KINDS, adapter_kind, describe_kind, module_label
+from .model import AdapterFile, AdapterModule
 from .parse import (
     load_factors,
     module_bias_delta,
@@ -20,6 +21,8 @@ from .parse import (
 )
 
 __all__ = [
+    "ADAPTER_KINDS",
+    "adapter_kind",
     "AdapterFile",
     "AdapterModule",
     "describe_kind",

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from loraforge.ops import deltas, exact
 
+from .kind import AdapterKind
 from .model import AdapterModule, ModuleKeys
 
 KIND = "diff"
@@ -32,7 +33,7 @@ def build(mk: ModuleKeys) -> AdapterModule:
             "has an alpha next to a full difference, which has no rank to scale by",
             "Remove the alpha tensor, or check that the file is not two adapters merged by name.",
         )
-    return mk.build(kind=KIND, tucker=False, rank=None, delta_shape=shape)
+    return mk.build(kind=KIND, scale=1.0, tucker=False, rank=None, delta_shape=shape)
 
 
 def natural_delta(module: AdapterModule, factors: dict[str, Tensor], dtype: torch.dtype, fixed_order: bool = False) -> Tensor:
@@ -43,3 +44,23 @@ def natural_exact(module: AdapterModule, factors: dict[str, Tensor]) -> tuple[in
     """(rounding depth 0: the stored difference is exact; its element by flat index)."""
     flat = factors["diff"].reshape(-1)
     return 0, lambda index: exact.dyadic_sum([(flat[index].item(),)])
+
+
+class DiffKind(AdapterKind):
+    """A full difference (``.diff``, ``.diff_b`` for the bias): ΔW as stored, scale 1."""
+
+    name = KIND
+    family = "diff"
+    suffixes = SUFFIXES
+    exact_shape = True
+    takes_dora = False
+
+    build = staticmethod(build)
+
+    label_text = "diff"
+
+    def scale(self, alpha, rank):
+        return 1.0
+
+    natural_delta = staticmethod(natural_delta)
+    natural_exact = staticmethod(natural_exact)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+from .kinds import adapter_kind
 from .model import DORA_SCALE, AdapterModule, module_error
 
 
@@ -19,7 +20,7 @@ def check_dora_scale(path: str, module: AdapterModule) -> None:
     if not module.dora:
         return
     scale = tuple(module.shapes[DORA_SCALE])
-    if module.kind == "diff":
+    if not adapter_kind(module.kind).takes_dora:
         raise module_error(
             path, module.name, module.keys,
             "has a dora_scale on a full difference, which DoRA is not defined for",

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from loraforge.ops import deltas, exact
 
+from .kind import AdapterKind
 from .model import AdapterModule, ModuleKeys, rank_mismatch
 
 KIND = "loha"
@@ -31,7 +32,8 @@ def build(mk: ModuleKeys) -> AdapterModule:
         shape = _check_plain_half(mk, "1")
         if _check_plain_half(mk, "2") != shape:
             raise _halves_disagree(mk)
-    return mk.build(kind=KIND, tucker=tucker, rank=mk.shapes["hada_w1_b"][0], delta_shape=shape)
+    rank = mk.shapes["hada_w1_b"][0]
+    return mk.build(kind=KIND, scale=deltas.lora_scale(mk.alpha, rank), tucker=tucker, rank=rank, delta_shape=shape)
 
 
 def _check_plain_half(mk: ModuleKeys, half: str) -> tuple[int, ...]:
@@ -83,3 +85,19 @@ def natural_exact(module: AdapterModule, factors: dict[str, Tensor]) -> tuple[in
     t1, t2 = factors.get("hada_t1"), factors.get("hada_t2")
     tucker = t1 is not None and t2 is not None
     return exact.loha_depth(w1a, w2a, tucker), lambda index: exact.loha_element(w1a, w1b, w2a, w2b, t1, t2, index)
+
+
+class LohaKind(AdapterKind):
+    """LyCORIS LoHa: scale·(w1a@w1b)⊙(w2a@w2b), plain or Tucker halves."""
+
+    name = KIND
+    family = "loha"
+    suffixes = SUFFIXES
+
+    build = staticmethod(build)
+
+    scale = staticmethod(deltas.lora_scale)
+    label_text = "LoHa"
+
+    natural_delta = staticmethod(natural_delta)
+    natural_exact = staticmethod(natural_exact)

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from loraforge.ops import deltas, exact
 
+from .kind import AdapterKind
 from .model import AdapterModule, ModuleKeys, rank_mismatch
 
 KIND = "lokr"
@@ -35,7 +36,7 @@ def build(mk: ModuleKeys) -> AdapterModule:
         raise rank_mismatch(mk, "lokr_w1_b", 0, "lokr_w2_b", 0)
     rank = rank2 if rank2 is not None else rank1
     tucker = "lokr_t2" in mk.keys
-    return mk.build(kind=KIND, tucker=tucker, rank=rank, delta_shape=deltas.lokr_delta_shape(w1, w2))
+    return mk.build(kind=KIND, scale=deltas.lokr_scale(mk.alpha, rank), tucker=tucker, rank=rank, delta_shape=deltas.lokr_delta_shape(w1, w2))
 
 
 def _factor(mk: ModuleKeys, which: str) -> tuple[tuple[int, ...], int | None]:
@@ -84,3 +85,19 @@ def natural_exact(module: AdapterModule, factors: dict[str, Tensor]) -> tuple[in
     shapes = [deltas.lokr_factor_shape(*(None if t is None else tuple(t.shape) for t in w)) for w in (w1, w2)]
     w1_shape, w2_shape = shapes[0], shapes[1]
     return exact.lokr_depth(w1, w2), lambda index: exact.lokr_element(w1, w2, w1_shape, w2_shape, index)
+
+
+class LokrKind(AdapterKind):
+    """LyCORIS LoKr: scale·kron(w1, w2), each factor full, a @ b, or Tucker."""
+
+    name = KIND
+    family = "lokr"
+    suffixes = SUFFIXES
+
+    build = staticmethod(build)
+
+    scale = staticmethod(deltas.lokr_scale)
+    label_text = "LoKr"
+
+    natural_delta = staticmethod(natural_delta)
+    natural_exact = staticmethod(natural_exact)

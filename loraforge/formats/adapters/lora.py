@@ -14,6 +14,7 @@ from torch import Tensor
 
 from loraforge.ops import deltas, exact
 
+from .kind import AdapterKind
 from .model import AdapterModule, ModuleKeys, rank_mismatch
 
 KIND = "lora"
@@ -43,6 +44,7 @@ def build(mk: ModuleKeys) -> AdapterModule:
     mid = _check_mid(mk, up, down) if "mid" in mk.keys else None
     return mk.build(
         kind=KIND,
+        scale=deltas.lora_scale(mk.alpha, down[0]),
         tucker=mid is not None,
         rank=down[0],
         delta_shape=deltas.lora_delta_shape(up, down, mid),
@@ -74,3 +76,34 @@ def natural_exact(module: AdapterModule, factors: dict[str, Tensor]) -> tuple[in
     """(rounding depth, exact natural-ΔW element by flat index, scale excluded)."""
     up, down, mid = factors["up"], factors["down"], factors.get("mid")
     return exact.lora_depth(up, mid), lambda index: exact.lora_element(up, down, mid, index)
+
+
+class LoraKind(AdapterKind):
+    """kohya LoRA and LoCon (Tucker core optional); PEFT halves spell the same kind otherwise."""
+
+    name = KIND
+    family = "lora"
+    suffixes = SUFFIXES
+    exact_shape = True
+    factored = True
+
+    build = staticmethod(build)
+
+    scale = staticmethod(deltas.lora_scale)
+
+    def label(self, module):
+        if module.dora:
+            return "DoRA"
+        if module.naming == "diffusers":
+            return "PEFT LoRA"
+        return "LoCon" if module.is_conv or module.tucker else "LoRA"
+
+    natural_delta = staticmethod(natural_delta)
+    natural_exact = staticmethod(natural_exact)
+
+    def low_rank(self, module, factors):
+        """Plain LoRA/LoCon (no Tucker core, no DoRA): ΔW = up.flatten(1) @ down.flatten(1)."""
+        if module.tucker or module.dora:
+            return None
+        up, down = factors["up"], factors["down"]
+        return up.reshape(up.shape[0], -1).to(torch.float64), down.reshape(down.shape[0], -1).to(torch.float64)

@@ -8,6 +8,7 @@ from loraforge.errors import FormatError
 from loraforge.formats.arch import ARCHITECTURE_NAMES, Architecture, ModuleSpec, get_architecture, get_family
 from loraforge.ops.deltas import delta_fits
 
+from .kinds import adapter_kind
 from .model import AdapterFile, AdapterModule
 
 
@@ -63,7 +64,6 @@ def candidate_architectures(adapter: AdapterFile | None = None) -> tuple[Archite
 
 
 # Kinds whose ΔW shape is the layer's own (a 1x1 conv's LoRA is 4-D); LoHa and LoKr flatten convs.
-_SHAPE_EXACT_KINDS = ("lora", "diff")
 
 
 def detect_adapter_architecture(adapter: AdapterFile) -> Architecture:
@@ -82,7 +82,7 @@ def detect_adapter_architecture(adapter: AdapterFile) -> Architecture:
         match = match_adapter(adapter, arch)
         full = arch.size == "full"
         exact = 0 if full else sum(
-            1 for m, spec in match.matched if m.kind in _SHAPE_EXACT_KINDS and tuple(m.delta_shape) == spec.shape
+            1 for m, spec in match.matched if adapter_kind(m.kind).exact_shape and tuple(m.delta_shape) == spec.shape
         )
         score = (len(match.matched), -len(match.shape_mismatches), full, exact, -order)
         if match.matched and (best is None or score > best):

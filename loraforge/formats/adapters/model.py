@@ -7,9 +7,7 @@ from dataclasses import dataclass, field
 
 from loraforge.errors import FormatError
 from loraforge.formats.arch.registry import component_prefixes
-from loraforge.ops import deltas
 
-KINDS = ("lora", "loha", "lokr", "diff")
 NAMINGS = ("kohya", "diffusers")
 
 # Roles every kind may carry besides its factors.
@@ -36,19 +34,10 @@ class AdapterModule:
     keys: Mapping[str, str] = field(hash=False)
     rank: int | None  # None for diffs and LoKr with both factors full
     alpha: float | None  # None when the file has no alpha (PEFT: from metadata, see docs)
+    scale: float  # what multiplies the product of the factors: the kind's alpha/rank rule (kinds.py)
     delta_shape: tuple[int, ...]
     # The shapes of every tensor in ``keys`` (alpha: ()), so plans need no data.
     shapes: Mapping[str, tuple[int, ...]] = field(hash=False, default_factory=dict)
-
-    @property
-    def scale(self) -> float:
-        """The factor multiplying the product of the factors (alpha/rank rule of the kind)."""
-        if self.kind == "diff":
-            return 1.0
-        if self.kind == "lokr":
-            return deltas.lokr_scale(self.alpha, self.rank)
-        assert self.rank is not None
-        return deltas.lora_scale(self.alpha, self.rank)
 
     @property
     def is_conv(self) -> bool:
@@ -95,39 +84,6 @@ def component_of(name: str) -> str:
 def naming_of(name: str) -> str:
     """kohya names are one underscore-joined word starting "lora_"; everything else is dotted diffusers."""
     return "kohya" if name.startswith("lora_") and "." not in name else "diffusers"
-
-
-def module_label(module: AdapterModule) -> str:
-    """The file-kind word one module stands for."""
-    if module.kind == "lora":
-        if module.dora:
-            return "DoRA"
-        if module.naming == "diffusers":
-            return "PEFT LoRA"
-        return "LoCon" if module.is_conv or module.tucker else "LoRA"
-    return {"loha": "LoHa", "lokr": "LoKr", "diff": "diff"}[module.kind]
-
-
-def describe_kind(modules: tuple[AdapterModule, ...]) -> str:
-    """One word for the whole file.
-
-    Each module has a label: LoRA-family modules are "DoRA" when they carry a
-    dora_scale, else "PEFT LoRA" with diffusers names, else "LoCon" when they
-    adapt a k×k conv or use a Tucker core, else "LoRA"; other kinds are "LoHa",
-    "LoKr", "diff". LoRA and LoCon labels together make "LoCon" (a LoCon file
-    has both); DoRA and LoRA/LoCon together make "DoRA". One label left names
-    the file; several give "mixed (A, B)" in sorted order.
-    """
-    labels = {module_label(m) for m in modules}
-    if labels >= {"LoRA", "LoCon"}:
-        labels.discard("LoRA")
-    if "DoRA" in labels:
-        labels -= {"LoRA", "LoCon"}
-    if not labels:
-        return "empty"
-    if len(labels) == 1:
-        return next(iter(labels))
-    return f"mixed ({', '.join(sorted(labels))})"
 
 
 def module_error(path: str, name: str, keys: Mapping[str, str] | list[str], problem: str, fix: str) -> FormatError:
@@ -181,7 +137,7 @@ class ModuleKeys:
             )
         return shape
 
-    def build(self, *, kind: str, tucker: bool, rank: int | None, delta_shape: tuple[int, ...]) -> AdapterModule:
+    def build(self, *, kind: str, scale: float, tucker: bool, rank: int | None, delta_shape: tuple[int, ...]) -> AdapterModule:
         return AdapterModule(
             name=self.name,
             naming=self.naming,
@@ -191,6 +147,7 @@ class ModuleKeys:
             keys=dict(sorted(self.keys.items())),
             rank=rank,
             alpha=self.alpha,
+            scale=scale,
             delta_shape=tuple(int(d) for d in delta_shape),
             shapes=dict(sorted(self.shapes.items())),
         )

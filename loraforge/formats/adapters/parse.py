@@ -10,23 +10,21 @@ import dataclasses
 import math
 from fractions import Fraction
 from collections.abc import Callable, Mapping
-from types import ModuleType
 
 import torch
 from torch import Tensor
 
-from . import diff, dora, loha, lokr, lora, peft
-from .model import ALPHA, DORA_SCALE, AdapterFile, AdapterModule, ModuleKeys, describe_kind, module_error
+from . import dora, peft
+from .kinds import ADAPTER_KINDS, adapter_kind, describe_kind, suffix_family
+from .model import ALPHA, DORA_SCALE, AdapterFile, AdapterModule, ModuleKeys, module_error
 
-# Which parser owns a family of suffixes. PEFT halves parse like kohya LoRA.
-_FAMILIES: dict[str, ModuleType] = {"lora": lora, "peft": peft, "loha": loha, "lokr": lokr, "diff": diff}
 _SHARED = "shared"
 _SHARED_SUFFIXES = {"alpha": ALPHA, "dora_scale": DORA_SCALE, **peft.DORA_SUFFIXES}
 
 # (suffix, family, role), longest suffix first so "lora_A.default.weight" wins over shorter ones.
 _SUFFIX_TABLE: tuple[tuple[str, str, str], ...] = tuple(
     sorted(
-        [(s, family, role) for family, mod in _FAMILIES.items() for s, role in mod.SUFFIXES.items()]
+        [(s, kind.family, role) for kind in ADAPTER_KINDS for s, role in kind.suffixes.items()]
         + [(s, _SHARED, role) for s, role in _SHARED_SUFFIXES.items()],
         key=lambda row: (-len(row[0]), row[0]),
     )
@@ -126,10 +124,11 @@ def _parse_module(file, name: str, group: _Group, family: str, adapter_config) -
         shapes={role: tuple(int(d) for d in file.info(key).shape) for role, key in group.keys.items()},
         alpha=_read_alpha(file, name, group.keys),
     )
-    module = _FAMILIES[family].build(mk)
-    if module.kind == "lora" and module.naming == "diffusers" and module.alpha is None:
+    kind = suffix_family(family)
+    module = kind.build(mk)
+    if kind.factored and module.naming == "diffusers" and module.alpha is None:
         alpha = peft.config_alpha(str(file.path), adapter_config, name, module.rank or 1)
-        module = dataclasses.replace(module, alpha=alpha)
+        module = dataclasses.replace(module, alpha=alpha, scale=kind.scale(alpha, module.rank))
     dora.check_dora_scale(str(file.path), module)
     return module
 
@@ -175,14 +174,6 @@ def load_factors(file, module: AdapterModule, device="cpu", dtype: torch.dtype =
     }
 
 
-_NATURAL_DELTA: dict[str, Callable[..., Tensor]] = {
-    "lora": lora.natural_delta,
-    "loha": loha.natural_delta,
-    "lokr": lokr.natural_delta,
-    "diff": diff.natural_delta,
-}
-
-
 def module_delta(
     module: AdapterModule,
     factors: Mapping[str, Tensor],
@@ -198,24 +189,17 @@ def module_delta(
     """
     from loraforge.ops import deltas
 
-    natural = _NATURAL_DELTA[module.kind](module, dict(factors), dtype, fixed_order)
+    natural = adapter_kind(module.kind).natural_delta(module, dict(factors), dtype, fixed_order)
     return deltas.fit_delta(natural, target_shape)
 
 
 def module_low_rank(module: AdapterModule, factors: Mapping[str, Tensor]) -> tuple[Tensor, Tensor] | None:
     """(up, down) as float64 matrices, as stored, when ΔW = scale·up @ down; else None.
 
-    Plain kohya LoRA/LoCon modules (no Tucker core, no DoRA) qualify: their ΔW
-    is up.flatten(1) @ down.flatten(1), so a bake can add it with one in-place
-    GEMM instead of materialising it.
+    Plain kohya LoRA/LoCon modules (no Tucker core, no DoRA) qualify: a bake
+    adds them with one in-place GEMM instead of materialising ΔW.
     """
-    if module.kind != "lora" or module.tucker or module.dora:
-        return None
-    up, down = factors["up"], factors["down"]
-    return up.reshape(up.shape[0], -1).to(torch.float64), down.reshape(down.shape[0], -1).to(torch.float64)
-
-
-_NATURAL_EXACT = {"lora": lora.natural_exact, "loha": loha.natural_exact, "lokr": lokr.natural_exact, "diff": diff.natural_exact}
+    return adapter_kind(module.kind).low_rank(module, factors)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,8 +218,9 @@ def module_certificate(module: AdapterModule, factors: Mapping[str, Tensor], tar
     if module.dora:
         return None
     absolute = {role: tensor.abs() for role, tensor in factors.items()}
-    envelope = deltas.fit_delta(_NATURAL_DELTA[module.kind](module, absolute, torch.float64).abs(), target_shape)
-    depth, element = _NATURAL_EXACT[module.kind](module, dict(factors))
+    kind = adapter_kind(module.kind)
+    envelope = deltas.fit_delta(kind.natural_delta(module, absolute, torch.float64).abs(), target_shape)
+    depth, element = kind.natural_exact(module, dict(factors))
     scale = Fraction(module.scale)
     return DeltaCertificate(envelope, depth, lambda index: scale * element(index))
 

@@ -42,6 +42,13 @@ DORA_SUFFIXES = {
 build = lora.build
 natural_delta = lora.natural_delta
 
+
+class PeftKind(lora.LoraKind):
+    """diffusers/PEFT LoRA halves (``lora_A``/``lora_B``): kind "lora", spelled differently."""
+
+    family = "peft"
+    suffixes = SUFFIXES
+
 METADATA_KEY = "lora_adapter_metadata"
 _COMPONENT_OF_PREFIX = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
 
