@@ -18,6 +18,7 @@ from loraforge import __version__
 from loraforge.cli_common import execute_plan, stderr, stdout
 from loraforge.cli_common import fail as _fail
 from loraforge.errors import LoraforgeError
+from loraforge.interrupts import interruptions_kept
 
 app = typer.Typer(
     name="loraforge",
@@ -103,7 +104,8 @@ def build(
         with fetch_progress(stderr, enabled=not quiet) as fetching:
             build_plan = _plan(recipe, targets or [], resolve_options(offline, locked, fetching), device=device)
         forced = [t.name for t in build_plan.targets if not targets or t.name in targets] if force else []
-        summary = execute_plan(build_plan, device=device, quiet=quiet, locked=locked, force=forced, jobs=jobs, memory_budget=memory_budget)
+        with interruptions_kept():
+            summary = execute_plan(build_plan, device=device, quiet=quiet, locked=locked, force=forced, jobs=jobs, memory_budget=memory_budget)
     except LoraforgeError as error:
         _fail(error)
     except KeyboardInterrupt as interrupt:

@@ -37,6 +37,7 @@ def release(
     from loraforge.cli_common import execute_plan, stderr, stdout
     from loraforge.cli_common import fail as _fail
     from loraforge.cli_resolve import fetch_progress, resolve_options
+    from loraforge.interrupts import interruptions_kept
     from loraforge.plan.planner import plan_build
     from loraforge.recipe.loader import load_recipe
     from loraforge.render import render_build_result
@@ -45,7 +46,8 @@ def release(
         loaded, names = release_recipe(load_recipe(recipe), output)
         with fetch_progress(stderr, enabled=not quiet) as fetching:
             build_plan = plan_build(loaded, names, resolve_options(offline, False, fetching), device=device)
-        summary = execute_plan(build_plan, device=device, quiet=quiet)
+        with interruptions_kept():
+            summary = execute_plan(build_plan, device=device, quiet=quiet)
     except LoraforgeError as error:
         _fail(error)
     except KeyboardInterrupt as interrupt:

@@ -35,11 +35,12 @@ def verify(
     from loraforge.cli_common import fail as _fail
     from loraforge.cli_common import stderr
     from loraforge.cli_resolve import fetch_progress
+    from loraforge.interrupts import interruptions_kept
     from loraforge.render import BuildProgress
     from loraforge.verify.run import verify_recipe
 
     try:
-        with fetch_progress(stderr, enabled=not quiet) as fetching, BuildProgress(stderr, enabled=not quiet) as building:
+        with interruptions_kept(), fetch_progress(stderr, enabled=not quiet) as fetching, BuildProgress(stderr, enabled=not quiet) as building:
             report = verify_recipe(recipe, targets or [], device=device, offline=offline,
                                    fetch_progress=fetching, build_progress=building.for_target)
     except LoraforgeError as error:

@@ -160,3 +160,18 @@ def test_signal_mid_build_leaves_the_previous_output_and_no_temp_file(project, t
     assert "interrupted: no partial output was left behind." in stderr and "Traceback" not in stderr
     assert (project / OUTPUT).read_bytes() == previous_output
     assert temp_files(project) == []
+
+
+def test_an_error_raised_while_an_interrupt_unwinds_is_reported_as_the_interrupt():
+    """Ctrl-C landing inside Condition.wait surfaces as RuntimeError('cannot release un-acquired lock')."""
+    from loraforge.interrupts import Terminated, interruptions_kept
+
+    with pytest.raises(Terminated):
+        with interruptions_kept():
+            try:
+                raise Terminated()
+            except KeyboardInterrupt:
+                raise RuntimeError("cannot release un-acquired lock")
+    with pytest.raises(RuntimeError):  # a plain error stays itself
+        with interruptions_kept():
+            raise RuntimeError("boom")
