@@ -15,9 +15,11 @@ Bounds follow Higham, *Accuracy and Stability of Numerical Algorithms*
 with or without FMA, is within γ_n·Σ|products| of the exact sum, where
 γ_n = n·u / (1 - n·u) and u = 2^-53 for float64.
 
-Zeros: an element that nothing touched (bound 0) keeps the base's value,
-sign of zero included; an exact zero produced by cancellation is +0, as IEEE
-round-to-nearest gives for x + (-x).
+Zeros: a zero base element whose terms add up to exactly zero keeps its
+zero, sign included (bakes, loraforge.ops.bake._round_exactly); any other
+exact zero is +0, as IEEE round-to-nearest gives for x + (-x). A zero
+approximation is never certain here, so those elements always reach the
+exact path.
 """
 
 from __future__ import annotations
