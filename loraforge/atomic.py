@@ -16,13 +16,22 @@ entries, release bundles) goes through here, which prevents two failures:
   than writing to where it points.
 
 Files are created with mode 0o666 less the umask, like ``open(path, "w")``.
+
+Leftovers of killed runs: SIGKILL (or a power cut) skips every cleanup, so
+every temporary name says who made it: ``.<name>.tmp-<pid>-<16 hex>`` for
+temp files and folders, ``.<name>.old-<pid>-<16 hex>`` for a release bundle
+moved aside. :func:`stale_temporaries` finds those whose process is gone and
+:func:`remove_stale` deletes them; loraforge runs it on the folders it writes
+into, and ``loraforge cache gc`` reports what it removed in the cache.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -30,9 +39,79 @@ from typing import IO
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
-def _temp_name(path: Path) -> Path:
-    # `.tmp-` marks every temp file; tests look for leftovers by it.
-    return path.with_name(f".{path.name}.tmp-{secrets.token_hex(8)}")
+# A temporary name: `.<name>.<tmp|old>-<pid of its owner>-<16 random hex digits>`.
+TEMP_PATTERN = re.compile(r"\..+\.(?:tmp|old)-(?P<pid>[0-9]+)-[0-9a-f]{16}")
+
+
+def _temp_name(path: Path, kind: str = "tmp") -> Path:
+    # `.tmp-` marks every temp file; tests look for leftovers by it. The pid says whose it is
+    # (stale_temporaries); the random part makes the name unpredictable.
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{secrets.token_hex(8)}")
+
+
+def aside_name(path: Path) -> Path:
+    """An unused, unpredictable name next to ``path`` to move it aside to (then delete it)."""
+    return _temp_name(Path(path), "old")
+
+
+def owner_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (a process of another user counts as alive)."""
+    if pid == os.getpid():
+        return True
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return pid < 2**31  # someone else's process: not ours to judge
+    except OSError:
+        return True
+    return True
+
+
+def stale_temporaries(folder: Path) -> list[Path]:
+    """Temp files and folders in ``folder`` (not below it) left by loraforge runs that are gone."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        match = TEMP_PATTERN.fullmatch(name)
+        if match and not owner_alive(int(match["pid"])):
+            found.append(Path(folder) / name)
+    return found
+
+
+def remove_stale(folder: Path) -> list[tuple[Path, int]]:
+    """Delete :func:`stale_temporaries` of ``folder``; returns (path, bytes freed) of each one removed.
+
+    Never follows a link: a symlink with such a name is removed itself. Errors
+    (another process removing it first, a read-only folder) are skipped.
+    """
+    removed = []
+    for path in stale_temporaries(folder):
+        size = _tree_size(path)
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError:
+            continue
+        removed.append((path, size))
+    return removed
+
+
+def _tree_size(path: Path) -> int:
+    try:
+        if path.is_symlink() or not path.is_dir():
+            return path.lstat().st_size
+        return sum(p.lstat().st_size for p in path.rglob("*") if not p.is_dir() or p.is_symlink())
+    except OSError:
+        return 0
 
 
 def create_temp(path: Path, mode: str = "wb", **open_args) -> tuple[Path, IO]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraforge import __version__
-from loraforge.atomic import fsync_folder, make_temp_folder
+from loraforge.atomic import aside_name, fsync_folder, make_temp_folder, remove_stale
 from loraforge.errors import BuildError
 from loraforge.plan.release import IncludedOutput, ReleaseTarget
 from loraforge.release.card import model_card
@@ -62,6 +62,7 @@ def run_release(plan, target: ReleaseTarget, device=None, on_progress=lambda nby
     """Build the bundle folder ``target.output``; the torch device is unused (nothing is computed)."""
     folder = target.output
     folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(folder.parent)  # bundles and temp folders of killed runs
     _check_replaceable(folder)
     temp = make_temp_folder(folder)  # unique and unpredictable (loraforge/atomic.py)
     try:
@@ -237,8 +238,7 @@ def _swap_in(temp: Path, folder: Path) -> None:
     second rename, the old bundle is put back; once past it, the old one is
     deleted even if a signal arrives meanwhile.
     """
-    old = folder.with_name(f".{folder.name}.{os.getpid()}.old")
-    _remove_tree(old)  # left by an earlier run with this process id that was killed
+    old = aside_name(folder)  # unpredictable: a link planted at a guessable name is never renamed onto
     try:
         if folder.exists():
             os.rename(folder, old)

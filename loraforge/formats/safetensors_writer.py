@@ -178,6 +178,7 @@ class SafetensorsWriter:
 
     def _open_temp(self):
         """(temp path, binary file object): a new temp file next to the target (loraforge/atomic.py)."""
+        atomic.remove_stale(self.path.parent)  # multi-GB temp files of killed runs into this folder
         try:
             return atomic.create_temp(self.path)
         except OSError as error:

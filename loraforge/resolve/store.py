@@ -31,7 +31,7 @@ from typing import Iterator
 
 from filelock import FileLock
 
-from loraforge.atomic import fsync_folder, write_text_atomic
+from loraforge.atomic import fsync_folder, remove_stale, write_text_atomic
 from loraforge.canonical import canonical_json
 from loraforge.errors import ResolveError
 from loraforge.resolve import hash_cache
@@ -138,7 +138,9 @@ class Store:
     def temp_path(self) -> Path:
         folder = self.root / "tmp"
         folder.mkdir(parents=True, exist_ok=True)
-        return folder / f"{uuid.uuid4().hex}.tmp"  # unique: never shared between processes
+        remove_stale(folder)  # copies of killed runs
+        # Unique (never shared between processes) and named with its owner's pid (loraforge/atomic.py).
+        return folder / f".blob.tmp-{os.getpid()}-{uuid.uuid4().hex[:16]}"
 
     # --- partial downloads, refs and locks -------------------------------------
 
