@@ -33,6 +33,15 @@ def hf_endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
 
 
+def _token():
+    """huggingface_hub's ``token`` argument: its usual lookup (HF_TOKEN, `hf auth login`) only for an https
+    (or loopback) endpoint; False, no token at all, for a plain-http endpoint elsewhere."""
+    from loraforge.resolve.sources.auth import token_allowed
+
+    endpoint = hf_endpoint()
+    return None if token_allowed(endpoint, endpoint) else False
+
+
 class HfSource(RemoteSource):
     def resolve(self, name: str, ref: SourceRef, pinned: Mapping[str, str] | None) -> Resolution:
         if pinned and {"repo", "commit", "path"} <= set(pinned):
@@ -42,7 +51,7 @@ class HfSource(RemoteSource):
         revision = ref.revision or "main"
         url = hf_hub_url(ref.repo, ref.path, revision=revision, endpoint=hf_endpoint())
         with _hub_errors(name, ref):
-            meta = get_hf_file_metadata(url, endpoint=hf_endpoint(), retry_on_errors=True)
+            meta = get_hf_file_metadata(url, token=_token(), endpoint=hf_endpoint(), retry_on_errors=True)
         if not meta.commit_hash:
             raise ResolveError(
                 f"Input '{name}': {hf_endpoint()} did not say which commit '{revision}' of {ref.repo} is "
@@ -63,6 +72,7 @@ class HfSource(RemoteSource):
                 location["path"],
                 revision=location["commit"],
                 endpoint=hf_endpoint(),
+                token=_token(),
                 cache_dir=os.environ.get("HF_HUB_CACHE") or None,
                 tqdm_class=_progress_bar_class(name, progress),
             )
