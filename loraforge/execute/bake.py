@@ -37,7 +37,7 @@ from loraforge.formats.safetensors_reader import SafetensorsFile, open_safetenso
 from loraforge.formats.safetensors_writer import SafetensorsWriter, TensorPlan, WriteResult
 from loraforge.ops.bake import DenseTerm, LowRankTerm, Term, bake_weight
 from loraforge.ops.rounding import round_float64
-from loraforge.ops.finite import all_finite, nonfinite_counts
+from loraforge.ops.finite import all_finite, nonfinite_counts, overflow_count
 from loraforge.plan.provenance import output_title, provenance_fields
 from loraforge.plan.layout import OutputTensor, output_layout
 from loraforge.plan.model import BakeTarget, BuildPlan, ModuleApplication
@@ -98,9 +98,11 @@ def run_bake(
                 for entry, data in _prefetched(base, layout):
                     if entry.action == "bake":
                         applications = target.applications[entry.name]
-                        data = _bake_tensor(data, applications, adapters, device, torch_dtype(entry.dtype), workspace, pool, workers)
+                        source, data = data, _bake_tensor(data, applications, adapters, device, torch_dtype(entry.dtype), workspace, pool, workers)
+                        _refuse_overflow(target, entry, data, source)
                     elif entry.action == "convert":
-                        data = round_float64(data, torch_dtype(entry.dtype), pool)  # one rounding, even from F64
+                        source, data = data, round_float64(data, torch_dtype(entry.dtype), pool)  # one rounding, even from F64
+                        _refuse_overflow(target, entry, data, source)
                     writes.submit(entry, data)
         except _NonFiniteFactors as found:
             raise _nonfinite_error(target, adapters, found.ingredient) from None
@@ -177,6 +179,32 @@ def _nonfinite_error(target: BakeTarget, adapters: Sequence[SafetensorsFile], in
         f"which would turn the weights they touch into NaN: {shown}. Nothing was written. The file is damaged or "
         "the training diverged; re-download it, or re-export it from a checkpoint saved before the divergence."
     )
+
+
+def _refuse_overflow(target: BakeTarget, entry: OutputTensor, output: torch.Tensor, source: torch.Tensor) -> None:
+    """Stop the build (nothing written) when the tensor about to be saved holds infinities its base did not."""
+    count = overflow_count(output, source)
+    if not count:
+        return
+    dtype = torch_dtype(entry.dtype)
+    largest = f"{torch.finfo(dtype).max:.6g}" if dtype.is_floating_point else "?"
+    if entry.action == "bake":
+        cause = (
+            f"the baked values exceed the largest {entry.dtype} number ({largest}). Check the strengths, `te:` values "
+            "and block weights of the LoRAs applied to it, and their alphas and factors (`loraforge inspect`), for "
+            "extreme values"
+        )
+    else:
+        cause = f"the base's values exceed the largest {entry.dtype} number ({largest}) when converted"
+    raise BuildError(
+        f"target '{target.name}': tensor {entry.name} would hold {count:,} infinite or NaN values of "
+        f"{math.prod(entry.shape):,} (none in the base): {cause}. Nothing was written{_kept(target)}. "
+        "Fix the recipe or the input, or save in a wider dtype (precision: {save: float32})."
+    )
+
+
+def _kept(target: BakeTarget) -> str:
+    return "; the previous output is unchanged" if target.output.exists() else ""
 
 
 def _make_output_folder(target: BakeTarget) -> None:

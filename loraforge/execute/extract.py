@@ -214,6 +214,10 @@ def _write_lora(plan: BuildPlan, target: ExtractionTarget, extracted: Sequence[M
         LoraModuleFactors(o.module.kohya, o.result.up, o.result.down, tuple(o.module.shape)) for o in extracted
     ]
     ranks = {o.module.kohya: (o.result.rank, is_conv3x3(o.module)) for o in extracted}
+    from loraforge.execute.overflow import refuse_overflowing_factors
+
+    refuse_overflowing_factors(target.name, target.output, modules, target.lora_dtype,
+                               "The two checkpoints differ by more than the save dtype holds; check that they are of one family.")
     return write_lora(target.output, modules, _metadata(plan, target, ranks), target.lora_dtype)
 
 

@@ -23,6 +23,7 @@ from loraforge.errors import BuildError
 from loraforge.execute.device import one_thread_per_module
 from loraforge.execute.bake import ProgressCallback
 from loraforge.atomic import write_text_atomic
+from loraforge.execute.overflow import refuse_overflowing_factors
 from loraforge.canonical import canonical_json
 from loraforge.plan.provenance import output_title, provenance_fields
 from loraforge.formats import dtypes
@@ -70,6 +71,9 @@ class MergeResult:
         ]
 
 
+OVERFLOW_HINT = "Check the strengths, `te:` values and block weights of the ingredients, and their alphas and factors (`loraforge inspect`), for extreme values."
+
+
 def run_merge(
     plan: BuildPlan,
     target: MergeTarget,
@@ -88,6 +92,7 @@ def run_merge(
             on_progress(int((factors.up.numel() + factors.down.numel() + 1) * factors.up.element_size()))
     factors = [f for f, _ in merged]
     outcomes = [o for _, o in merged]
+    refuse_overflowing_factors(target.name, target.output, factors, target.save, OVERFLOW_HINT)
     written = write_lora(target.output, factors, _metadata(plan, target, factors), target.save)
     _write_json(target.report_path, _report(plan, target, outcomes, written))
     return MergeResult(target.name, written, target.report_path, tuple(outcomes))

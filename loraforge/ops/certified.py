@@ -79,7 +79,20 @@ def certify(approx: Tensor, bound: Tensor, dtype: torch.dtype) -> tuple[Tensor, 
     sure = ((approx - (value + below) / 2) > bound) & (((value + above) / 2 - approx) > bound)
     zero = value == 0
     sure &= ~zero | (approx.abs() > bound)
+    # Overflow: a finite approximation rounded to ±inf is certain when it lies beyond the overflow
+    # threshold by more than its bound (the midpoint formula above meets inf - inf there and would
+    # send every overflowing element to the slow exact path; callers refuse such outputs anyway).
+    overflowed = value.isinf() & approx.isfinite()
+    if bool(overflowed.any()):
+        sure |= overflowed & ((approx.abs() - overflow_threshold(dtype)) > bound)
     return rounded, sure
+
+
+def overflow_threshold(dtype: torch.dtype) -> float:
+    """The magnitude from which round-to-nearest gives infinity: halfway between the largest finite
+    number and 2^(emax+1) (exact in float64)."""
+    _, precision, _, emax = _FORMATS[dtype]
+    return 2.0 ** (emax + 1) - 2.0 ** (emax - precision)
 
 
 def round_certified(

@@ -23,3 +23,21 @@ def nonfinite_counts(tensor: Tensor) -> tuple[int, int]:
     if not tensor.is_floating_point():
         return 0, 0
     return int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+
+
+def overflow_count(output: Tensor, source: Tensor) -> int:
+    """Elements of ``output`` that are infinite or NaN where ``source`` (same number of elements) is finite.
+
+    What rounding to the save dtype (or a float64 sum) turned from finite into
+    non-finite: an output no reader can use, so the executors refuse it. An
+    inf/NaN already in ``source`` is passed through, not counted. One
+    vectorised pass over ``output`` when nothing overflowed.
+    """
+    if not output.is_floating_point():
+        return 0
+    bad = ~torch.isfinite(output)
+    if not bool(bad.any()):
+        return 0
+    if source.is_floating_point():
+        bad &= torch.isfinite(source.reshape(output.shape).to(output.device))
+    return int(bad.sum())
