@@ -30,6 +30,7 @@ from loraforge.recipe.sources import parse_source
 from loraforge.resolve.local import ResolvedInput, locate_input, verified_local
 from loraforge.resolve.lockfile import Lock, lock_path, numeric_policies, read_lock
 from loraforge.resolve.progress import FetchProgress, NoProgress
+from loraforge.resolve.secrets import redact_url
 from loraforge.resolve.sources import REMOTE_SOURCES, Resolution
 from loraforge.resolve.store import Blob, Store, source_key
 
@@ -114,7 +115,7 @@ def _resolve_one(loaded: LoadedRecipe, name: str, lock: Lock | None, store: Stor
 
 def _lock_entry(name: str, spec, lock: Lock | None, options: ResolveOptions) -> dict | None:
     entry = lock.inputs.get(name) if lock else None
-    if entry is not None and entry.get("source") != spec.source:
+    if entry is not None and entry.get("source") not in (spec.source, redact_url(spec.source)):
         if options.locked:
             raise ResolveError(
                 f"--locked: input '{name}' has source '{spec.source}' in the recipe but '{entry.get('source')}' "
@@ -162,7 +163,7 @@ def _resolve_remote(name, spec, ref, entry, locked_sha, store: Store, options: R
         _remember(store, spec.source, resolution, blob.sha256, resolution.location)
         return _from_blob(name, spec, blob, resolution.location, "store")
     if not options.download and expected:
-        return ResolvedInput(name, spec.source, None, resolution.size, spec.sha256, sha256=expected,
+        return ResolvedInput(name, redact_url(spec.source), None, resolution.size, spec.sha256, sha256=expected,
                              location=dict(resolution.location), origin="remote")
     return _fetch(name, spec, source, resolution, expected, store, options)
 
@@ -190,6 +191,6 @@ def _remember(store: Store, source: str, resolution: Resolution, sha256: str, lo
 
 def _from_blob(name: str, spec, blob: Blob, location, origin: str) -> ResolvedInput:
     return ResolvedInput(
-        name, spec.source, blob.path, blob.size, spec.sha256,
+        name, redact_url(spec.source), blob.path, blob.size, spec.sha256,  # recorded (lock, release): no secrets
         sha256=blob.sha256, data_sha256=blob.data_sha256, location=dict(location), origin=origin,
     )
