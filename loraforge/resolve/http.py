@@ -106,6 +106,8 @@ def get_json(url: str, auth: Auth, what: str, settings: HttpSettings | None = No
                     raise ResolveError(f"{what}: {safe_url(url)} did not answer with JSON; check the base URL.") from None
             except (httpx.TransportError, _Retry) as error:
                 _wait_or_give_up(error, attempt, settings, what, url)
+            except httpx.TooManyRedirects:
+                raise _redirect_error(what, url) from None
     raise AssertionError("unreachable")
 
 
@@ -138,8 +140,25 @@ def download(
                 except (httpx.TransportError, _Retry) as error:
                     _wait_or_give_up(error, attempt, settings, what, url)
                     attempt += 1
+    except httpx.TooManyRedirects:
+        raise _redirect_error(what, url) from None
+    except OSError as error:  # the store's disk: full, read-only, gone
+        _drop_partial(part, meta_path)
+        raise ResolveError(
+            f"{what}: cannot write the download of {safe_url(url)} into the store ({part.parent}): "
+            f"{error.strerror or error}. Nothing was stored. Free disk space or make $LORAFORGE_CACHE "
+            "writable (or point it at another folder), then run the command again."
+        ) from None
     finally:
         progress.finish(name)
+
+
+def _redirect_error(what: str, url: str) -> ResolveError:
+    return ResolveError(
+        f"{what}: {safe_url(url)} redirects more than {MAX_REDIRECTS} times (a redirect loop); nothing was "
+        "downloaded or stored. Check the URL in a browser, or download the file yourself and give its local path "
+        "with `sha256:`."
+    )
 
 
 def _one_try(client, url, part, meta_path, hashes, auth: Auth, name, progress) -> str:

@@ -169,6 +169,18 @@ def _resolve_remote(name, spec, ref, entry, locked_sha, store: Store, options: R
 
 
 def _fetch(name, spec, source, resolution: Resolution, expected, store: Store, options: ResolveOptions) -> ResolvedInput:
+    try:
+        return _fetch_locked(name, spec, source, resolution, expected, store, options)
+    except OSError as error:  # the store's folders: read-only, full, not a folder
+        where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+        raise ResolveError(
+            f"Input '{name}': cannot write to the download store {store.root}{where}: {error.strerror or error}. "
+            "Nothing was stored. Make $LORAFORGE_CACHE a writable folder with free space (or point it at "
+            "another one), then run the command again."
+        ) from None
+
+
+def _fetch_locked(name, spec, source, resolution: Resolution, expected, store: Store, options: ResolveOptions) -> ResolvedInput:
     with store.locked(source_key(resolution.download_key)):
         # Another process may have fetched it while we waited for the lock.
         blob = store.get(expected) if expected else None

@@ -97,6 +97,8 @@ class Store:
                 "source now serves different bytes (check the source and update the pin, e.g. with "
                 "`loraforge lock`) or the pin is wrong."
             )
+        if expected is None:  # nothing vouches for these bytes: at least they must be a model file
+            self._check_content(temp, name)
         with open(temp, "rb") as handle:
             os.fsync(handle.fileno())
         target = self.blob_path(hashes.sha256)
@@ -107,6 +109,35 @@ class Store:
         _fsync_dir(target.parent)
         hash_cache.remember(target, hashes.sha256, hashes.data_sha256)
         return Blob(hashes.sha256, target, hashes.size, hashes.data_sha256)
+
+    def _check_content(self, temp: Path, name: str) -> None:
+        """Refuse (and delete) a download that is neither a valid safetensors file nor a pickle.
+
+        An unpinned source that answers with an HTML login or error page
+        would otherwise be stored for good and served to every later build.
+        Pickles pass: the planner refuses or converts them with its own message.
+        """
+        from loraforge.errors import FormatError
+        from loraforge.formats.safetensors_reader import open_safetensors
+        from loraforge.formats.sniff import pickle_kind, read_head
+
+        head, size = read_head(temp)
+        if pickle_kind(head, size):
+            return
+        try:
+            with open_safetensors(temp):
+                return
+        except FormatError as error:
+            reason = str(error).replace(str(temp), "the file")
+        self._discard(temp)
+        shown = head[:16].decode("latin-1").encode("unicode_escape").decode()
+        raise ResolveError(
+            f"Input '{name}': the downloaded file ({size:,} bytes, starting with '{shown}') is not a safetensors "
+            f"file ({reason.rstrip('.')}); often an error or login page answered instead of the file. Nothing was "
+            "stored. Check the source (does it need a token or a login?) and run the command again; pin its sha256 "
+            "(`sha256:` in the recipe) to have any other answer refused. A wrong file stored earlier is replaced by "
+            "`loraforge lock`, which fetches unpinned sources anew."
+        )
 
     def ingest_file(self, source: Path, expected: str | None, name: str, progress: FetchProgress = NoProgress()) -> Blob:
         """Copy (or hard-link) a local file into the store, hashing it on the way."""
