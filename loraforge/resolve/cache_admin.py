@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from loraforge.atomic import remove_stale, stale_temporaries
 from loraforge.errors import FormatError, ResolveError
 from loraforge.formats.hashing import file_hashes, file_sha256
 from loraforge.resolve.lockfile import parse_lock_text
@@ -103,3 +104,13 @@ def _lock_files(folder: Path):
         elif path.suffix == ".lock" and path.is_file():
             yield path
 
+
+
+def stale_files(store: Store) -> list[Path]:
+    """Temp files of killed runs in the store (``tmp/``): named with an owner pid that is gone."""
+    return stale_temporaries(store.root / "tmp")
+
+
+def remove_stale_files(store: Store) -> list[tuple[Path, int]]:
+    """Delete :func:`stale_files`; (path, bytes freed) of each (for `loraforge cache gc` to report)."""
+    return remove_stale(store.root / "tmp")
