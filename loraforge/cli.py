@@ -140,6 +140,9 @@ _register_verify(app)
 from loraforge.cli_new import register as _register_new  # noqa: E402  (new)
 
 _register_new(app)
+from loraforge.cli_publish import register as _register_publish  # noqa: E402  (publish)
+
+_register_publish(app)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -35,3 +35,7 @@ class BuildError(LoraforgeError):
 
 class UsageError(LoraforgeError):
     """A command's arguments cannot be acted on (an unknown choice, a file it would overwrite)."""
+
+
+class PublishError(LoraforgeError):
+    """Publishing to a hub failed or was refused (no token, no permission, a network failure); says what the remote holds."""

@@ -173,7 +173,9 @@ def test_model_card_shows_recipe_values_and_hashes(built):
     folder = built / "dist" / "pack"
     card = (folder / "README.md").read_text()
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert card.startswith("# Neon Pack\n\nThe pack, with its model card.\n")
+    # The Hub's metadata first (docs/publishing.md), then the card itself.
+    assert card.startswith("---\npipeline_tag: text-to-image\ntags:\n- stable-diffusion\n- lora\n- stable-diffusion-v1\n")
+    assert "\n---\n\n# Neon Pack\n\nThe pack, with its model card.\n" in card
     assert "| Date | 2026-11-01 |" in card
     # The ingredients tables carry strengths, te and block weights exactly as written in the recipe.
     assert "| 1 | `neon` | `models/neon-lora.safetensors` | 0.8 | 0.5 | `OUTD` |" in card
@@ -423,7 +425,7 @@ def test_example_recipe_rebuilds_its_locked_bundle(tmp_path):
     assert _sha256(folder / "manifest.json") == lock["targets"]["neon-noir-v1.2"]["sha256"]
     assert (folder / "release.lock").read_bytes() != (recipes / "release.lock").read_bytes()  # cut to the bundled targets
     card = (folder / "README.md").read_text()
-    assert card.startswith("# Neon Noir v1.2\n") and "| 1 | `neon` | `models/neon-lora.safetensors` | 0.8 | 0.5 | `OUTD` |" in card
+    assert card.startswith("---\nlicense: cc0-1.0\n") and "\n---\n\n# Neon Noir v1.2\n" in card and "| 1 | `neon` | `models/neon-lora.safetensors` | 0.8 | 0.5 | `OUTD` |" in card
 
 
 def test_plan_shows_the_release_node(tmp_path, built):

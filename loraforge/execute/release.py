@@ -20,7 +20,7 @@ from pathlib import Path
 
 from loraforge import __version__
 from loraforge.atomic import aside_name, fsync_folder, make_temp_folder, remove_stale
-from loraforge.errors import BuildError
+from loraforge.errors import BuildError, FormatError
 from loraforge.plan.release import IncludedOutput, ReleaseTarget
 from loraforge.release.card import model_card
 from loraforge.release.contents import BundledFile, BundledOutput, InputRecord, ReleaseContents
@@ -103,8 +103,22 @@ def _place_outputs(target: ReleaseTarget, temp: Path, on_progress) -> tuple[tupl
         file, was_linked = _place_output(entry, temp / entry.file_name, on_progress)
         linked += was_linked
         report = _place_report(entry, temp) if entry.report_path is not None else None
-        outputs.append(BundledOutput(entry.target, entry.kind, file, entry.action_key, report))
+        architecture = _modelspec_architecture(temp / entry.file_name)
+        outputs.append(BundledOutput(entry.target, entry.kind, file, entry.action_key, report, architecture))
     return tuple(outputs), linked
+
+
+def _modelspec_architecture(path: Path) -> str | None:
+    """The output's ModelSpec architecture (its family and whether it is a LoRA), for the card's Hub metadata."""
+    from loraforge.formats.safetensors_reader import open_safetensors
+
+    try:
+        with open_safetensors(path) as reader:
+            value = reader.metadata.get("modelspec.architecture")
+    except (OSError, FormatError):
+        return None
+    return value if isinstance(value, str) and value else None
+
 
 
 def _place_output(entry: IncludedOutput, destination: Path, on_progress) -> tuple[BundledFile, bool]:

@@ -21,11 +21,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
 from loraforge.canonical import canonical_json
 from loraforge.methods.lora import LORA_METHODS
+from loraforge.recipe.destination import DestinationSyntaxError, parse_destination
 from loraforge.recipe.sources import SourceSyntaxError, parse_source
 
 SCHEMA_VERSION = 1
@@ -467,6 +468,41 @@ def _check_folder(value: Any) -> str:
     return value
 
 
+def _check_destination(value: Any) -> str:
+    try:
+        parse_destination(value)
+    except DestinationSyntaxError as error:
+        raise custom_error(str(error), error.hint) from None
+    return value.strip()
+
+
+LICENSE_PATTERN = re.compile(r"[a-z0-9][a-z0-9.+-]*")
+
+
+def _check_license(value: Any) -> str:
+    if not isinstance(value, str) or not LICENSE_PATTERN.fullmatch(value):
+        raise custom_error(
+            f"the license must be a Hugging Face Hub license id, got {describe_value(value)}",
+            "write e.g. license: creativeml-openrail-m (SD 1.x), openrail++ (SDXL), apache-2.0, or other",
+        )
+    return value
+
+
+class PublishSpec(_Strict):
+    """Where `loraforge publish` sends a release (docs/publishing.md)."""
+
+    to: Annotated[str, BeforeValidator(_check_destination)]  # hf://ORG/REPO[@BRANCH]
+    private: StrictFlag = False  # create the repository private (when publish creates it)
+
+
+def _without_unset(data: dict, *names: str) -> dict:
+    """Drop optional fields left unset, so recipes without them keep their canonical bytes and action keys."""
+    for name in names:
+        if name in data and data[name] is None:
+            del data[name]
+    return data
+
+
 class ReleaseSpec(_Strict):
     """Bundle other targets' outputs with manifest.json and a README.md model card (docs/releases.md)."""
 
@@ -475,6 +511,12 @@ class ReleaseSpec(_Strict):
     output: Annotated[str, BeforeValidator(_check_folder)] | None = None  # a folder; default dist/<name>
     description: Text | None = None  # the model card's description; default: the recipe's
     readme: StrictFlag = True
+    publish: PublishSpec | None = None  # where `loraforge publish` sends the bundle
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        return _without_unset(handler(self), "publish")
+
 
     # A release computes nothing, so it has no precision or device of its own;
     # these keep code that reads every target's fields working.
@@ -503,11 +545,16 @@ class Recipe(_Strict):
     title: Text | None = None  # filled with ``name`` when absent
     description: Text | None = None
     date: Annotated[str, BeforeValidator(_check_date)] | None = None
+    license: Annotated[str, BeforeValidator(_check_license)] | None = None  # Hub license id; required to publish
     seed: Annotated[int, BeforeValidator(_check_seed)] = 0
     device: Device = "auto"
     precision: Precision = Precision()
     inputs: dict[Name, InputSpec] = Field(min_length=1)
     targets: dict[Name, Target] = Field(min_length=1)
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        return _without_unset(handler(self), "license")
 
     @model_validator(mode="before")
     @classmethod

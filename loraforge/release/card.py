@@ -1,6 +1,9 @@
 """README.md of a release bundle: a model card generated from the recipe and the bundled files.
 
-Sections: title and description, release facts (date, tool), files with
+It opens with the YAML front matter the Hugging Face Hub reads (license,
+base_model and base_model_relation, library_name, pipeline_tag, tags;
+docs/publishing.md), so the bundle's README.md is the repository's card as
+published. Sections: title and description, release facts (date, tool), files with
 their hashes, base models, one ingredients table per target (strength, text
 encoder strength, block weights exactly as the recipe gives them), inputs,
 and how to rebuild. Pure text: the same records give the same bytes.
@@ -10,16 +13,22 @@ exactly the recipe's values (0.8, not 0.800000).
 
 from __future__ import annotations
 
+import json
+import re
+
 from loraforge.methods import lora_method
+from loraforge.recipe.sources import SourceSyntaxError, parse_source
 from loraforge.release.contents import BundledOutput, ReleaseContents
 from loraforge.recipe.schema import CheckpointTarget, ExtractTarget, LoraTarget, LoraUse, RankSpec
 
 KIND_TITLES = {"checkpoint": "checkpoint (LoRAs baked in)", "lora": "LoRA merge", "extract": "LoRA extraction"}
+PIPELINE_TAG = "text-to-image"
+LORA_KINDS = ("lora", "extract")  # recipe kinds whose output is a LoRA, when the file does not say
 
 
 def model_card(contents: ReleaseContents) -> str:
     sections = [
-        _header(contents),
+        front_matter(contents) + _header(contents),
         _files(contents),
         _base_models(contents),
         _ingredients(contents),
@@ -27,6 +36,117 @@ def model_card(contents: ReleaseContents) -> str:
         _rebuild(contents),
     ]
     return "\n\n".join(section for section in sections if section) + "\n"
+
+
+# --- Hub metadata ----------------------------------------------------------------
+
+
+def hub_metadata(contents: ReleaseContents) -> dict:
+    """The card's YAML front matter as data (keys in the order written).
+
+    ``base_model``: the Hub repositories (``hf://`` sources) of the models the
+    bundled outputs are made from: a bake's base and LoRAs, a merge's
+    ingredients, an extraction's base, through chained targets. Inputs from
+    elsewhere (files, Civitai) have no Hub id and are named in the body only.
+    ``base_model_relation``: ``adapter`` when every output is a LoRA extracted
+    from its base, else ``merge`` when several models went in, else
+    ``finetune`` (one Hub model changed by local ingredients).
+    """
+    meta: dict = {}
+    if contents.recipe.license:
+        meta["license"] = contents.recipe.license
+    bases = _hub_base_models(contents)
+    if bases:
+        meta["base_model"] = bases
+        meta["base_model_relation"] = _relation(contents, bases)
+        if all(_is_lora(output) for output in contents.outputs):
+            # The Hub's diffusers snippet loads a single-file kohya LoRA onto its base with
+            # load_lora_weights; checkpoints here are single files, which from_pretrained cannot load.
+            meta["library_name"] = "diffusers"
+    meta["pipeline_tag"] = PIPELINE_TAG
+    meta["tags"] = _tags(contents)
+    return meta
+
+
+def front_matter(contents: ReleaseContents) -> str:
+    """``---``, the metadata as YAML, ``---`` and a blank line."""
+    lines = ["---"]
+    for key, value in hub_metadata(contents).items():
+        if isinstance(value, list):
+            lines.append(f"{key}:")
+            lines += [f"- {_yaml_scalar(item)}" for item in value]
+        else:
+            lines.append(f"{key}: {_yaml_scalar(value)}")
+    return "\n".join(lines + ["---", "", ""])
+
+
+def _hub_base_models(contents: ReleaseContents) -> list[str]:
+    recipe = contents.recipe
+    sources = {record.name: record.source for record in contents.inputs}
+    found: list[str] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in seen:
+            return
+        seen.add(name)
+        if name in recipe.targets:
+            spec = recipe.targets[name]
+            # An extracted LoRA is an adapter of its base; the tuned model is where it came from, not what it applies to.
+            for dependency in (spec.base,) if isinstance(spec, ExtractTarget) else recipe.dependencies(name):
+                visit(dependency)
+            return
+        repo = _hub_repo(sources.get(name) or getattr(recipe.inputs.get(name), "source", None))
+        if repo is not None and repo not in found:
+            found.append(repo)
+
+    for output in contents.outputs:
+        visit(output.target)
+    return found
+
+
+def _hub_repo(source: str | None) -> str | None:
+    try:
+        ref = parse_source(source) if source else None
+    except SourceSyntaxError:
+        return None
+    return ref.repo if ref is not None and ref.scheme == "hf" else None
+
+
+def _relation(contents: ReleaseContents, bases: list[str]) -> str:
+    if all(contents.recipe.targets[o.target].kind == "extract" for o in contents.outputs):
+        return "adapter"
+    return "merge" if len(bases) > 1 else "finetune"
+
+
+def _is_lora(output: BundledOutput) -> bool:
+    if output.architecture:
+        return output.architecture.endswith("/lora")
+    return output.kind in LORA_KINDS
+
+
+def _tags(contents: ReleaseContents) -> list[str]:
+    tags = ["stable-diffusion"]
+    uses_loras = any(_is_lora(o) or getattr(contents.recipe.targets[o.target], "loras", ()) for o in contents.outputs)
+    if uses_loras:
+        tags.append("lora")
+    for output in contents.outputs:  # the family, as ModelSpec names it: stable-diffusion-v1, stable-diffusion-xl-v1-base
+        family = (output.architecture or "").split("/", 1)[0]
+        if family and family not in tags:
+            tags.append(family)
+    return tags + ["loraforge"]
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/+-]*")
+_YAML_WORDS = {"true", "false", "yes", "no", "on", "off", "null", "y", "n", "~"}
+
+
+def _yaml_scalar(value: str) -> str:
+    """A YAML scalar that reads back as this exact string: plain when unambiguous, else double-quoted."""
+    text = str(value)
+    if _PLAIN.fullmatch(text) and text.lower() not in _YAML_WORDS and not re.fullmatch(r"[0-9._+-]+", text):
+        return text
+    return json.dumps(text, ensure_ascii=False)
 
 
 # --- sections ------------------------------------------------------------------

@@ -32,6 +32,7 @@ class BundledOutput:
     file: BundledFile
     action_key: str | None
     report: BundledFile | None = None  # <output>.merge.json / .extract.json
+    architecture: str | None = None  # the file's ModelSpec `modelspec.architecture` (e.g. stable-diffusion-v1/lora)
 
 
 @dataclass(frozen=True)
