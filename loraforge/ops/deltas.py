@@ -301,16 +301,20 @@ def dora_effective_delta(
     *,
     eps: float = DORA_NORM_EPS,
     dtype: torch.dtype = torch.float64,
+    axis: str | None = None,
 ) -> Tensor:
     """W_dora − W, where W_dora = (W + ΔW) · dora_scale / (‖W + ΔW‖ + eps).
 
-    The norm follows the orientation of dora_scale (:func:`dora_norm_axis`).
+    The norm follows ``axis`` ("out": per output row, "in": per input
+    channel), which the parser decides from the magnitude's shape and
+    spelling; without it, the orientation of dora_scale (:func:`dora_norm_axis`).
     ``delta`` must already carry the adapter's scale and have the weight's
     shape. Baking at strength s uses W + s·(W_dora − W), so s = 1 gives the
     DoRA weight and s = 0 the base weight. eps defaults to float32's machine
     epsilon, as LyCORIS does, so a zero column cannot divide by zero.
     """
-    axis = dora_norm_axis(tuple(weight.shape), tuple(dora_scale.shape))
+    if axis is None:
+        axis = dora_norm_axis(tuple(weight.shape), tuple(dora_scale.shape))
     if axis is None:
         raise ValueError(
             f"dora_scale of shape {tuple(dora_scale.shape)} fits neither the output nor the input axis "

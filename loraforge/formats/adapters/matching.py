@@ -8,6 +8,7 @@ from loraforge.errors import FormatError
 from loraforge.formats.arch import ARCHITECTURE_NAMES, Architecture, ModuleSpec, get_architecture, get_family
 from loraforge.ops.deltas import delta_fits
 
+from . import aliases
 from .kinds import adapter_kind
 from .model import AdapterFile, AdapterModule
 
@@ -22,17 +23,16 @@ class AdapterMatch:
 
 
 def find_spec(module: AdapterModule, arch: Architecture) -> ModuleSpec | None:
-    """The architecture module an adapter module names, by kohya or diffusers name.
+    """The architecture module an adapter module names, by kohya or diffusers name (aliases.py).
 
-    diffusers names without a component prefix (a UNet saved on its own with
+    Besides the canonical names this accepts the spellings current tools
+    write: text-encoder paths without transformers' ``text_model`` level,
+    ``lora_te1_`` for a one-encoder model, and kohya UNet names in the other
+    naming (diffusers paths on SDXL, LDM paths on SD 1/2). diffusers names
+    without a component prefix (a UNet saved on its own with
     ``save_lora_adapter``) are looked up as UNet modules.
     """
-    if module.naming == "kohya":
-        return arch.module_by_kohya.get(module.name)
-    spec = arch.module_by_diffusers.get(module.name)
-    if spec is None and not module.component:
-        spec = arch.module_by_diffusers.get("unet." + module.name)
-    return spec
+    return aliases.lookup(module.name, module.naming, arch)
 
 
 def match_adapter(adapter: AdapterFile, arch: Architecture) -> AdapterMatch:

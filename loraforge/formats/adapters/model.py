@@ -38,6 +38,9 @@ class AdapterModule:
     delta_shape: tuple[int, ...]
     # The shapes of every tensor in ``keys`` (alpha: ()), so plans need no data.
     shapes: Mapping[str, tuple[int, ...]] = field(hash=False, default_factory=dict)
+    # DoRA only: the norm its magnitude stands for, "out" (per output row) or "in" (per input channel);
+    # decided from the magnitude's shape and spelling when the file is parsed (dora.py).
+    dora_axis: str | None = None
 
     @property
     def is_conv(self) -> bool:

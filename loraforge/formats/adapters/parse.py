@@ -32,6 +32,8 @@ _SUFFIX_TABLE: tuple[tuple[str, str, str], ...] = tuple(
 
 # Dtypes a factor may be stored in; integer or bool tensors are never adapter factors.
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+# An alpha may also be an integer: diffusers' kohya converter writes torch.tensor(rank), an int64.
+INTEGER_DTYPES = frozenset({"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64"})
 
 
 def split_key(key: str) -> tuple[str, str, str] | None:
@@ -107,12 +109,14 @@ def _read_alpha(file, name: str, keys: Mapping[str, str]) -> float | None:
 def _check_dtypes(file, name: str, keys: Mapping[str, str]) -> None:
     for role, key in keys.items():
         dtype = file.info(key).dtype
-        if dtype not in FLOAT_DTYPES:
-            raise module_error(
-                file.path, name, keys,
-                f"stores {key} as {dtype}, which is not a floating-point type",
-                "Adapter tensors are F16, BF16, F32 or F64; re-export the adapter.",
-            )
+        if dtype in FLOAT_DTYPES or (role == ALPHA and dtype in INTEGER_DTYPES):
+            continue
+        allowed = "a floating-point or integer type" if role == ALPHA else "a floating-point type"
+        raise module_error(
+            file.path, name, keys,
+            f"stores {key} as {dtype}, which is not {allowed}",
+            "Adapter factors are F16, BF16, F32 or F64 (an alpha may also be an integer); re-export the adapter.",
+        )
 
 
 def _parse_module(file, name: str, group: _Group, family: str, adapter_config) -> AdapterModule:
@@ -129,7 +133,6 @@ def _parse_module(file, name: str, group: _Group, family: str, adapter_config) -
     if kind.factored and module.naming == "diffusers" and module.alpha is None:
         alpha = peft.config_alpha(str(file.path), adapter_config, name, module.rank or 1)
         module = dataclasses.replace(module, alpha=alpha, scale=kind.scale(alpha, module.rank))
-    dora.check_dora_scale(str(file.path), module)
     return module
 
 
@@ -152,7 +155,7 @@ def parse_adapter(file) -> AdapterFile:
             unclaimed.extend(group.keys.values())
             continue
         modules.append(_parse_module(file, name, group, family, adapter_config))
-    modules_tuple = tuple(modules)
+    modules_tuple = tuple(dora.resolve_dora_axes(path, modules))
     return AdapterFile(
         path=path,
         modules=modules_tuple,
@@ -242,7 +245,9 @@ def module_effective_delta(
     delta = module_delta(module, factors, tuple(weight.shape), dtype, fixed_order=module.dora)
     if not module.dora:
         return delta
-    return deltas.dora_effective_delta(weight, delta, factors[DORA_SCALE], dtype=dtype)
+    return deltas.dora_effective_delta(
+        weight, delta, factors[DORA_SCALE], dtype=dtype, axis=module.dora_axis, eps=dora.norm_eps(module)
+    )
 
 
 def module_bias_delta(module: AdapterModule, factors: Mapping[str, Tensor], dtype: torch.dtype = torch.float64):

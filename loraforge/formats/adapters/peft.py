@@ -2,7 +2,9 @@
 
 Names are dotted diffusers module paths with a component prefix (``unet.``,
 ``text_encoder.``, ``text_encoder_2.``). The older diffusers attention-processor
-layout ``<name>.lora.down.weight`` / ``<name>.lora.up.weight`` is read too, and
+layout ``<name>.lora.down.weight`` / ``<name>.lora.up.weight`` and the
+training scripts' ``<name>.lora_linear_layer.down.weight`` / ``.up.weight``
+(text-encoder projections) are read too, and
 PEFT's DoRA magnitude ``<name>.lora_magnitude_vector`` counts as a dora_scale.
 
 PEFT keeps ``lora_alpha`` outside the tensors. We take alpha from, in order:
@@ -31,6 +33,9 @@ SUFFIXES = {
     "lora_B.default.weight": "up",
     "lora.down.weight": "down",
     "lora.up.weight": "up",
+    # diffusers' training scripts (convert_state_dict_to_diffusers) on text-encoder projections.
+    "lora_linear_layer.down.weight": "down",
+    "lora_linear_layer.up.weight": "up",
 }
 # Shared (kind-independent) suffix for PEFT's DoRA magnitude.
 DORA_SUFFIXES = {
