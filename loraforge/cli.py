@@ -73,6 +73,7 @@ def plan(
     """Show what a build would do: inputs, targets, key matching, bytes, up-to-date status."""
     from loraforge.plan.report import plan_report
     from loraforge.render import render_plan
+    from loraforge.targets.registry import TARGET_KINDS
 
     try:
         report = plan_report(_plan(recipe, targets or []))
@@ -81,7 +82,7 @@ def plan(
     if as_json:
         _print_json(report)
     else:
-        render_plan(stdout, report)
+        render_plan(stdout, report, TARGET_KINDS)
 
 
 @app.command()
@@ -122,7 +123,7 @@ def _print_json(report: dict) -> None:
 
 
 def _plan(recipe: Path, targets: list[str], resolve=None, device: str | None = None):
-    from loraforge.plan.planner import plan_build
+    from loraforge.build import plan_build
     from loraforge.recipe.loader import load_recipe
 
     return plan_build(load_recipe(recipe), targets, resolve, device=device)

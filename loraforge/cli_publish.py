@@ -135,10 +135,8 @@ def destination_of(loaded, name: str, to: str | None):
 
 
 def _plan_build(loaded, names, resolve, device):
-    try:  # the library entry point with every registered target kind (issue 13)
-        from loraforge.build import plan_build
-    except ImportError:  # pragma: no cover - before loraforge/build.py existed
-        from loraforge.plan.planner import plan_build
+    from loraforge.build import plan_build  # the library entry point with every registered target kind
+
     return plan_build(loaded, names, resolve, device=device)
 
 

@@ -38,7 +38,7 @@ def release(
     from loraforge.cli_common import fail as _fail
     from loraforge.cli_resolve import fetch_progress, resolve_options
     from loraforge.interrupts import interruptions_kept
-    from loraforge.plan.planner import plan_build
+    from loraforge.build import plan_build
     from loraforge.recipe.loader import load_recipe
     from loraforge.render import render_build_result
 

@@ -135,13 +135,15 @@ def fetch(
     """Download every input of the recipe into the store (verified by sha256), with progress."""
     from loraforge.recipe.loader import load_recipe
     from loraforge.resolve.resolver import ResolveOptions, resolve_inputs
+    from loraforge.targets.registry import TARGET_KINDS
 
     stdout, stderr, fail = _consoles()
     try:
         loaded = load_recipe(recipe)
         names = _input_names(loaded, inputs or [])
         with fetch_progress(stderr, enabled=not quiet) as progress:
-            resolved = resolve_inputs(loaded, names, ResolveOptions(locked=locked, progress=progress))
+            options = ResolveOptions(locked=locked, progress=progress, numeric_policies=TARGET_KINDS.numeric_policies())
+            resolved = resolve_inputs(loaded, names, options)
     except LoraforgeError as error:
         fail(error)
     except KeyboardInterrupt:
@@ -167,6 +169,7 @@ def lock(
     """Resolve every input now and write <recipe>.lock (downloading only what a source cannot describe)."""
     from loraforge.recipe.loader import load_recipe
     from loraforge.resolve.lock_sync import updated_lock
+    from loraforge.targets.registry import TARGET_KINDS
     from loraforge.resolve.lockfile import lock_path, read_lock, write_lock
     from loraforge.resolve.resolver import ResolveOptions, resolve_inputs
 
@@ -178,7 +181,7 @@ def lock(
         with fetch_progress(stderr, enabled=not quiet) as progress:
             options = ResolveOptions(refresh=True, download=False, progress=progress)
             resolved = resolve_inputs(loaded, list(loaded.recipe.inputs), options)
-        changed = write_lock(path, updated_lock(loaded, resolved, None, previous))
+        changed = write_lock(path, updated_lock(loaded, resolved, None, previous, numeric_policy=TARGET_KINDS.numeric_policies()))
     except LoraforgeError as error:
         fail(error)
     stdout.print(f"{'wrote' if changed else 'unchanged'} {path} ({len(resolved)} inputs)")

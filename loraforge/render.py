@@ -15,28 +15,9 @@ from rich.progress import (
 from rich.table import Table
 from rich.tree import Tree
 
-from loraforge.methods import lora_method
-
-MAX_SHOWN = 12  # keys listed before "... and N more"
-
-
-def human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
-        size /= 1024
-    return f"{size:.2f} GiB"
-
-
-def _listing(items: list[str]) -> str:
-    shown = ", ".join(items[:MAX_SHOWN])
-    return shown + (f" ... and {len(items) - MAX_SHOWN} more" if len(items) > MAX_SHOWN else "")
-
-
-def _counts(mapping: dict) -> str:
-    return ", ".join(f"{k}: {v}" for k, v in mapping.items()) or "-"
-
+from loraforge.text import counts as _counts
+from loraforge.text import human_bytes
+from loraforge.text import listing as _listing
 
 # --- inspect -------------------------------------------------------------------
 
@@ -105,97 +86,29 @@ def _adapter_rows(table: Table, report: dict) -> None:
 # --- plan ----------------------------------------------------------------------
 
 
-def render_plan(console: Console, report: dict) -> None:
+def render_plan(console: Console, report: dict, kinds) -> None:
+    """The plan as a tree; each target's lines come from its kind (``kinds``: plan/kinds.py TargetKinds)."""
     tree = Tree(f"[bold]{report['recipe']}[/]")
     inputs = tree.add("inputs")
     for name, entry in report["inputs"].items():
         inputs.add(f"[bold]{name}[/]  {entry['source']}  {human_bytes(entry['size'])}  sha256 {entry['sha256'][:16]}…")
     for target in report["targets"]:
-        _target_node(tree, target)
+        kind = kinds.get(target["kind"])
+        style = {"up to date": "green", "stale": "yellow", "missing": "cyan", "waiting": "magenta"}[target["status"]]
+        node = tree.add(f"[bold]{target['name']}[/] ({kind.heading(target)}) [{style}]{target['status']}[/]")
+        _add_lines(node, kind.describe(target))
     if report["not_selected"]:
         tree.add(f"not selected: {', '.join(report['not_selected'])}")
     console.print(tree)
 
 
-def _target_node(tree: Tree, target: dict) -> None:
-    status_style = {"up to date": "green", "stale": "yellow", "missing": "cyan", "waiting": "magenta"}[target["status"]]
-    if target["kind"] == "extract":
-        _extract_node(tree, target, status_style)
-        return
-    if target["kind"] == "lora":
-        _merge_node(tree, target, status_style)
-        return
-    if target["kind"] == "release":
-        _release_node(tree, target, status_style)
-        return
-    node = tree.add(
-        f"[bold]{target['name']}[/] (checkpoint, {target['architecture']}) [{status_style}]{target['status']}[/]"
-    )
-    node.add(f"base: {target['base']}" + (f"  (after {', '.join(target['depends_on'])})" if target["depends_on"] else ""))
-    node.add(f"output: {target['output']}  save dtype: {target['save_dtype']}  device: {target['device']}")
-    node.add(f"reads {human_bytes(target['read_bytes'])}, writes {human_bytes(target['write_bytes'])}; "
-             f"{target['weights_baked']} weights change")
-    node.add(f"modules per block: {_counts(target['modules_per_block'])}")
-    _lora_entries(node, target["loras"])
-
-
-def _release_node(tree: Tree, target: dict, status_style: str) -> None:
-    node = tree.add(f"[bold]{target['name']}[/] (release) [{status_style}]{target['status']}[/]")
-    node.add(f"folder: {target['output']}  (manifest.json{', README.md' if target['readme'] else ''}, recipe, lock)")
-    for entry in target["includes"]:
-        report = f" + {entry['report']}" if entry["report"] else ""
-        node.add(f"[bold]{entry['target']}[/] ({entry['kind']}): {entry['file']}{report}")
-    node.add(f"inputs recorded: {', '.join(target['inputs']) or '-'}")
-    node.add(f"bundles {human_bytes(target['write_bytes'])} (hard links where the filesystem allows, else copies)")
-
-
-def _lora_entries(node: Tree, loras: list) -> None:
-    for lora in loras:
-        te = f", te {lora['te']:g}" if lora["te"] != lora["strength"] else ""
-        entry = node.add(
-            f"[bold]{lora['use']}[/] {lora['adapter_kind']}: strength {lora['strength']:g}{te}; "
-            f"{lora['matched']}/{lora['modules']} modules matched, {lora['applied']} applied"
-        )
-        weights = lora["block_weights"]
-        if any(w != 1.0 for w in weights.values()):
-            entry.add("block weights: " + ", ".join(f"{b}={w:g}" for b, w in weights.items()))
-        if lora["unmatched"]:
-            entry.add(f"[yellow]unmatched (allowed): {_listing(lora['unmatched'])}[/]")
-
-
-def _extract_node(tree: Tree, target: dict, status_style: str) -> None:
-    node = tree.add(f"[bold]{target['name']}[/] (extract, {target['architecture']}) [{status_style}]{target['status']}[/]")
-    after = f"  (after {', '.join(target['depends_on'])})" if target["depends_on"] else ""
-    node.add(f"tuned: {target['tuned']} - base: {target['base']}{after}")
-    node.add(f"output: {target['output']}  save dtype: {target['save_dtype']}  device: {target['device']}")
-    conv = _counts(target["conv_rank"]) if target["conv_rank"] else "skip 3x3 convs"
-    node.add(f"rank: {_counts(target['rank'])}; conv rank: {conv}; svd: {target['svd']}; "
-             f"text encoder: {target['text_encoder']}; min_diff: {target['min_diff']:g}")
-    node.add(f"reads {human_bytes(target['read_bytes'])}, writes at most {human_bytes(target['write_bytes'])}; "
-             f"{target['candidate_modules']} candidate modules (unchanged ones are skipped at build time)")
-    node.add(f"modules per block: {_counts(target['modules_per_block'])}")
-    if target["text_encoder_modules_missing"]:
-        node.add(f"[yellow]text-encoder modules missing from a checkpoint: {_listing(target['text_encoder_modules_missing'])}[/]")
-
-
-def _rank_text(spec: dict) -> str:
-    """A rank spec as written in a recipe: 32, or energy: 0.99, max: 128."""
-    return str(spec["rank"]) if set(spec) == {"rank"} else _counts(spec)
-
-
-def _merge_node(tree: Tree, target: dict, status_style: str) -> None:
-    node = tree.add(f"[bold]{target['name']}[/] (lora {target['method']}, {target['architecture']}) [{status_style}]{target['status']}[/]")
-    if target["depends_on"]:
-        node.add(f"after {', '.join(target['depends_on'])}")
-    node.add(f"output: {target['output']}  save dtype: {target['save_dtype']}  device: {target['device']}")
-    if lora_method(target["method"]).parameters:  # a method that chooses ranks
-        conv = _rank_text(target["conv_rank"]) if target["conv_rank"] else "as rank"
-        clamp = f"; clamp quantile {target['clamp_quantile']:g}" if target["clamp_quantile"] else ""
-        node.add(f"rank: {_rank_text(target['rank'])}; conv rank: {conv}; dense svd: {target['dense_svd']}{clamp}")
-    node.add(f"reads {human_bytes(target['read_bytes'])}, writes at most {human_bytes(target['write_bytes'])}; "
-             f"{target['modules']} modules ({target['conv_modules']} conv, {target['dense_modules']} via dense ΔW)")
-    node.add(f"modules per block: {_counts(target['modules_per_block'])}")
-    _lora_entries(node, target["loras"])
+def _add_lines(node: Tree, lines) -> None:
+    """Lines are text, or (text, nested lines)."""
+    for line in lines:
+        if isinstance(line, tuple):
+            _add_lines(node.add(line[0]), line[1])
+        else:
+            node.add(line)
 
 
 # --- build ---------------------------------------------------------------------
@@ -229,20 +142,11 @@ class BuildProgress:
 
 
 def render_build_result(console: Console, summary) -> None:
-    """What a build did: each target built, then the ones that were already up to date."""
+    """What a build did: each target built (its kind says what to tell), then the ones already up to date."""
     for result in summary.built:
-        if hasattr(result, "summary_lines"):  # targets that describe themselves (extract)
-            written = result.written
-            console.print(f"[bold green]built[/] {result.target} -> {written.path}\n  {human_bytes(written.size)}; "
-                          + "\n  ".join(result.summary_lines()) + f"\n  sha256 {written.sha256}")
-            continue
-        written = result.written
-        console.print(
-            f"[bold green]built[/] {result.target} -> {written.path}\n"
-            f"  {human_bytes(written.size)}; {result.baked_tensors} tensors baked, "
-            f"{result.copied_tensors} copied, {result.converted_tensors} converted\n"
-            f"  sha256 {written.sha256}\n  data sha256 {written.data_sha256}"
-        )
+        kind = summary.kinds.of(summary.targets[result.target])
+        lines = "\n  ".join(kind.built_lines(result))
+        console.print(f"[bold green]built[/] {result.target} -> {result.written.path}\n  {lines}")
     for name in summary.up_to_date:
         console.print(f"[green]up to date[/] {name}")
     if not summary.built:

@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from loraforge.execute.build import run_build
 from loraforge.testing.arch import tiny_architecture
-from loraforge.plan.planner import plan_build
+from loraforge.build import plan_build
 from loraforge.recipe.loader import load_recipe
 from loraforge.testing.adapters import write_synthetic_adapter
 from loraforge.testing.checkpoints import write_synthetic_checkpoint

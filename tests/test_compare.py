@@ -1,4 +1,4 @@
-"""ops/compare.py, verify/tolerance.py and verify/files.py: golden values computed densely here."""
+"""ops/compare.py, plan/tolerance.py and verify/files.py: golden values computed densely here."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from loraforge.testing.arch import tiny_architecture
 from loraforge.formats.safetensors_writer import save_tensors
 from loraforge.ops.compare import dense_relative_error, factored_relative_error, product_norm
 from loraforge.verify.files import compare_files, lora_module_name
-from loraforge.verify.tolerance import ULPS, file_tolerance, relative_error_tolerance
+from loraforge.plan.tolerance import ULPS, file_tolerance, relative_error_tolerance
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -23,7 +23,7 @@ from loraforge.errors import BuildError, RecipeError
 from loraforge.execute.build import run_build
 from loraforge.testing.arch import tiny_architecture
 from loraforge.ops.extract import extract_low_rank, policy_for
-from loraforge.plan.planner import plan_build
+from loraforge.build import plan_build
 from loraforge.recipe.loader import load_recipe
 from loraforge.testing.checkpoints import write_synthetic_checkpoint
 from loraforge.testing.tuned import planted_delta, write_tuned_checkpoint

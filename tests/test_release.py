@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from loraforge.cli import app
 from loraforge.errors import RecipeError
-from loraforge.plan.planner import plan_build
+from loraforge.build import plan_build
 from loraforge.recipe.loader import load_recipe
 
 runner = CliRunner()

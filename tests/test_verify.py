@@ -24,7 +24,7 @@ from loraforge.testing.adapters import write_synthetic_adapter
 from loraforge.testing.checkpoints import write_synthetic_checkpoint
 from loraforge.cli_verify import report_lines
 from loraforge.verify.run import verify_recipe
-from loraforge.verify.tolerance import relative_error_tolerance
+from loraforge.plan.tolerance import relative_error_tolerance
 
 runner = CliRunner()
 

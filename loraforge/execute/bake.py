@@ -68,6 +68,7 @@ def run_bake(
     target: BakeTarget,
     device: torch.device,
     on_progress: ProgressCallback = lambda nbytes: None,
+    resources: Resources | None = None,
 ) -> BakeResult:
     """Build one checkpoint target into its output path (atomically)."""
     with ExitStack() as stack:
@@ -90,7 +91,7 @@ def run_bake(
         # those threads hold cost more than a second thread gains (measured:
         # the SD 1.5 bake took about twice as long with torch's default).
         stack.enter_context(single_threaded_torch())
-        resources = Resources.local(device)
+        resources = resources or Resources.local(device)  # what the executor lets this run use
         pool = stack.enter_context(resources.worker_pool(BAKE_WORKERS, "loraforge-block"))
         workers = min(BAKE_WORKERS, resources.cpu_threads)
         try:

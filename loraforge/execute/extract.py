@@ -24,6 +24,7 @@ from loraforge.atomic import atomic_text
 from loraforge.canonical import canonical_json
 from loraforge.errors import BuildError
 from loraforge.execute.device import one_thread_per_module
+from loraforge.execute.resources import Resources
 from loraforge.execute.prefetch import prefetched
 from loraforge.formats.arch.table import TEXT_ENCODERS, ModuleSpec
 from loraforge.formats.lora_output import LoraModuleFactors, lora_metadata, write_lora
@@ -82,13 +83,15 @@ def run_extract(
     target: ExtractionTarget,
     device: torch.device,
     on_progress: ProgressCallback = lambda nbytes: None,
+    resources: Resources | None = None,
 ) -> ExtractResult:
     """Extract one target into its output path and report (both written atomically)."""
     with ExitStack() as stack:
         tuned = stack.enter_context(open_safetensors(target.tuned.path))
         base = stack.enter_context(open_safetensors(target.base.path))
         _check_files_match_plan(target, tuned, base)
-        outcomes = list(_extract_all(target, tuned, base, device, on_progress))
+        threads = (resources or Resources.local(device)).cpu_threads  # what the executor lets this run use
+        outcomes = list(_extract_all(target, tuned, base, device, on_progress, threads))
     extracted, skipped, text_encoders = _select(target, outcomes)
     if not extracted:
         raise BuildError(
@@ -107,7 +110,7 @@ def run_extract(
 # --- computing -------------------------------------------------------------------
 
 
-def _extract_all(target, tuned, base, device, on_progress) -> Iterator[ModuleOutcome]:
+def _extract_all(target, tuned, base, device, on_progress, threads: int) -> Iterator[ModuleOutcome]:
     """Every candidate module's outcome, in the plan's order.
 
     On the CPU each weight's difference and SVDs run on one torch thread,
@@ -125,7 +128,7 @@ def _extract_all(target, tuned, base, device, on_progress) -> Iterator[ModuleOut
         return [_extract_module(target, module, delta, base_weight) for module in by_key[key]]
 
     with ExitStack() as stack:
-        workers = stack.enter_context(one_thread_per_module(device))
+        workers = min(stack.enter_context(one_thread_per_module(device)), threads)
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="loraforge-extract"))
         stack.callback(pool.shutdown, wait=True, cancel_futures=True)  # an error or interrupt: start nothing more
         pending: deque = deque()

@@ -21,6 +21,7 @@ import torch
 
 from loraforge.errors import BuildError
 from loraforge.execute.device import one_thread_per_module
+from loraforge.execute.resources import Resources
 from loraforge.execute.bake import ProgressCallback
 from loraforge.atomic import write_text_atomic
 from loraforge.execute.overflow import refuse_overflowing_factors
@@ -79,11 +80,13 @@ def run_merge(
     target: MergeTarget,
     device: torch.device,
     on_progress: ProgressCallback = lambda nbytes: None,
+    resources: Resources | None = None,
 ) -> MergeResult:
     """Build one `kind: lora` target into its output path (atomically), then its report."""
     with ExitStack() as stack:
         files = [stack.enter_context(_open_ingredient(i.path, i.use)) for i in target.ingredients]
-        workers = stack.enter_context(one_thread_per_module(device))
+        threads = (resources or Resources.local(device)).cpu_threads  # what the executor lets this run use
+        workers = min(stack.enter_context(one_thread_per_module(device)), threads)
         merge_one = lambda module: _merge_module(target, module, files, device)  # noqa: E731
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="loraforge-merge"))
         merged = []

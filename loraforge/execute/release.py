@@ -27,7 +27,7 @@ from loraforge.release.contents import BundledFile, BundledOutput, InputRecord, 
 from loraforge.release.manifest import MANIFEST_FORMAT, MANIFEST_NAME, README_NAME, manifest_text
 from loraforge.resolve.hash_cache import cached_file_hashes
 from loraforge.resolve.lock_sync import input_entry
-from loraforge.resolve.lockfile import Lock, lock_path, numeric_policies, read_lock
+from loraforge.resolve.lockfile import Lock
 
 COPY_CHUNK = 8 << 20
 
@@ -58,8 +58,9 @@ class ReleaseResult:
         ]
 
 
-def run_release(plan, target: ReleaseTarget, device=None, on_progress=lambda nbytes: None) -> ReleaseResult:
-    """Build the bundle folder ``target.output``; the torch device is unused (nothing is computed)."""
+def run_release(plan, target: ReleaseTarget, device=None, on_progress=lambda nbytes: None, *, lock: Lock | None = None) -> ReleaseResult:
+    """Build the bundle folder ``target.output``; the torch device is unused (nothing is computed).
+    ``lock`` is the build's lock as it stands (execute/state.py), whose entries the bundled lock reuses."""
     folder = target.output
     folder.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(folder.parent)  # bundles and temp folders of killed runs
@@ -68,7 +69,7 @@ def run_release(plan, target: ReleaseTarget, device=None, on_progress=lambda nby
     try:
         outputs, linked = _place_outputs(target, temp, on_progress)
         recipe_file = _write_file(temp, target.recipe_file, target.recipe_bytes)
-        lock_file = _write_file(temp, target.lock_file, _bundle_lock(plan, target, outputs).to_text().encode())
+        lock_file = _write_file(temp, target.lock_file, _bundle_lock(plan, target, outputs, lock).to_text().encode())
         contents = ReleaseContents(
             name=target.name,
             recipe=plan.loaded.recipe,
@@ -80,7 +81,7 @@ def run_release(plan, target: ReleaseTarget, device=None, on_progress=lambda nby
             description=target.description,
             date=target.date,
             version=__version__,
-            numeric_policy=numeric_policies(),
+            numeric_policy=plan.kinds.numeric_policies(),
         )
         readme = _write_file(temp, README_NAME, model_card(contents).encode()) if target.readme else None
         manifest = _write_file(temp, MANIFEST_NAME, manifest_text(contents, readme).encode())
@@ -185,10 +186,10 @@ def _bundle_files(outputs, recipe_file, lock_file, readme) -> list[BundledFile]:
 # --- the bundle's lock and input records ---------------------------------------------
 
 
-def _bundle_lock(plan, target: ReleaseTarget, outputs: tuple[BundledOutput, ...]) -> Lock:
+def _bundle_lock(plan, target: ReleaseTarget, outputs: tuple[BundledOutput, ...], lock: Lock | None) -> Lock:
     """The recipe's lock cut down to the bundled targets and the inputs they read.
 
-    A target's entry comes from <recipe>.lock when it records exactly the
+    A target's entry comes from the build's lock (``lock``) when it records exactly the
     bundled file (the build writes each entry as the target finishes, with
     what verify adds to it); otherwise the basic entry is made here. Input
     entries are made from this build's resolution alone, never merged with
@@ -196,10 +197,9 @@ def _bundle_lock(plan, target: ReleaseTarget, outputs: tuple[BundledOutput, ...]
     paths are the recipe's relative ones, never where this build wrote.
     """
     loaded = plan.loaded
-    previous = read_lock(lock_path(loaded.path))
     entries = {}
     for entry, output in zip(target.included, outputs):
-        recorded = previous.targets.get(entry.target) if previous else None
+        recorded = lock.targets.get(entry.target) if lock else None
         if not recorded or recorded.get("sha256") != output.file.sha256 or recorded.get("action_key") != entry.action_key:
             recorded = {
                 "action_key": entry.action_key,
@@ -214,7 +214,7 @@ def _bundle_lock(plan, target: ReleaseTarget, outputs: tuple[BundledOutput, ...]
         inputs={name: input_entry(plan.inputs[name], None) for name in target.inputs},
         targets=dict(sorted(entries.items())),
         loraforge=__version__,
-        numeric_policy=numeric_policies(),
+        numeric_policy=plan.kinds.numeric_policies(),
     )
 
 

@@ -54,6 +54,7 @@ def plan_bake(context: PlanContext, name: str) -> BakeTarget:
         structure_path=structure_path,
         output=context.output_path(name),
         detection=detection,
+        architecture=detection.architecture,
         save=save,
         device=context.device_of(name),
         ingredients=tuple(ingredients),

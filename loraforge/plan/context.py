@@ -1,4 +1,8 @@
-"""What every target planner sees: the recipe, the located inputs, the targets planned so far."""
+"""What every target planner sees: the recipe, the located inputs, the targets planned so far.
+
+Filled while plan_build plans targets in order; a build never changes it (it
+re-plans from a copy: plan/planner.replan_target).
+"""
 
 from __future__ import annotations
 
@@ -24,12 +28,11 @@ class PlanContext:
     inputs: dict[str, ResolvedInput]  # input name -> located file
     input_sha256: dict[str, str]  # input name -> verified sha256
     planned: dict[str, Any]  # target name -> planned target, in dependency order
+    kinds: Any  # plan/kinds.py TargetKinds: how each target kind is planned
     built: dict[str, BuiltOutput] = field(default_factory=dict)  # targets whose output is current
     output_dir: Path | None = None  # verify: every output goes under here instead of the recipe folder
     device: str | None = None  # the CLI's --device, over the recipe's
     lock_targets: dict[str, dict] = field(default_factory=dict)  # the lock's `targets` section when planning
-    # target -> {target it reads: the sha256 it was planned with}, to know when to plan it again
-    planned_with: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def input_hashes(self, name: str) -> dict[str, str] | None:
         """sha256 of everything target ``name`` reads (an input's file, a target's output).
@@ -51,10 +54,6 @@ class PlanContext:
         """The targets ``name`` reads that are built, with their output sha256."""
         recipe = self.loaded.recipe
         return {d: self.built[d].sha256 for d in recipe.dependencies(name) if d in recipe.targets and d in self.built}
-
-    def needs_replanning(self, name: str) -> bool:
-        """Whether a target ``name`` reads was built (or rebuilt to other bytes) after ``name`` was planned."""
-        return self.built_dependencies(name) != self.planned_with.get(name, {})
 
     def output_path(self, name: str) -> Path:
         """Where target ``name`` writes (redirected under ``output_dir`` for verify)."""

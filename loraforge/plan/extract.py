@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import ClassVar
 from pathlib import Path
 
 from loraforge.errors import FormatError
 from loraforge.formats.arch import Detection, detect_architecture
-from loraforge.formats.arch.table import Architecture, ModuleSpec
+from loraforge.formats.arch.table import ModuleSpec
 from loraforge.formats.dtypes import itemsize, precision_code
 from loraforge.formats.adapters import AdapterFile
 from loraforge.formats.lora_output import lora_save_dtype, planned_lora_adapter
@@ -25,6 +26,7 @@ from loraforge.formats.safetensors_reader import open_safetensors
 from loraforge.plan.action_key import action_key
 from loraforge.plan.device_class import device_class
 from loraforge.plan.context import PlanContext
+from loraforge.plan.target import PlannedTarget, Produces
 from loraforge.recipe.schema import RankSpec
 
 MAX_LISTED = 8  # mismatching tensors named in an error before "and N more"
@@ -50,15 +52,15 @@ class CheckpointSource:
     size: int  # bytes of ``path`` (estimated for a target that is not built yet)
 
 
-@dataclass(frozen=True)
-class ExtractionTarget:
-    """A planned `kind: extract` target."""
+@dataclass(frozen=True, kw_only=True)
+class ExtractionTarget(PlannedTarget):
+    """A planned `kind: extract` target (its ``report_path`` is the per-module JSON report)."""
 
-    name: str
+    kind: ClassVar[str] = "extract"
+    produces: ClassVar[Produces] = "lora"
+
     tuned: CheckpointSource
     base: CheckpointSource
-    output: Path
-    report_path: Path  # the per-module JSON report, next to the output
     modules: tuple[ModuleSpec, ...]  # candidates, in base file order (then row order)
     missing_text_encoder: tuple[str, ...]  # TE modules left out because a checkpoint lacks them
     rank: RankSpec
@@ -70,16 +72,6 @@ class ExtractionTarget:
     compute: str  # "float32" | "float64"
     save: str  # "same" or a dtype code ("F16", "BF16", "F32")
     seed: int
-    device: str
-    dependencies: tuple[str, ...]  # targets that must be built first
-    action_key: str | None  # None while a target it reads is not built yet
-    read_bytes: int
-    write_bytes: int  # an upper bound (ranks may come out smaller); progress counts towards it
-    memory_bytes: int  # estimated peak memory while building (for --jobs)
-
-    @property
-    def architecture(self) -> Architecture:
-        return self.base.detection.architecture
 
     def module_rank(self, module: ModuleSpec) -> RankSpec:
         return self.conv_rank if is_conv3x3(module) else self.rank
@@ -143,6 +135,7 @@ def plan_extract(context: PlanContext, name: str) -> ExtractionTarget:
         name=name,
         tuned=tuned,
         base=base,
+        architecture=base.detection.architecture,
         output=output,
         report_path=report_path_for(output),
         modules=modules,

@@ -23,6 +23,7 @@ from loraforge.formats.arch.table import Architecture
 from loraforge.formats.pickle_input import safetensors_input
 from loraforge.formats.safetensors_reader import open_safetensors
 from loraforge.plan.model import LoraIngredient, ModuleApplication
+from loraforge.plan.target import PlannedTarget
 from loraforge.resolve.hash_cache import cache_root
 from loraforge.resolve.local import ResolvedInput
 
@@ -72,17 +73,18 @@ def adapter_source(context, where: tuple, use: str) -> AdapterSource:
     return _parsed_adapter(loaded, where, use, path, f"input '{use}'")
 
 
-def _planned_adapter(loaded, where: tuple, use: str, producer) -> AdapterSource:
-    describe = getattr(producer, "lora_adapter", None)
-    if describe is None:
-        kind = loaded.recipe.targets[use].kind
+def _planned_adapter(loaded, where: tuple, use: str, producer: PlannedTarget) -> AdapterSource:
+    if producer.produces != "lora":
         raise loaded.error(
             (*where, "use"),
-            f"target '{use}' is a `kind: {kind}` target and produces no LoRA, so it cannot be used as a LoRA here.",
-            "Name a LoRA input, or a `kind: lora` or `kind: extract` target of this recipe.",
+            f"target '{use}' is a `kind: {producer.kind}` target and produces a {producer.produces}, not a LoRA, "
+            "so it cannot be used as a LoRA here.",
+            "Name a LoRA input, or a target of this recipe that produces a LoRA (`kind: lora` or `kind: extract`).",
         )
-    dtype = getattr(producer, "lora_dtype", None)
-    return AdapterSource(use, producer.output, describe(), producer.write_bytes, producer.architecture, (dtype,) if dtype else ())
+    # Every kind that produces a LoRA plans its output's modules and dtype (plan/target.py).
+    return AdapterSource(
+        use, producer.output, producer.lora_adapter(), producer.write_bytes, producer.architecture, (producer.lora_dtype,)
+    )
 
 
 def _parsed_adapter(loaded, where: tuple, use: str, path: Path, described: str) -> AdapterSource:

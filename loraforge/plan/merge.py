@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 from loraforge.formats.adapters import AdapterFile, adapter_kind
@@ -30,6 +31,7 @@ from loraforge.plan.device_class import device_class
 from loraforge.plan.context import PlanContext
 from loraforge.plan.ingredients import AdapterSource, adapter_source, listing, plan_ingredient
 from loraforge.plan.model import LoraIngredient, ModuleApplication
+from loraforge.plan.target import PlannedTarget, Produces
 from loraforge.recipe.schema import RankSpec
 
 # Bump when the numeric recipe of merging changes in a way that changes bytes.
@@ -73,15 +75,14 @@ class MergeModule:
         return sum(int(c.module.rank) for c in self.contributions)
 
 
-@dataclass(frozen=True)
-class MergeTarget:
+@dataclass(frozen=True, kw_only=True)
+class MergeTarget(PlannedTarget):
     """A planned `kind: lora` target."""
 
-    name: str
+    kind: ClassVar[str] = "lora"
+    produces: ClassVar[Produces] = "lora"
+
     method: str  # "svd" | "concat"
-    architecture: Architecture
-    output: Path
-    report_path: Path
     ingredients: tuple[LoraIngredient, ...]
     modules: tuple[MergeModule, ...]  # sorted by kohya name
     rank: RankSpec | None
@@ -90,12 +91,6 @@ class MergeTarget:
     clamp_quantile: float | None
     seed: int
     save: str  # the output dtype code ("F16", "BF16", "F32")
-    device: str
-    dependencies: tuple[str, ...]
-    action_key: str | None  # None while a target it reads is not built yet
-    read_bytes: int
-    write_bytes: int  # data bytes at the rank bounds (energy/ratio policies may write less)
-    memory_bytes: int  # estimated peak memory while building (for --jobs)
 
     @property
     def lora_dtype(self) -> str:

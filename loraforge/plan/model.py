@@ -10,14 +10,16 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from loraforge.formats.adapters import AdapterFile, AdapterModule
 from loraforge.formats.arch.block_weights import BlockWeights
 from loraforge.formats.arch import Detection
-from loraforge.formats.arch.table import Architecture, ModuleSpec
+from loraforge.formats.arch.table import ModuleSpec
+from loraforge.plan.target import PlannedTarget, Produces
 from loraforge.recipe.loader import LoadedRecipe
 from loraforge.resolve.local import ResolvedInput
+from loraforge.resolve.lockfile import Lock
 
 
 @dataclass(frozen=True)
@@ -48,29 +50,20 @@ class ModuleApplication:
     part: str = "weight"  # "weight", or "bias" for a full diff's diff_b
 
 
-@dataclass(frozen=True)
-class BakeTarget:
+@dataclass(frozen=True, kw_only=True)
+class BakeTarget(PlannedTarget):
     """A `kind: checkpoint` target: LoRAs baked into a base checkpoint."""
 
-    name: str
+    kind: ClassVar[str] = "checkpoint"
+    produces: ClassVar[Produces] = "checkpoint"
+
     base: str  # input or target name
     base_path: Path  # the file the base will be read from (a target's output for chains)
     structure_path: Path  # a file with the base's tensor layout, readable at plan time
-    output: Path
     detection: Detection
     save: str  # "same" or a safetensors dtype code ("F16", "BF16", "F32")
-    device: str  # "auto" | "cpu" | "cuda" | "cuda:N"
     ingredients: tuple[LoraIngredient, ...]
     applications: Mapping[str, tuple[ModuleApplication, ...]]  # checkpoint key -> in order
-    dependencies: tuple[str, ...]  # targets that must be built first
-    action_key: str | None  # None while a target it reads is not built yet
-    read_bytes: int
-    write_bytes: int
-    memory_bytes: int  # estimated peak memory while building (for --jobs)
-
-    @property
-    def architecture(self) -> Architecture:
-        return self.detection.architecture
 
     def modules_per_block(self) -> dict[str, int]:
         counts: Counter[str] = Counter()
@@ -81,26 +74,23 @@ class BakeTarget:
 
 @dataclass(frozen=True)
 class BuildPlan:
-    """Every selected target in dependency order, with its resolved inputs."""
+    """Every selected target in dependency order, with its resolved inputs, as planned before the build.
+
+    Nothing here changes during a build: the build keeps its own state
+    (execute/state.py) and plans a target again from its producers' real
+    outputs with ``plan/planner.replan_target``, a pure function of this plan.
+    """
 
     loaded: LoadedRecipe
     inputs: Mapping[str, ResolvedInput]
     input_sha256: Mapping[str, str]
-    targets: tuple[BakeTarget, ...]
+    targets: tuple[PlannedTarget, ...]
+    kinds: Any  # plan/kinds.py TargetKinds: the registry this plan was made with
     skipped: tuple[str, ...] = field(default=())  # targets not selected on the command line
     state: Mapping[str, str] = field(default_factory=dict)  # target -> plan/status.py state
-    context: Any = None  # the PlanContext, kept so the build can re-plan a target once its producers exist
+    context: Any = None  # the PlanContext as planning left it (read-only from here on)
+    lock: Lock | None = None  # <recipe>.lock as read when planning: the one the build starts from
 
-    def read_hashes(self, name: str) -> dict[str, str]:
-        """sha256 of every input and target output that target ``name`` reads (for provenance)."""
-        if self.context is not None:
-            hashes = self.context.input_hashes(name)
-            if hashes is not None:
-                return hashes
-        return {d: self.input_sha256[d] for d in self.loaded.recipe.dependencies(name) if d in self.input_sha256}
-
-    def target(self, name: str) -> BakeTarget:
-        """The target as planned now: the build plans a target again once the targets it reads are built."""
-        if self.context is not None and name in self.context.planned:
-            return self.context.planned[name]
+    def target(self, name: str) -> PlannedTarget:
+        """The target as planned before the build."""
         return next(t for t in self.targets if t.name == name)

@@ -87,7 +87,7 @@ def numeric_environment(device: str) -> NumericEnvironment:
 
 def target_environment(target) -> NumericEnvironment | None:
     """The environment of a planned target whose bytes depend on one (SVD steps); None for the others."""
-    if getattr(target, "device_class", None) is None:
+    if target.device_class is None:
         return None
     return numeric_environment(target.device)
 

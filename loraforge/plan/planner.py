@@ -1,33 +1,29 @@
-"""Recipe -> BuildPlan: resolve names, order targets, then plan each target by kind.
+"""Recipe -> BuildPlan: resolve names, order targets, then plan each target by its kind.
 
 Planning reads only safetensors headers and the (small) adapter files' alpha
 values; it computes nothing. Every problem a user can fix is reported here,
 with the recipe line, before a single output byte is written. What a target
-kind needs planned lives in its own module (plan/bake.py for checkpoints),
-registered in TARGET_PLANNERS.
+kind plans lives in its TargetKind (plan/kinds.py contract; the kinds are in
+loraforge/targets/), handed in as ``kinds``.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from loraforge.errors import PlanError
-from loraforge.plan.bake import plan_bake
 from loraforge.plan.context import BuiltOutput, PlanContext
-from loraforge.plan.merge import plan_merge
-from loraforge.plan.extract import plan_extract
+from loraforge.plan.kinds import TargetKinds
 from loraforge.plan.model import BuildPlan
 from loraforge.plan.outputs import checked_output_path
-from loraforge.plan.release import plan_release
 from loraforge.plan.status import UP_TO_DATE, target_state
+from loraforge.plan.target import PlannedTarget
 from loraforge.recipe.loader import LoadedRecipe
 from loraforge.resolve.local import ResolvedInput
 from loraforge.resolve.lockfile import lock_path, read_lock
 from loraforge.resolve.resolver import ResolveOptions, resolve_inputs
-
-# Target kind (the recipe's `kind:`) -> function(context, target name) -> planned target.
-TARGET_PLANNERS = {"checkpoint": plan_bake, "extract": plan_extract, "lora": plan_merge, "release": plan_release}
 
 
 def plan_build(
@@ -35,12 +31,14 @@ def plan_build(
     selected: Sequence[str] = (),
     resolve: ResolveOptions | None = None,
     *,
+    kinds: TargetKinds,
     device: str | None = None,
     output_dir: Path | None = None,
 ) -> BuildPlan:
     """Plan the selected targets (all when none are named) and what they depend on.
 
     ``resolve`` says how inputs may be fetched (--offline, --locked, progress);
+    ``kinds`` is the target-kind registry (loraforge/targets/registry.py);
     ``device`` is the command line's --device (it decides the device class of
     SVD steps); ``output_dir`` sends every output there instead (verify).
     """
@@ -48,37 +46,47 @@ def plan_build(
     order = _dependency_order(loaded)
     wanted = _with_dependencies(loaded, selected or order)
     order = [name for name in order if name in wanted]
+    resolve = replace(resolve or ResolveOptions(), numeric_policies=kinds.numeric_policies())
     inputs = _locate_inputs(loaded, order, resolve)
     input_sha256 = {name: inputs[name].sha256 for name in sorted(inputs)}
     _check_outputs(loaded, inputs, order)
     lock = read_lock(lock_path(loaded.path))
     context = PlanContext(
-        loaded, inputs, input_sha256, planned={}, output_dir=output_dir, device=device,
+        loaded, inputs, input_sha256, planned={}, kinds=kinds, output_dir=output_dir, device=device,
         lock_targets=dict(lock.targets) if lock else {},
     )
     state = {}
     for name in order:
-        state[name] = plan_target(context, name)
+        target, state[name] = plan_target(context, name)
+        context.planned[name] = target
+        if state[name] == UP_TO_DATE:  # an up-to-date output counts as built: its readers plan from the file
+            context.built[name] = BuiltOutput(target.output, context.lock_targets[name]["sha256"])
     skipped = tuple(name for name in recipe.targets if name not in wanted)
     planned = tuple(context.planned[n] for n in order)
-    return BuildPlan(loaded, inputs, input_sha256, planned, skipped, state, context)
+    return BuildPlan(loaded, inputs, input_sha256, planned, kinds, skipped, state, context, lock)
 
 
-def plan_target(context: PlanContext, name: str) -> str:
-    """(Re)plan one target into ``context.planned`` and return its state (plan/status.py).
+def plan_target(context: PlanContext, name: str) -> tuple[PlannedTarget, str]:
+    """Plan one target with its kind, and its state (plan/status.py); changes nothing.
 
-    An up-to-date output counts as built, so the targets that read it are
-    planned from the real file. The build calls this again for a target
-    whose producers it has just built.
+    The sha256 of everything it reads is recorded on the target here, for
+    every kind, so a runner's provenance never asks the plan.
     """
-    kind = context.loaded.recipe.targets[name].kind
-    target = TARGET_PLANNERS[kind](context, name)
-    context.planned[name] = target
-    context.planned_with[name] = context.built_dependencies(name)
-    state = target_state(target, context.lock_targets.get(name))
-    if state == UP_TO_DATE:
-        context.built[name] = BuiltOutput(target.output, context.lock_targets[name]["sha256"])
-    return state
+    kind = context.kinds.get(context.loaded.recipe.targets[name].kind)
+    target = replace(kind.plan(context, name), read_hashes=context.input_hashes(name))
+    return target, target_state(target, context.lock_targets.get(name))
+
+
+def replan_target(
+    plan: BuildPlan, name: str, planned: Mapping[str, PlannedTarget], built: Mapping[str, BuiltOutput]
+) -> tuple[PlannedTarget, str]:
+    """Target ``name`` planned again once the targets it reads are built (``built``: their real outputs).
+
+    A pure function of the plan and its arguments: the build (execute/state.py)
+    keeps what was built and calls this when a producer's output changed.
+    """
+    context = replace(plan.context, planned=dict(planned), built=dict(built))
+    return plan_target(context, name)
 
 
 # --- target graph ------------------------------------------------------------
@@ -144,13 +152,7 @@ def _with_dependencies(loaded: LoadedRecipe, names: Iterable[str]) -> set[str]:
 def _reference_path(loaded: LoadedRecipe, target: str, ref: str) -> tuple:
     """The recipe field that names `ref` inside `target` (for error positions)."""
     spec = loaded.recipe.targets[target]
-    for field in ("base", "tuned"):  # the fields that name one checkpoint, per target kind
-        if getattr(spec, field, None) == ref:
-            return ("targets", target, field)
-    for i, lora in enumerate(getattr(spec, "loras", ())):
-        if lora.use == ref:
-            return ("targets", target, "loras", i, "use")
-    return ("targets", target)
+    return ("targets", target, *spec.reference_path(ref))
 
 
 def _names(mapping) -> str:

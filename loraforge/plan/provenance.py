@@ -24,7 +24,7 @@ def output_title(loaded: LoadedRecipe, name: str) -> str:
     title = recipe.title or recipe.name
     # Releases write no model file, so they do not count: adding one (or `loraforge release`
     # adding its own) must not change the title, and so the bytes, of a recipe's only output.
-    if name != recipe.name and sum(1 for t in recipe.targets.values() if t.kind != "release") > 1:
+    if name != recipe.name and sum(1 for t in recipe.targets.values() if t.produces != "bundle") > 1:
         title = f"{title} ({name})"
     return title
 
@@ -42,7 +42,7 @@ def provenance_fields(plan, target) -> dict[str, str]:
     """The ``loraforge.*`` metadata of a built output (formats/metadata.py adds the prefix)."""
     return {
         "action_key": target.action_key,
-        "inputs": provenance_json(plan.read_hashes(target.name)),  # inputs, and outputs of targets it reads
+        "inputs": provenance_json(target.read_hashes),  # inputs, and outputs of targets it reads
         "recipe": recipe_slice_json(plan.loaded, target.name),
         "target": target.name,
     }

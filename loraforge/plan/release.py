@@ -14,16 +14,18 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 from loraforge.errors import PlanError
 from loraforge.formats.metadata import release_date
 from loraforge.plan.action_key import action_key
 from loraforge.plan.context import PlanContext
+from loraforge.plan.target import PlannedTarget, Produces
 from loraforge.release.manifest import MANIFEST_FORMAT, MANIFEST_NAME, README_NAME
 from loraforge.resolve.hash_cache import cached_file_sha256
 from loraforge.resolve.lock_sync import input_entry
-from loraforge.resolve.lockfile import lock_path, numeric_policies
+from loraforge.resolve.lockfile import lock_path
 
 # Buffers of the copy fallback and the hashing; nothing else is held in memory.
 RELEASE_MEMORY_BYTES = 32 << 20
@@ -43,13 +45,14 @@ class IncludedOutput:
     file_name: str  # its name inside the bundle (the output's own file name)
 
 
-@dataclass(frozen=True)
-class ReleaseTarget:
-    """A planned `kind: release` target."""
+@dataclass(frozen=True, kw_only=True)
+class ReleaseTarget(PlannedTarget):
+    """A planned `kind: release` target: ``output`` is the bundle folder, ``identity_path`` its
+    manifest.json (the file whose sha256 the lock records)."""
 
-    name: str
-    output: Path  # the bundle folder
-    identity_path: Path  # folder/manifest.json: the file whose sha256 the lock records
+    kind: ClassVar[str] = "release"
+    produces: ClassVar[Produces] = "bundle"
+
     included: tuple[IncludedOutput, ...]  # in `include` order
     inputs: tuple[str, ...]  # every input the included targets read, directly or through targets; sorted
     recipe_bytes: bytes  # the recipe file as read at plan time, copied into the bundle
@@ -58,10 +61,6 @@ class ReleaseTarget:
     description: str | None
     date: str | None
     readme: bool
-    dependencies: tuple[str, ...]
-    action_key: str | None
-    read_bytes: int
-    write_bytes: int
     memory_bytes: int = RELEASE_MEMORY_BYTES
     device: str = "cpu"  # no tensors: the device never matters
 
@@ -106,7 +105,7 @@ def plan_release(context: PlanContext, name: str) -> ReleaseTarget:
         "inputs": {n: input_entry(context.inputs[n], None) for n in inputs},
         "description": description,
         "date": date,
-        "numeric_policies": numeric_policies(),
+        "numeric_policies": context.kinds.numeric_policies(),
     }
     hashes = context.input_hashes(name)
     if any(e.action_key is None for e in included):
@@ -132,7 +131,7 @@ def plan_release(context: PlanContext, name: str) -> ReleaseTarget:
 
 def _included(context: PlanContext, target: str) -> IncludedOutput:
     planned = context.planned[target]
-    report = getattr(planned, "report_path", None)
+    report = planned.report_path
     return IncludedOutput(
         target=target,
         kind=context.loaded.recipe.targets[target].kind,

@@ -9,24 +9,19 @@ so forces a re-hash (`loraforge verify` always re-reads everything).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Mapping
 
+from loraforge.plan.target import PlannedTarget
 from loraforge.resolve.hash_cache import cached_file_sha256
 
 UP_TO_DATE, STALE, MISSING, WAITING = "up to date", "stale", "missing", "waiting"
 
 
-def identity_path(target) -> Path:
-    """The file whose sha256 and size the lock records for a target (its output, or a bundle's manifest)."""
-    return Path(getattr(target, "identity_path", None) or target.output)
-
-
-def target_state(target, lock_entry: Mapping | None) -> str:
+def target_state(target: PlannedTarget, lock_entry: Mapping | None) -> str:
     """UP_TO_DATE, STALE (other key, edited or damaged output), MISSING, or WAITING (a producer is unbuilt)."""
     if target.action_key is None:
         return WAITING
-    path = identity_path(target)
+    path = target.recorded_path()
     if not path.is_file():
         return MISSING
     if not lock_entry or lock_entry.get("action_key") != target.action_key:
@@ -37,5 +32,4 @@ def target_state(target, lock_entry: Mapping | None) -> str:
         return STALE
     if current != lock_entry.get("sha256"):
         return STALE
-    intact = getattr(target, "intact", None)  # targets of several files (a release bundle) check the rest
-    return UP_TO_DATE if intact is None or intact() else STALE
+    return UP_TO_DATE if target.intact() else STALE  # a bundle also checks the files its manifest lists

@@ -19,7 +19,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
 from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
@@ -307,15 +307,37 @@ class LoraUse(_Strict):
         return self.strength if self.te is None else self.te
 
 
-class _TargetBase(_Strict):
-    """Fields every target kind has."""
+class _TargetSpec(_Strict):
+    """What every target kind's recipe model declares (the kind itself: loraforge/targets/)."""
+
+    produces: ClassVar[str] = "checkpoint"  # what the output is: "checkpoint", "lora" or "bundle" (a folder)
+
+    def dependencies(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def default_output(self, name: str) -> str:
+        """The output path when the recipe gives none."""
+        return f"dist/{name}.safetensors"
+
+    def reference_path(self, ref: str) -> tuple:
+        """The field (under the target) that names input or target ``ref``, for error positions."""
+        for field in type(self).model_fields:
+            value = getattr(self, field)
+            if value == ref:
+                return (field,)
+            if isinstance(value, tuple):
+                for i, item in enumerate(value):
+                    if item == ref or getattr(item, "use", None) == ref:
+                        return (field, i, "use") if isinstance(item, LoraUse) else (field, i)
+        return ()
+
+
+class _TargetBase(_TargetSpec):
+    """Fields every target kind that computes has."""
 
     output: Annotated[str, BeforeValidator(_check_output)] | None = None
     precision: PrecisionOverride | None = None
     device: Device | None = None
-
-    def dependencies(self) -> tuple[str, ...]:
-        raise NotImplementedError
 
 
 class CheckpointTarget(_TargetBase):
@@ -410,6 +432,7 @@ OptionalRank = Annotated[Union[RankSpec, None], BeforeValidator(_check_rank)]
 class ExtractTarget(_TargetBase):
     """Extract a LoRA/LoCon from the difference tuned - base of two checkpoints (docs/extraction.md)."""
 
+    produces: ClassVar[str] = "lora"
     kind: Literal["extract"]
     tuned: Name
     base: Name
@@ -431,6 +454,7 @@ _OPTIONAL_METHOD_FIELDS = ("rank", "conv_rank", "clamp_quantile")
 class LoraTarget(_TargetBase):
     """Merge (or, with one ingredient, resize) LoRA-family adapters into one LoRA (docs/merging.md)."""
 
+    produces: ClassVar[str] = "lora"
     kind: Literal["lora"]
     method: Annotated[str, BeforeValidator(_choice_checker(tuple(LORA_METHODS), "merge method"))] = "svd"
     loras: tuple[LoraUse, ...] = Field(min_length=1)
@@ -503,9 +527,10 @@ def _without_unset(data: dict, *names: str) -> dict:
     return data
 
 
-class ReleaseSpec(_Strict):
+class ReleaseSpec(_TargetSpec):
     """Bundle other targets' outputs with manifest.json and a README.md model card (docs/releases.md)."""
 
+    produces: ClassVar[str] = "bundle"
     kind: Literal["release"]
     include: tuple[Name, ...] | None = None  # None: every non-release target, in recipe order
     output: Annotated[str, BeforeValidator(_check_folder)] | None = None  # a folder; default dist/<name>
@@ -531,10 +556,15 @@ class ReleaseSpec(_Strict):
     def dependencies(self) -> tuple[str, ...]:
         return _unique(self.include or ())  # the default (every target) needs the recipe: Recipe.dependencies
 
+    def default_output(self, name: str) -> str:
+        return f"dist/{name}"
 
-# New kinds join this union; ``kind`` picks the model.
-Target = Annotated[Union[CheckpointTarget, ExtractTarget, LoraTarget, ReleaseSpec], Field(discriminator="kind")]
-TARGET_KINDS = ("checkpoint", "extract", "lora", "release")
+
+# Every target kind's recipe model: a new kind adds its model here (and its TargetKind in loraforge/targets/).
+TARGET_SPECS = (CheckpointTarget, ExtractTarget, LoraTarget, ReleaseSpec)
+# ``kind`` picks the model.
+Target = Annotated[Union[TARGET_SPECS], Field(discriminator="kind")]
+TARGET_KINDS = tuple(get_args(spec.model_fields["kind"].annotation)[0] for spec in TARGET_SPECS)
 
 
 class Recipe(_Strict):
@@ -603,9 +633,8 @@ class Recipe(_Strict):
 
     def default_output(self, target_name: str) -> str:
         """The target's output path as written, or dist/<target>.safetensors (a release: the folder dist/<target>)."""
-        if self.targets[target_name].kind == "release":
-            return self.targets[target_name].output or f"dist/{target_name}"
-        return self.targets[target_name].output or f"dist/{target_name}.safetensors"
+        spec = self.targets[target_name]
+        return spec.output or spec.default_output(target_name)
 
     def output_path(self, target_name: str, root: Path) -> Path:
         """Where the target is written: its output path resolved against ``root``."""
@@ -620,8 +649,8 @@ class Recipe(_Strict):
     def dependencies(self, target_name: str) -> tuple[str, ...]:
         """Input and target names the target reads, first use first, no repeats."""
         spec = self.targets[target_name]
-        if spec.kind == "release" and spec.include is None:
-            return tuple(name for name, target in self.targets.items() if target.kind != "release")
+        if spec.produces == "bundle" and spec.include is None:
+            return tuple(name for name, target in self.targets.items() if target.produces != "bundle")
         return spec.dependencies()
 
     def canonical_json(self) -> str:
@@ -644,9 +673,9 @@ def _unique(names: tuple[str, ...]) -> tuple[str, ...]:
 def release_problems(recipe: Recipe) -> list[tuple]:
     """What a `kind: release` may not list: unknown names, inputs, other releases, repeats, nothing at all."""
     problems = []
-    bundled = [name for name, target in recipe.targets.items() if target.kind != "release"]
+    bundled = [name for name, target in recipe.targets.items() if target.produces != "bundle"]
     for name, spec in recipe.targets.items():
-        if spec.kind != "release":
+        if spec.produces != "bundle":
             continue
         if spec.include is None and not bundled:
             problems.append((("targets", name), "this release has nothing to bundle: the recipe has no other targets",
@@ -664,7 +693,7 @@ def release_problems(recipe: Recipe) -> list[tuple]:
 
 
 def _release_include_problem(recipe: Recipe, used: str, seen: set[str]) -> tuple[str, str] | None:
-    targets = ", ".join(n for n, t in recipe.targets.items() if t.kind != "release") or "(none)"
+    targets = ", ".join(n for n, t in recipe.targets.items() if t.produces != "bundle") or "(none)"
     if used in seen:
         return f"{used!r} is listed twice", "list each target once"
     if used in recipe.inputs:
@@ -672,7 +701,7 @@ def _release_include_problem(recipe: Recipe, used: str, seen: set[str]) -> tuple
                 f"list targets only (every input is recorded in manifest.json anyway); targets: {targets}")
     if used not in recipe.targets:
         return f"there is no target named {used!r}", f"check the spelling; targets: {targets}"
-    if recipe.targets[used].kind == "release":
+    if recipe.targets[used].produces == "bundle":
         return (f"{used!r} is a release; a release cannot contain another release",
                 f"list the targets of {used!r} here instead")
     return None

@@ -39,24 +39,12 @@ def lock_path(recipe_path: Path) -> Path:
     return Path(recipe_path).with_suffix(".lock")
 
 
-def numeric_policies() -> dict[str, str]:
-    """Every operation's numeric policy: the ``*_NUMERIC_POLICY`` constants of the planners."""
-    from loraforge.plan import action_key, extract, merge
-
-    return {
-        name[: -len("_NUMERIC_POLICY")].lower(): value
-        for module in (action_key, extract, merge)
-        for name, value in sorted(vars(module).items())
-        if name.endswith("_NUMERIC_POLICY") and isinstance(value, str)
-    }
-
-
 @dataclass
 class Lock:
     inputs: dict[str, dict] = field(default_factory=dict)
     targets: dict[str, dict] = field(default_factory=dict)
     loraforge: str = __version__
-    numeric_policy: dict[str, str] = field(default_factory=numeric_policies)
+    numeric_policy: dict[str, str] = field(default_factory=dict)  # operation -> policy (plan/kinds.py TargetKinds)
     extra: dict = field(default_factory=dict)  # top-level keys of later versions, kept as they are
 
     def to_text(self) -> str:

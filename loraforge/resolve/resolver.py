@@ -21,14 +21,14 @@ describes (sha256, size) without downloading it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from loraforge import __version__
 from loraforge.errors import LoraforgeError, ResolveError
 from loraforge.recipe.loader import LoadedRecipe
 from loraforge.recipe.sources import parse_source
 from loraforge.resolve.local import ResolvedInput, locate_input, verified_local
-from loraforge.resolve.lockfile import Lock, lock_path, numeric_policies, read_lock
+from loraforge.resolve.lockfile import Lock, lock_path, read_lock
 from loraforge.resolve.progress import FetchProgress, NoProgress
 from loraforge.resolve.secrets import redact_url
 from loraforge.resolve.sources import REMOTE_SOURCES, Resolution
@@ -44,6 +44,8 @@ class ResolveOptions:
     refresh: bool = False
     download: bool = True
     progress: FetchProgress = field(default_factory=NoProgress)
+    # This loraforge's numeric policies (the target kinds' registry): --locked refuses a lock with others.
+    numeric_policies: Mapping[str, str] | None = None
 
 
 class _Missing(Exception):
@@ -88,10 +90,11 @@ def load_lock_for(loaded: LoadedRecipe, options: ResolveOptions) -> Lock | None:
             f"--locked: {path} was written by loraforge {lock.loraforge}, this is {__version__}; outputs could "
             "differ. Use that version, or rebuild without --locked to update the lock."
         )
-    if lock.numeric_policy != numeric_policies():
+    policies = options.numeric_policies
+    if policies is not None and lock.numeric_policy != dict(policies):
         raise ResolveError(
             f"--locked: the numeric policy in {path} ({lock.numeric_policy}) is not this loraforge's "
-            f"({numeric_policies()}); outputs could differ. Rebuild without --locked to update the lock."
+            f"({dict(policies)}); outputs could differ. Rebuild without --locked to update the lock."
         )
     return lock
 

@@ -18,16 +18,14 @@ from loraforge import __version__
 from loraforge.errors import ResolveError
 from loraforge.execute.device import single_threaded_torch
 from loraforge.plan.device_class import device_class
-from loraforge.plan.extract import ExtractionTarget
-from loraforge.plan.merge import MergeTarget
 from loraforge.plan.numeric_environment import NumericEnvironment, target_environment
 from loraforge.recipe.loader import LoadedRecipe, load_recipe
 from loraforge.resolve.hash_cache import forget
-from loraforge.resolve.lockfile import Lock, lock_path, numeric_policies, read_lock
+from loraforge.resolve.lockfile import Lock, lock_path, read_lock
 from loraforge.resolve.resolver import ResolveOptions
 from loraforge.verify.judge import Rebuilt, judge
 from loraforge.verify.report import BYTE_IDENTICAL, TOLERANCE, WITHIN_TOLERANCE, InputDrift, TargetVerdict, VerifyReport
-from loraforge.verify.tolerance import file_tolerance, is_svd_step
+from loraforge.plan.tolerance import file_tolerance, is_svd_step
 
 
 def verify_recipe(
@@ -41,7 +39,7 @@ def verify_recipe(
 ) -> VerifyReport:
     """Rebuild the selected targets (all when none are named) and judge them against ``<recipe>.lock``."""
     from loraforge.execute.driver import drive_build
-    from loraforge.plan.planner import plan_build
+    from loraforge.build import plan_build
 
     loaded = load_recipe(recipe)
     lock = _read_lock(loaded)
@@ -51,12 +49,11 @@ def verify_recipe(
         plan = plan_build(loaded, selected, options, device=device, output_dir=scratch)
         drift = _input_drift(loaded, plan, lock)
         built = drive_build(plan, device=device, progress=build_progress, lock="none")
-        results = {r.target: r for r in built.built}
         with single_threaded_torch():  # small QRs and norms: extra threads only wait on each other
-            verdicts = _judge_targets(loaded, plan, results, lock, scratch, device)
+            verdicts = _judge_targets(loaded, plan, built, lock, scratch, device)
     finally:
         _remove(scratch)
-    return VerifyReport(loaded.path, lock_path(loaded.path), drift, verdicts, _lock_notes(lock))
+    return VerifyReport(loaded.path, lock_path(loaded.path), drift, verdicts, _lock_notes(lock, plan.kinds.numeric_policies()))
 
 
 def _remove(scratch: Path) -> None:
@@ -79,13 +76,13 @@ def _read_lock(loaded: LoadedRecipe) -> Lock:
     return lock
 
 
-def _lock_notes(lock: Lock) -> tuple[str, ...]:
+def _lock_notes(lock: Lock, policies: dict[str, str]) -> tuple[str, ...]:
     notes = []
     if lock.loraforge != __version__:
         notes.append(f"the lock was written by loraforge {lock.loraforge}, this is {__version__}: outputs may legitimately differ")
-    if lock.numeric_policy != numeric_policies():
-        changed = sorted(k for k in set(lock.numeric_policy) | set(numeric_policies())
-                         if lock.numeric_policy.get(k) != numeric_policies().get(k))
+    if lock.numeric_policy != policies:
+        changed = sorted(k for k in set(lock.numeric_policy) | set(policies)
+                         if lock.numeric_policy.get(k) != policies.get(k))
         notes.append(f"the lock's numeric policy differs from this loraforge's for {', '.join(changed)}: outputs may legitimately differ")
     return tuple(notes)
 
@@ -116,31 +113,33 @@ def _readers(loaded: LoadedRecipe, plan, name: str) -> tuple[str, ...]:
 # --- targets --------------------------------------------------------------------
 
 
-def _judge_targets(loaded, plan, results, lock: Lock, scratch: Path, device: str | None) -> tuple[TargetVerdict, ...]:
+def _judge_targets(loaded, plan, built, lock: Lock, scratch: Path, device: str | None) -> tuple[TargetVerdict, ...]:
     verdicts: list[TargetVerdict] = []
     approximate: set[str] = set()  # targets that reproduced only within tolerance
+    results = {r.target: r for r in built.built}
     for planned in plan.targets:
-        target = plan.target(planned.name)
+        target = built.targets[planned.name]  # as finally planned (from its producers' real outputs)
         result = results[target.name]
         entry = lock.targets.get(target.name)
-        verdict = judge(_rebuilt(loaded, target, result, entry, scratch, device, approximate), entry)
+        rebuilt = _rebuilt(loaded, plan.kinds.of(target).operation_label(target), target, result, entry, scratch, device, approximate)
+        verdict = judge(rebuilt, entry)
         if verdict.status == WITHIN_TOLERANCE:
             approximate.add(target.name)
         verdicts.append(verdict)
     return tuple(verdicts)
 
 
-def _rebuilt(loaded, target, result, entry: dict | None, scratch: Path, device: str | None, approximate: set[str]) -> Rebuilt:
+def _rebuilt(loaded, operation: str, target, result, entry: dict | None, scratch: Path, device: str | None, approximate: set[str]) -> Rebuilt:
     path = Path(result.written.path).resolve()
     on_disk = loaded.root.resolve() / path.relative_to(scratch)
-    this_class = getattr(target, "device_class", None) or device_class(device or target.device)
+    this_class = target.device_class or device_class(device or target.device)
     environment = target_environment(target)  # SVD steps only
     rule, tolerance, why = _rule(target, entry, environment, approximate, path)
     return Rebuilt(
         name=target.name,
-        operation=_operation(target),
-        lora=isinstance(target, (MergeTarget, ExtractionTarget)),
-        architecture=_architecture(target),
+        operation=operation,
+        lora=target.produces == "lora",
+        architecture=target.architecture,
         rebuilt_path=path,
         rebuilt_sha256=result.written.sha256,
         on_disk_path=on_disk,
@@ -177,7 +176,7 @@ def _rule(target, entry: dict | None, environment: NumericEnvironment | None, ap
                 f"SVD step built {built}, rebuilt on {environment.label()}{how}: "
                 f"compared within the lock's tolerance {tolerance:.3g} per module"
             )
-    inexact = [dep for dep in getattr(target, "dependencies", ()) if dep in approximate]
+    inexact = [dep for dep in target.dependencies if dep in approximate]
     if inexact:
         tolerance = file_tolerance(rebuilt)
         return TOLERANCE, tolerance, f"reads {', '.join(inexact)}, which reproduced within tolerance only: modules must agree within {tolerance:.3g}"
@@ -189,18 +188,3 @@ def _why_identical(environment: NumericEnvironment | None) -> str | None:
     if environment is None:
         return None
     return f"SVD step rebuilt in the numeric environment the lock records ({environment.label()}): its bytes must be identical"
-
-
-def _operation(target) -> str:
-    if isinstance(target, MergeTarget):
-        return f"merge ({target.method})"
-    if isinstance(target, ExtractionTarget):
-        return "extract"
-    kind = type(target).__name__.removesuffix("Target").lower()
-    return "bake" if kind == "bake" else kind
-
-
-def _architecture(target):
-    if isinstance(target, ExtractionTarget):
-        return target.base.detection.architecture
-    return getattr(target, "architecture", None)

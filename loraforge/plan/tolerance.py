@@ -54,4 +54,4 @@ def lock_tolerance_entry(path: str | Path) -> dict:
 def is_svd_step(target) -> bool:
     """Targets whose bytes depend on the numeric environment (SVD merges and resizes, extractions):
     those that have a device class."""
-    return getattr(target, "device_class", None) is not None
+    return target.device_class is not None

@@ -1,0 +1,59 @@
+"""`kind: checkpoint`: LoRAs baked into a base checkpoint (plan/bake.py, execute/bake.py)."""
+
+from __future__ import annotations
+
+from loraforge.execute.bake import run_bake
+from loraforge.plan.action_key import BAKE_NUMERIC_POLICY
+from loraforge.plan.bake import plan_bake
+from loraforge.plan.kinds import TargetKind
+from loraforge.plan.model import BakeTarget
+from loraforge.plan.report import ingredient_report, model_fields
+from loraforge.recipe.schema import CheckpointTarget
+from loraforge.targets.describe import lora_entry_lines, output_line
+from loraforge.text import counts, human_bytes
+
+
+class CheckpointKind(TargetKind):
+    name = "checkpoint"
+    spec = CheckpointTarget
+    summary = "bake LoRA-family adapters into a base checkpoint (correctly rounded)"
+    operation = "bake"
+    numeric_policy = BAKE_NUMERIC_POLICY
+
+    def plan(self, context, name: str) -> BakeTarget:
+        return plan_bake(context, name)
+
+    def run(self, target: BakeTarget, run):
+        return run_bake(run.plan, target, run.resources.device, run.progress, run.resources)
+
+    def report(self, target: BakeTarget) -> dict:
+        return {
+            **model_fields(target),
+            "base": target.base,
+            "weights_baked": len(target.applications),
+            "modules_per_block": target.modules_per_block(),
+            "loras": [ingredient_report(ingredient) for ingredient in target.ingredients],
+        }
+
+    def describe(self, report) -> list:
+        after = f"  (after {', '.join(report['depends_on'])})" if report["depends_on"] else ""
+        return [
+            f"base: {report['base']}{after}",
+            output_line(report),
+            f"reads {human_bytes(report['read_bytes'])}, writes {human_bytes(report['write_bytes'])}; "
+            f"{report['weights_baked']} weights change",
+            f"modules per block: {counts(report['modules_per_block'])}",
+            *lora_entry_lines(report["loras"]),
+        ]
+
+    def built_lines(self, result) -> list[str]:
+        written = result.written
+        return [
+            f"{human_bytes(written.size)}; {result.baked_tensors} tensors baked, "
+            f"{result.copied_tensors} copied, {result.converted_tensors} converted",
+            f"sha256 {written.sha256}",
+            f"data sha256 {written.data_sha256}",
+        ]
+
+    def operation_label(self, target) -> str:
+        return "bake"

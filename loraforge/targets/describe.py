@@ -1,0 +1,34 @@
+"""Description lines several kinds share (`plan`'s tree, `build`'s summary)."""
+
+from __future__ import annotations
+
+from loraforge.text import human_bytes, listing
+
+
+def lora_entry_lines(loras: list[dict]) -> list:
+    """One line per `loras:` entry of a bake or merge report, with block weights and unmatched keys nested."""
+    lines = []
+    for lora in loras:
+        te = f", te {lora['te']:g}" if lora["te"] != lora["strength"] else ""
+        nested = []
+        weights = lora["block_weights"]
+        if any(w != 1.0 for w in weights.values()):
+            nested.append("block weights: " + ", ".join(f"{b}={w:g}" for b, w in weights.items()))
+        if lora["unmatched"]:
+            nested.append(f"[yellow]unmatched (allowed): {listing(lora['unmatched'])}[/]")
+        lines.append((
+            f"[bold]{lora['use']}[/] {lora['adapter_kind']}: strength {lora['strength']:g}{te}; "
+            f"{lora['matched']}/{lora['modules']} modules matched, {lora['applied']} applied",
+            nested,
+        ))
+    return lines
+
+
+def summarised_result_lines(result) -> list[str]:
+    """`build`'s lines for a result that summarises itself (``summary_lines()``): size first, sha256 last."""
+    summary = result.summary_lines()
+    return [f"{human_bytes(result.written.size)}; {summary[0]}", *summary[1:], f"sha256 {result.written.sha256}"]
+
+
+def output_line(report: dict) -> str:
+    return f"output: {report['output']}  save dtype: {report['save_dtype']}  device: {report['device']}"
