@@ -121,7 +121,6 @@ def _modelspec_architecture(path: Path) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-
 def _place_output(entry: IncludedOutput, destination: Path, on_progress) -> tuple[BundledFile, bool]:
     source = entry.path
     if not source.is_file():

@@ -291,6 +291,13 @@ class LoraUse(_Strict):
     strength: RealNumber = Field(1.0, validation_alias=AliasChoices("strength", "ratio"))
     te: RealNumber | None = None
     blocks: BlockSpec | None = None
+    # How strength ≠ 1 enters a DoRA module (docs/adapters.md, "DoRA"): LyCORIS's multiplier or
+    # PEFT/diffusers' lora_scale. None: the file's producer's (peft for lora_magnitude_vector, else lycoris).
+    dora: Annotated[Literal["lycoris", "peft"], BeforeValidator(_choice_checker(("lycoris", "peft"), "DoRA convention"))] | None = None
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        return _without_unset(handler(self), "dora")
 
     @model_validator(mode="before")
     @classmethod
@@ -541,7 +548,6 @@ class ReleaseSpec(_TargetSpec):
     @model_serializer(mode="wrap")
     def _dump(self, handler):
         return _without_unset(handler(self), "publish")
-
 
     # A release computes nothing, so it has no precision or device of its own;
     # these keep code that reads every target's fields working.
