@@ -181,3 +181,27 @@ def test_dora_epsilon_follows_the_spelling():
     assert torch.equal(deltas.dora_effective_delta(weight, delta, magnitude, axis="out", eps=0.0), torch.zeros(1, 2))
     lycoris = deltas.dora_effective_delta(weight, delta, magnitude, axis="out")
     assert bool((lycoris < 0).all())
+
+
+@pytest.mark.parametrize("convention", ["lycoris", "peft"])
+@pytest.mark.parametrize("axis,shape", [("out", (6, 1)), ("in", (1, 5))])
+def test_dora_increment_at_strength_one_is_the_dora_delta_bit_for_bit(convention, axis, shape):
+    weight, delta = _randn(6, 5, seed=1).double(), _randn(6, 5, seed=2).double() * 0.1
+    magnitude = _randn(*shape, seed=3).abs().double()
+    reference = deltas.dora_effective_delta(weight, delta, magnitude, axis=axis)
+    increment = deltas.dora_increment(weight, delta, magnitude, 1.0, convention=convention, axis=axis, eps=deltas.DORA_NORM_EPS)
+    assert torch.equal(increment, reference)
+
+
+def test_dora_increment_conventions_by_hand():
+    """One row: W = [3, 4], ΔW = [0, 2], m = 10, s = 0.5, no epsilon."""
+    weight = torch.tensor([[3.0, 4.0]], dtype=torch.float64)
+    delta = torch.tensor([[0.0, 2.0]], dtype=torch.float64)
+    m = torch.tensor([10.0], dtype=torch.float64)
+    # LyCORIS: (W + ΔW)·(s·(m/‖W + ΔW‖ − 1) + 1) = [3, 6]·(0.5·(10/√45 − 1) + 1)
+    lycoris = deltas.dora_increment(weight, delta, m, 0.5, convention="lycoris", axis="out", eps=0.0)
+    factor = 0.5 * (10 / 45**0.5 - 1) + 1
+    torch.testing.assert_close(lycoris + weight, torch.tensor([[3.0, 6.0]], dtype=torch.float64) * factor)
+    # PEFT: m·(W + sΔW)/‖W + sΔW‖ = 10·[3, 5]/√34
+    peft = deltas.dora_increment(weight, delta, m, 0.5, convention="peft", axis="out", eps=0.0)
+    torch.testing.assert_close(peft + weight, torch.tensor([[3.0, 5.0]], dtype=torch.float64) * 10 / 34**0.5)

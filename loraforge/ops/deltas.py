@@ -332,6 +332,52 @@ def dora_effective_delta(
     return directed * (magnitude / (norm + eps)) - base
 
 
+# How a DoRA module's strength s (strength × block weight) enters its weight; docs/adapters.md, "DoRA".
+DORA_CONVENTIONS = ("lycoris", "peft")
+
+
+def dora_increment(
+    weight: Tensor,
+    delta: Tensor,
+    dora_scale: Tensor,
+    strength: float,
+    *,
+    convention: str,
+    axis: str,
+    eps: float,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """W'(s) − W of a DoRA module baked at strength s under one tool's convention, computed exactly as it does.
+
+    "lycoris" (LyCORIS ``multiplier``, ``_weight_decompose``): W' = (W + ΔW) · (s·(m/(‖W + ΔW‖ + eps) − 1) + 1).
+    "peft" (diffusers ``fuse_lora(lora_scale=s)``: PEFT scales ΔW, then merges): W' = m · (W + s·ΔW) / (‖W + s·ΔW‖ + eps).
+    Both give W_dora at s = 1. ``delta`` carries the adapter's scale and has the
+    weight's shape; ``axis`` is "out" or "in" (the parsed module's dora_axis);
+    ``eps`` is the producer's (the file's spelling: LyCORIS float32 eps, PEFT 0).
+    The result is the whole increment: add it with coefficient 1. At s = 1 both
+    conventions give :func:`dora_effective_delta`'s bits.
+    """
+    if convention not in DORA_CONVENTIONS:
+        raise ValueError(f"unknown DoRA convention {convention!r}; expected one of {DORA_CONVENTIONS}")
+    base = _as(weight, dtype)
+    scaled = _as(delta, dtype).reshape(base.shape)
+    if convention == "peft":
+        scaled = scaled * strength
+    directed = base + scaled
+    if axis == "out":
+        norm_dims = tuple(range(1, directed.dim()))
+        magnitude = _as(dora_scale, dtype).reshape(directed.shape[0], *([1] * (directed.dim() - 1)))
+    elif axis == "in":
+        norm_dims = (0, *range(2, directed.dim()))
+        magnitude = _as(dora_scale, dtype).reshape(1, directed.shape[1], *([1] * (directed.dim() - 2)))
+    else:
+        raise ValueError(f"unknown DoRA axis {axis!r}")
+    ratio = magnitude / (_fixed_order_norm(directed, norm_dims) + eps)
+    if convention == "lycoris" and strength != 1:  # as LyCORIS: at 1 the ratio is used as is
+        ratio = (ratio - 1) * strength + 1
+    return directed * ratio - base
+
+
 def _fixed_order_norm(values: Tensor, dims: tuple[int, ...]) -> Tensor:
     """The 2-norm over ``dims`` (keepdim), as elementwise squares, a fixed pairwise tree of adds and sqrt."""
     kept = [d for d in range(values.dim()) if d not in dims]

@@ -124,6 +124,7 @@ def make_lycoris(
     algo: str,
     components=("unet", "text_encoder"),
     float64: bool = True,
+    multiplier: float = 1.0,
     **options,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """A LyCORIS adapter: ``create_lycoris`` on each model (kohya prefixes), weights randomised, ``save_weights``.
@@ -142,7 +143,7 @@ def make_lycoris(
     try:
         for component, model in models.items():
             LycorisNetwork.LORA_PREFIX = LYCORIS_PREFIX[component]
-            network = create_lycoris(model, 1.0, algo=algo, warn_on_unmatched=False, **options)
+            network = create_lycoris(model, multiplier, algo=algo, warn_on_unmatched=False, **options)
             network.apply_to()
             with torch.no_grad():
                 for name, param in network.named_parameters():

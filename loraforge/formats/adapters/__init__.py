@@ -10,10 +10,12 @@ architecture. docs/adapters.md describes every format and convention.
 from .kinds import ADAPTER_KINDS, adapter_kind, describe_kind, module_label
 from .model import AdapterFile, AdapterModule
 from .parse import (
+    dora_convention,
     load_factors,
     module_bias_delta,
     module_certificate,
     module_delta,
+    module_dora_increment,
     module_effective_delta,
     module_low_rank,
     parse_adapter,
@@ -26,10 +28,12 @@ __all__ = [
     "AdapterFile",
     "AdapterModule",
     "describe_kind",
+    "dora_convention",
     "load_factors",
     "module_bias_delta",
     "module_certificate",
     "module_delta",
+    "module_dora_increment",
     "module_effective_delta",
     "module_low_rank",
     "module_label",

@@ -250,6 +250,43 @@ def module_effective_delta(
     )
 
 
+def dora_convention(module: AdapterModule, chosen: str | None = None) -> str:
+    """The strength convention a DoRA module is baked with: the recipe's ``dora:``, else its producer's.
+
+    PEFT-spelled magnitudes (``lora_magnitude_vector``) default to "peft",
+    LyCORIS-spelled ones (``dora_scale``) to "lycoris" (docs/adapters.md, DoRA).
+    """
+    if chosen is not None:
+        return chosen
+    return "peft" if dora.is_peft_magnitude(module) else "lycoris"
+
+
+def module_dora_increment(
+    module: AdapterModule,
+    factors: Mapping[str, Tensor],
+    weight: Tensor,
+    strength: float,
+    convention: str | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """W'(s) − W of a DoRA module at strength ``strength`` (strength × block weight), to be added as is.
+
+    ``convention``: the recipe's ``dora:`` ("lycoris" | "peft"), or None for the
+    file's own (:func:`dora_convention`). At strength 1 this equals
+    :func:`module_effective_delta`.
+    """
+    from loraforge.ops import deltas
+
+    if not module.dora:
+        raise ValueError(f"module {module.name} carries no DoRA magnitude")
+    delta = module_delta(module, factors, tuple(weight.shape), dtype, fixed_order=True)
+    return deltas.dora_increment(
+        weight, delta, factors[DORA_SCALE], strength,
+        convention=dora_convention(module, convention), axis=module.dora_axis,
+        eps=dora.norm_eps(module), dtype=dtype,
+    )
+
+
 def module_bias_delta(module: AdapterModule, factors: Mapping[str, Tensor], dtype: torch.dtype = torch.float64):
     """The bias difference of a full-diff module (``.diff_b``), or None."""
     bias = factors.get("diff_b")
