@@ -16,6 +16,7 @@ import json
 from loraforge.canonical import canonical_json
 from loraforge.formats.metadata import provenance_json, release_date
 from loraforge.recipe.loader import LoadedRecipe
+from loraforge.resolve.secrets import redact_url
 
 
 def output_title(loaded: LoadedRecipe, name: str) -> str:
@@ -76,6 +77,7 @@ def recipe_slice_json(loaded: LoadedRecipe, name: str) -> str:
 def _input_json(spec) -> dict:
     """An input's fields; ``allow_pickle`` only when set, so outputs of recipes without it keep their bytes."""
     data = spec.model_dump(mode="json")
+    data["source"] = redact_url(data["source"])  # never a credential in an output (resolve/secrets.py)
     if not data.get("allow_pickle"):
         data.pop("allow_pickle", None)
     return data

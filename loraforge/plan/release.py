@@ -26,6 +26,7 @@ from loraforge.release.manifest import MANIFEST_FORMAT, MANIFEST_NAME, README_NA
 from loraforge.resolve.hash_cache import cached_file_sha256
 from loraforge.resolve.lock_sync import input_entry
 from loraforge.resolve.lockfile import lock_path
+from loraforge.resolve.secrets import redact_text, redact_url
 
 # Buffers of the copy fallback and the hashing; nothing else is held in memory.
 RELEASE_MEMORY_BYTES = 32 << 20
@@ -159,10 +160,21 @@ def _inputs_read(context: PlanContext, targets: list[str]) -> tuple[str, ...]:
 
 def _recipe_bytes(loaded) -> bytes:
     try:
-        return loaded.path.read_bytes()
+        data = loaded.path.read_bytes()
     except OSError as error:
         raise PlanError(f"{loaded.display_name}: the recipe file cannot be read again to copy it into the release "
                         f"({error.strerror}); check that it still exists and is readable.") from None
+    secret = sorted({spec.source for spec in loaded.recipe.inputs.values() if redact_url(spec.source) != spec.source})
+    if not secret:
+        return data  # the bundle's copy is the recipe exactly as read
+    text = redact_text(data.decode("utf-8-sig"), secret)
+    if text is None:
+        raise PlanError(
+            f"{loaded.display_name}: a source URL carries credentials ({redact_url(secret[0])}) written in a form "
+            "loraforge cannot find in the recipe text to leave out of the release's copy of the recipe (YAML escapes "
+            "or a line break inside the URL); write each such URL on one line, in plain quotes."
+        )
+    return text.encode("utf-8")  # credentials REDACTED: a release is made to be shared (resolve/secrets.py)
 
 
 # --- checks ----------------------------------------------------------------------

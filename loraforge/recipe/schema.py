@@ -664,9 +664,14 @@ class Recipe(_Strict):
 
         Keys are sorted, numbers are in Python's shortest round-trip form, and
         each target's output is the effective (default-filled) path, so two
-        recipes that mean the same thing give the same bytes.
+        recipes that mean the same thing give the same bytes. Credentials in a
+        source URL are recorded as REDACTED (resolve/secrets.py).
         """
+        from loraforge.resolve.secrets import redact_url
+
         data = self.model_dump(mode="json")
+        for spec in data["inputs"].values():
+            spec["source"] = redact_url(spec["source"])
         for name, target in data["targets"].items():
             target["output"] = self.default_output(name)
         return canonical_json(data, allow_nan=False)

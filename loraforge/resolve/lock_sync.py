@@ -16,6 +16,7 @@ from loraforge.errors import ResolveError
 from loraforge.recipe.loader import LoadedRecipe
 from loraforge.resolve.local import ResolvedInput
 from loraforge.resolve.lockfile import Lock, lock_path
+from loraforge.resolve.secrets import redact_url
 
 
 def input_entry(resolved: ResolvedInput, previous: Mapping | None) -> dict:
@@ -43,7 +44,7 @@ def updated_lock(
     new_inputs = {
         name: dict(entry)
         for name, entry in old_inputs.items()
-        if name in recipe.inputs and entry.get("source") == recipe.inputs[name].source
+        if name in recipe.inputs and _same_source(entry, recipe.inputs[name].source)
     }
     for name, resolved in inputs.items():
         new_inputs[name] = input_entry(resolved, old_inputs.get(name))
@@ -56,6 +57,11 @@ def updated_lock(
         numeric_policy=dict(numeric_policy),
         extra=dict(previous.extra) if previous else {},
     )
+
+
+def _same_source(entry: Mapping, source: str) -> bool:
+    """The entry was written for ``source``: as written, or with its credentials REDACTED (resolve/secrets.py)."""
+    return entry.get("source") in (source, redact_url(source))
 
 
 def check_locked_targets(plan, lock: Lock | None) -> None:

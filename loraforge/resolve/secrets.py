@@ -39,3 +39,26 @@ def redact_url(source: str) -> str:
 def _redact_pair(pair: str) -> str:
     name, equals, value = pair.partition("=")
     return f"{name}={MARK}" if equals and value and is_secret_parameter(name) else pair
+
+
+def secret_values(source: str) -> list[str]:
+    """The credentials :func:`redact_url` removes from ``source`` (the user part, secret query values)."""
+    if not source.lower().startswith(("http://", "https://")):
+        return []
+    parts = urlsplit(source)
+    found = [parts.netloc.rsplit("@", 1)[0]] if "@" in parts.netloc else []
+    for pair in parts.query.split("&") if parts.query else ():
+        name, equals, value = pair.partition("=")
+        if equals and value and is_secret_parameter(name):
+            found.append(value)
+    return found
+
+
+def redact_text(text: str, sources) -> str | None:
+    """``text`` (a recipe) with every source URL that carries credentials replaced by its redacted form;
+    None when a credential is still in it (the URL was written with YAML escapes or split over lines)."""
+    for source in sources:
+        text = text.replace(source, redact_url(source))
+    if any(value in text for source in sources for value in secret_values(source)):
+        return None
+    return text
