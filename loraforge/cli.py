@@ -37,12 +37,33 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
+    ctx: typer.Context,
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     """Declarative, reproducible builds of Stable Diffusion model releases."""
     from loraforge.interrupts import install_terminate_handler
 
     install_terminate_handler()  # SIGTERM unwinds like Ctrl-C: no temp file is left behind
+    if ctx.invoked_subcommand != "cache":  # `cache gc` reports (and removes) leftovers itself, and needs the store alone
+        from loraforge.resolve.store import store_root
+        from loraforge.resolve.store_use import store_in_use
+
+        _tidy()
+        if ctx.invoked_subcommand not in ("inspect", "new"):
+            ctx.with_resource(store_in_use(store_root()))  # shared until the command ends: gc waits its turn
+
+
+def _tidy() -> None:
+    """Remove what killed runs left in known places (two folder listings): the store's tmp/ and verify's scratch."""
+    from loraforge.resolve.cache_admin import remove_stale_files
+    from loraforge.resolve.store import Store
+    from loraforge.scratch import remove_stale_scratch
+
+    try:
+        remove_stale_files(Store())
+        remove_stale_scratch()
+    except OSError:
+        pass  # tidying is a courtesy: never a reason for a command to fail
 
 
 @app.command()

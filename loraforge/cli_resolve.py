@@ -250,26 +250,82 @@ def cache_verify() -> None:
 
 @cache_app.command("gc")
 def cache_gc(
-    folders: Optional[List[Path]] = typer.Argument(None, help="Folders searched for .lock files (default: .)."),
+    folders: Optional[List[Path]] = typer.Argument(None, help="Folders searched for .lock files (blobs none refers to are removed)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be removed."),
+    all_: bool = typer.Option(False, "--all", help="With no FOLDER: remove every blob no lock under the current folder refers to, without asking."),
 ) -> None:
-    """Remove blobs that no loraforge lock file under the given folders refers to."""
-    from loraforge.resolve.cache_admin import collect_garbage, referenced_hashes
+    """Remove blobs that no loraforge lock file under the given folders refers to, and leftovers of killed runs.
+
+    With no FOLDER the scope is the current folder: gc lists what it would remove and asks (or needs --all).
+    """
+    from loraforge.atomic import _tree_size
+    from loraforge.resolve.cache_admin import collect_garbage, list_blobs, referenced_hashes, remove_stale_files, stale_files
     from loraforge.resolve.store import Store
+    from loraforge.resolve.store_use import store_alone
+    from loraforge.scratch import remove_stale_scratch, stale_scratch_folders
 
     _, _, fail = _consoles()
+    store = Store()
+    scope = folders or [Path(".")]
     try:
-        keep, locks = referenced_hashes(folders or [Path(".")])
+        confirmed = None
+        if not folders and not all_ and not dry_run:
+            confirmed = _confirm_unscoped(store, scope)
+            if confirmed is None:
+                typer.echo("nothing removed")
+                return
+        with store_alone(store.root):  # refuses while a build uses the store
+            keep, locks = referenced_hashes(scope)
+            if confirmed is not None:  # only what the user said yes to, and still unreferenced
+                keep |= {info.sha256 for info in list_blobs(store)} - confirmed
+            doomed = collect_garbage(store, keep, dry_run)
+            if dry_run:
+                freed = [(path, _tree_size(path)) for path in stale_files(store) + stale_scratch_folders()]
+            else:
+                freed = remove_stale_files(store) + remove_stale_scratch()
     except LoraforgeError as error:
         fail(error)
-    doomed = collect_garbage(Store(), keep, dry_run)
     verb = "would remove" if dry_run else "removed"
     for info in doomed:
         typer.echo(f"{verb} {info.sha256} {_size(info.size)} {', '.join(info.sources)}")
+    for path, size in freed:
+        typer.echo(f"{verb} {path} {_size(size)} (left by a killed run)")
     typer.echo(
         f"{verb} {len(doomed)} blobs ({_size(sum(i.size for i in doomed))}); "
         f"kept what {len(locks)} lock files refer to"
+        + (f"; {verb} {len(freed)} leftovers of killed runs ({_size(sum(size for _, size in freed))})" if freed else "")
     )
+
+
+def _confirm_unscoped(store, scope) -> set[str] | None:
+    """gc with no folder: list what it would remove and ask; the sha256s the user agreed to, None for no.
+    Without a terminal to ask on, refuse (UsageError) with how to give a scope or --all."""
+    from loraforge.errors import UsageError
+    from loraforge.resolve.cache_admin import collect_garbage, referenced_hashes
+
+    keep, locks = referenced_hashes(scope)
+    doomed = collect_garbage(store, keep, dry_run=True)
+    total = _size(sum(i.size for i in doomed))
+    here = Path(".").resolve()
+    if not doomed:
+        return set()
+    if not _interactive():
+        raise UsageError(
+            f"cache gc with no folder would remove {len(doomed)} blobs ({total}) that no lock file under the current "
+            f"folder {here} refers to, which includes the downloads of every recipe kept elsewhere; nothing was "
+            "removed. Name the folders that hold your recipes (`loraforge cache gc ~/recipes`), look first with "
+            "--dry-run, or pass --all to remove them without asking."
+        )
+    for info in doomed:
+        typer.echo(f"would remove {info.sha256} {_size(info.size)} {', '.join(info.sources)}")
+    question = f"Remove these {len(doomed)} blobs ({total}), which none of the {len(locks)} lock files under {here} refers to?"
+    return {info.sha256 for info in doomed} if typer.confirm(question, default=False) else None
+
+
+def _interactive() -> bool:
+    import sys
+
+    return sys.stdin.isatty()
 
 
 def _size(size: int | None) -> str:

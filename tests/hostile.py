@@ -37,14 +37,15 @@ def make_project(root: Path, models: Path, previous_output: bytes | None = None,
 
 
 def snapshot(*folders: Path) -> dict[str, str]:
-    """Every file under the folders with its sha256 (the hash memo under hashes/ excluded: see docs/security.md)."""
+    """Every file under the folders with its sha256 (the hash memo under hashes/ and the store's empty lock files
+    under store/locks/ excluded: see docs/security.md)."""
     state = {}
     for folder in folders:
         if not folder.exists():
             continue
         for path in sorted(folder.rglob("*")):
             relative = path.relative_to(folder)
-            if relative.parts[:1] == ("hashes",):
+            if relative.parts[:1] == ("hashes",) or relative.parts[:2] == ("store", "locks") or relative.parts == ("store",):
                 continue
             key = f"{folder.name}/{relative}"
             state[key] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"

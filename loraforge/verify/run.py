@@ -10,7 +10,6 @@ one (:mod:`loraforge.verify.judge`).
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -23,6 +22,7 @@ from loraforge.recipe.loader import LoadedRecipe, load_recipe
 from loraforge.resolve.hash_cache import forget
 from loraforge.resolve.lockfile import Lock, lock_path, read_lock
 from loraforge.resolve.resolver import ResolveOptions
+from loraforge.scratch import make_scratch_folder, remove_stale_scratch
 from loraforge.verify.judge import Rebuilt, judge
 from loraforge.verify.report import BYTE_IDENTICAL, TOLERANCE, WITHIN_TOLERANCE, InputDrift, TargetVerdict, VerifyReport
 from loraforge.plan.tolerance import file_tolerance, is_svd_step
@@ -43,7 +43,8 @@ def verify_recipe(
 
     loaded = load_recipe(recipe)
     lock = _read_lock(loaded)
-    scratch = Path(tempfile.mkdtemp(prefix="loraforge-verify-")).resolve()
+    remove_stale_scratch()  # rebuilds of killed verify runs (loraforge/scratch.py)
+    scratch = make_scratch_folder()
     try:
         options = ResolveOptions(offline=offline, **({"progress": fetch_progress} if fetch_progress else {}))
         plan = plan_build(loaded, selected, options, device=device, output_dir=scratch)
