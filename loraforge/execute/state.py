@@ -22,7 +22,8 @@ from loraforge.plan.numeric_environment import target_environment
 from loraforge.plan.planner import replan_target
 from loraforge.plan.target import PlannedTarget
 from loraforge.plan.tolerance import lock_tolerance_entry
-from loraforge.resolve.hash_cache import remember
+from loraforge.errors import BuildError
+from loraforge.resolve.hash_cache import cached_file_sha256, hashed_signature, remember, signature
 from loraforge.resolve.lock_sync import updated_lock
 from loraforge.resolve.lockfile import Lock, lock_path, write_lock
 
@@ -37,14 +38,19 @@ class BuildState:
         self.built: dict[str, BuiltOutput] = dict(plan.context.built) if plan.context else {}
         # target -> the built outputs (name -> sha256) it was planned with, to know when to plan it again
         self.planned_with = {name: self._built_producers(name) for name in self.planned}
+        self.input_files = InputFiles(plan.inputs)
 
     def current(self, name: str) -> tuple[PlannedTarget, str]:
-        """The target as it must be built now, and its state: planned again if a producer changed."""
+        """The target as it must be built now, and its state: planned again if a producer changed.
+        BuildError when an input it reads is no longer the file that was hashed (InputFiles)."""
         if self._built_producers(name) != self.planned_with[name]:
             target, state = replan_target(self.plan, name, self.planned, self.built)
             self.planned[name], self.states[name] = target, state
             self.planned_with[name] = self._built_producers(name)
-        return self.planned[name], self.states[name]
+        target = self.planned[name]
+        reads = target.read_hashes if target.read_hashes is not None else self.plan.loaded.recipe.dependencies(name)
+        self.input_files.check(name, [n for n in reads if n in self.plan.inputs])
+        return target, self.states[name]
 
     def finished(self, target: PlannedTarget, result) -> None:
         """Target built: its output counts as built for its readers; its lock entry is recorded."""
@@ -93,3 +99,45 @@ def _relative(path: Path, root: Path) -> str:
         return Path(os.path.relpath(path, root)).as_posix()
     except ValueError:  # another drive on Windows
         return str(path)
+
+
+class InputFiles:
+    """Each input's file as it was hashed; re-checked before every target that reads it.
+
+    A file replaced or rewritten on disk between two targets of one build would
+    otherwise be read with its new bytes while the lock and every output's
+    provenance record the sha256 hashed at plan time. The check is stat-keyed:
+    size, modification time, inode and device as they were when the file was
+    hashed (the hash cache's entry, else as first seen here); a file whose stat
+    changed is hashed again, and a new sha256 stops the build.
+    """
+
+    def __init__(self, inputs):
+        self.inputs = inputs
+        self.seen: dict[str, list[int] | None] = {}
+        for name, resolved in inputs.items():
+            if resolved.path is not None and resolved.sha256 is not None:
+                self.seen[name] = hashed_signature(resolved.path, resolved.sha256) or signature(resolved.path)
+
+    def check(self, target: str, names) -> None:
+        for name in names:
+            if name not in self.seen:
+                continue
+            resolved = self.inputs[name]
+            now = signature(resolved.path)
+            if now is not None and now == self.seen[name]:
+                continue
+            try:
+                actual = None if now is None else cached_file_sha256(resolved.path)
+            except OSError:
+                actual = None
+            if actual == resolved.sha256:
+                self.seen[name] = now  # touched, same bytes
+                continue
+            found = "is gone or cannot be read" if actual is None else f"now has sha256 {actual[:16]}…"
+            raise BuildError(
+                f"input '{name}' ({resolved.path}) changed on disk during this build: it was hashed as sha256 "
+                f"{resolved.sha256[:16]}… when the build was planned and {found}. Target '{target}' was not built "
+                "(targets built before it used the old bytes, which the lock records). Leave the file alone while a "
+                "build runs, then build again to use the new bytes."
+            )

@@ -65,6 +65,23 @@ def remember(path: Path, sha256: str, data_sha256: str | None) -> None:
     _write_entry(_entry_path(path), {"path": str(path), "signature": _signature(path), "sha256": sha256, "data_sha256": data_sha256})
 
 
+def hashed_signature(path: Path, sha256: str) -> list[int] | None:
+    """The stat signature ``path`` had when it was hashed as ``sha256`` (the cache entry's), else None."""
+    path = Path(path).resolve()
+    cached = _read_entry(_entry_path(path))
+    if cached is not None and cached.get("sha256") == sha256 and isinstance(cached.get("signature"), list):
+        return cached["signature"]
+    return None
+
+
+def signature(path: Path) -> list[int] | None:
+    """Size, modification time (ns), inode and device of ``path`` now; None when it cannot be read."""
+    try:
+        return _signature(Path(path).resolve())
+    except OSError:
+        return None
+
+
 def forget(path: Path) -> None:
     """Drop the entry of a file that is about to disappear (verify's temporary rebuilds)."""
     try:
