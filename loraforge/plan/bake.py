@@ -17,6 +17,7 @@ from loraforge.formats.arch import Detection, detect_architecture
 from loraforge.formats.dtypes import precision_code
 from loraforge.formats.safetensors_reader import open_safetensors
 from loraforge.plan.action_key import BAKE_NUMERIC_POLICY, action_key
+from loraforge.plan.checkpoint_merge import merge_action_key, merge_memory_bytes, plan_checkpoint_merge
 from loraforge.plan.context import PlanContext
 from loraforge.plan.ingredients import adapter_source, input_file, plan_ingredient
 from loraforge.plan.layout import output_layout
@@ -30,13 +31,19 @@ def plan_bake(context: PlanContext, name: str) -> BakeTarget:
     loaded = context.loaded
     recipe = loaded.recipe
     spec = recipe.targets[name]
-    base_path, structure_path, detection, base_bytes = _plan_base(context, name)
+    merge = plan_checkpoint_merge(context, name) if spec.merge is not None else None
+    if merge is None:
+        base_path, structure_path, detection, base_bytes = _plan_base(context, name)
+    else:  # the merge stands in for the base: its primary model's layout, every model's bytes read
+        primary = merge.primary_model
+        base_path, structure_path, detection, base_bytes = primary.path, primary.structure_path, primary.detection, merge.read_bytes()
+    base_name = spec.base if merge is None else primary.name
     ingredients, applications, read_bytes = [], {}, base_bytes
     for index, lora in enumerate(spec.loras):
         source = adapter_source(context, ("targets", name, "loras", index), lora.use)
         ingredient, module_applications = plan_ingredient(
             loaded, name, index, source, detection.architecture,
-            allow_unmatched=spec.allow_unmatched, base_label=f"base '{spec.base}'",
+            allow_unmatched=spec.allow_unmatched, base_label=f"base '{base_name}'" if merge is None else f"merge of '{base_name}'",
         )
         ingredients.append(ingredient)
         read_bytes += source.size
@@ -60,11 +67,14 @@ def plan_bake(context: PlanContext, name: str) -> BakeTarget:
         ingredients=tuple(ingredients),
         applications=ordered,
         dependencies=tuple(d for d in recipe.dependencies(name) if d in recipe.targets),
-        action_key=action_key(loaded, name, "bake", context.input_hashes(name), BAKE_NUMERIC_POLICY),
+        action_key=(action_key(loaded, name, "bake", context.input_hashes(name), BAKE_NUMERIC_POLICY) if merge is None
+                    else merge_action_key(context, name, merge, BAKE_NUMERIC_POLICY)),
         read_bytes=read_bytes,
         write_bytes=_estimated_output_bytes(structure_path, save),
         # a float64 workspace, the weight in and out, prefetched and pending tensors, the adapters' factors
-        memory_bytes=BAKE_MEMORY_FLOOR + 8 * largest * 4 + sum(i.path.stat().st_size if i.path.exists() else 0 for i in ingredients),
+        memory_bytes=BAKE_MEMORY_FLOOR + 8 * largest * 4 + sum(i.path.stat().st_size if i.path.exists() else 0 for i in ingredients)
+        + (merge_memory_bytes(merge) if merge is not None else 0),
+        merge=merge,
     )
 
 

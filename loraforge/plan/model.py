@@ -64,6 +64,11 @@ class BakeTarget(PlannedTarget):
     save: str  # "same" or a safetensors dtype code ("F16", "BF16", "F32")
     ingredients: tuple[LoraIngredient, ...]
     applications: Mapping[str, tuple[ModuleApplication, ...]]  # checkpoint key -> in order
+    merge: Any = None  # plan/checkpoint_merge.py CheckpointMergePlan when the target starts from `merge:`
+
+    @property
+    def device_class(self) -> str | None:
+        return self.merge.device_class if self.merge is not None else None  # non-linear merges only
 
     def modules_per_block(self) -> dict[str, int]:
         counts: Counter[str] = Counter()

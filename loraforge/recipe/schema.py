@@ -21,10 +21,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
-from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, model_serializer, model_validator
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
 from loraforge.canonical import canonical_json
+from loraforge.methods.checkpoint import CHECKPOINT_METHODS, ParameterError
 from loraforge.methods.lora import LORA_METHODS
 from loraforge.recipe.destination import DestinationSyntaxError, parse_destination
 from loraforge.recipe.sources import SourceSyntaxError, parse_source
@@ -347,16 +348,144 @@ class _TargetBase(_TargetSpec):
     device: Device | None = None
 
 
+COMPONENT_SOURCES = ("merge", "first")
+
+
+class MergeComponents(_Strict):
+    """Where the text encoders and the VAE of a merge come from: merged, the first model's, or a named model's."""
+
+    te: Name | None = None  # default: merge
+    vae: Name | None = None  # default: first
+
+
+class MergeSpec(_Strict):
+    """A checkpoint merge (docs/merging-checkpoints.md): a method of loraforge/methods/checkpoint.py,
+    its models, its base, and the method's own declared parameters (validated by the method's model)."""
+
+    _OWN: ClassVar[tuple[str, ...]] = ("method", "models", "base", "components")
+
+    method: Annotated[str, BeforeValidator(_choice_checker(tuple(CHECKPOINT_METHODS), "checkpoint merge method"))]
+    models: tuple[Name, ...] = Field(min_length=1)
+    base: Name | None = None
+    components: MergeComponents | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)  # the method's, defaults filled in
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        data = _without_unset(handler(self), "base", "components")
+        return {**data, **data.pop("parameters")}  # written back flat, as in the recipe
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_parameters(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping) or "parameters" in data and set(data) <= {*cls._OWN, "parameters"}:
+            return data
+        own = {key: data[key] for key in cls._OWN if key in data}
+        method = CHECKPOINT_METHODS.get(data.get("method")) if isinstance(data.get("method"), str) else None
+        if method is None:
+            return own  # the method field reports the unknown name; its parameters cannot be judged
+        given = {key: value for key, value in data.items() if key not in cls._OWN}
+        try:
+            validated = method.parameters_model().model_validate(given)
+        except ValidationError as error:
+            problems = tuple(_parameter_problem(method, item) for item in error.errors(include_url=False))
+            raise custom_error("; ".join(p[1] for p in problems), problems[0][2], problems=problems) from None
+        models = own.get("models")
+        count = len(models) if isinstance(models, (list, tuple)) else 1
+        values = {k: v for k, v in validated.model_dump().items() if v is not None}
+        return {**own, "parameters": {**method.defaults(count), **values}}
+
+    @model_validator(mode="after")
+    def _fits_the_method(self) -> MergeSpec:
+        method = CHECKPOINT_METHODS[self.method]
+        problems = []
+        n = len(self.models)
+        if n < method.min_models or (method.max_models is not None and n > method.max_models):
+            wanted = (f"exactly {method.min_models}" if method.max_models == method.min_models
+                      else f"at least {method.min_models}" if method.max_models is None
+                      else f"{method.min_models} to {method.max_models}")
+            problems.append((("models",), f"method {method.name} takes {wanted} models, got {n}",
+                             f"list {wanted} models ({method.formula})"))
+        if len(set(self.models)) != n:
+            problems.append((("models",), "a model is listed twice", "list each model once; weights say how much of each"))
+        if method.base == "required" and self.base is None:
+            problems.append(((), f"method {method.name} needs a base (task vectors are Wᵢ − base)",
+                             "add `base: <name>` under merge: naming the model the others were fine-tuned from"))
+        if method.base == "refused" and self.base is not None:
+            problems.append((("base",), f"method {method.name} takes no base", f"remove base, or list it under models ({method.formula})"))
+        if self.base is not None and self.base in self.models:
+            problems.append((("base",), f"{self.base!r} is both the base and one of the models", "list it only as the base"))
+        for parameter in method.declared:
+            value = self.parameters.get(parameter.name)
+            if parameter.per_model and value is not None and len(value) != n:
+                problems.append(((parameter.name,), f"{parameter.name} has {len(value)} values for {n} models",
+                                 "give one value per model, in the order of models:"))
+        for field in ("te", "vae"):
+            chosen = getattr(self.components, field, None) if self.components else None
+            if chosen is not None and chosen not in (*COMPONENT_SOURCES, *self.models, *((self.base,) if self.base else ())):
+                problems.append((("components", field), f"{chosen!r} is neither merge, first nor a model of this merge",
+                                 "write merge, first, or one of: " + ", ".join((*self.models, *((self.base,) if self.base else ())))))
+        if problems:
+            raise custom_error("; ".join(p[1] for p in problems), problems[0][2], problems=tuple(problems))
+        return self
+
+    @property
+    def method_class(self):
+        return CHECKPOINT_METHODS[self.method]
+
+    def sources(self) -> tuple[str, ...]:
+        """Every model the merge reads: the models, then the base."""
+        return (*self.models, *((self.base,) if self.base else ()))
+
+
+def _parameter_problem(method, item: dict) -> tuple:
+    """A pydantic error of a method's parameter model as a (path, reason, hint) problem under merge:."""
+    loc, kind = tuple(item["loc"]), item["type"]
+    listing = ", ".join(method.parameters) or "none"
+    if kind == "extra_forbidden":
+        return (loc, f"method {method.name} has no parameter {loc[-1]!r}", f"its parameters: {listing}")
+    if kind == "missing":
+        hint = method.required.get(str(loc[-1])) or f"add {loc[-1]}: ..."
+        return ((), f"method {method.name} needs {loc[-1]!r}", hint)
+    error = (item.get("ctx") or {}).get("error")
+    if isinstance(error, ParameterError):
+        return ((*loc, *error.at), error.reason, error.hint)
+    return (loc, item["msg"], "")
+
+
 class CheckpointTarget(_TargetBase):
-    """Bake LoRAs into a base checkpoint."""
+    """Bake LoRAs into a base checkpoint, or into a merge of checkpoints (``merge:`` instead of ``base:``)."""
 
     kind: Literal["checkpoint"]
-    base: Name
+    base: Name | None = None
+    merge: MergeSpec | None = None
     loras: tuple[LoraUse, ...] = ()
     allow_unmatched: StrictFlag = False
 
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        return _without_unset(handler(self), "base", "merge")  # recipes without merge keep their canonical bytes
+
+    @model_validator(mode="after")
+    def _base_or_merge(self) -> CheckpointTarget:
+        if (self.base is None) == (self.merge is None):
+            reason = ("the target has both base and merge" if self.base is not None
+                      else "the target has neither base nor merge")
+            hint = "give `base: <name>` to bake into one checkpoint, or `merge:` to start from a merge of several"
+            raise custom_error(reason, hint, problems=(((), reason, hint),))
+        return self
+
     def dependencies(self) -> tuple[str, ...]:
-        return _unique((self.base, *(lora.use for lora in self.loras)))
+        starts = self.merge.sources() if self.merge is not None else (self.base,)
+        return _unique((*starts, *(lora.use for lora in self.loras)))
+
+    def reference_path(self, ref: str) -> tuple:
+        if self.merge is not None:
+            if ref in self.merge.models:
+                return ("merge", "models", self.merge.models.index(ref))
+            if ref == self.merge.base:
+                return ("merge", "base")
+        return super().reference_path(ref)
 
 
 class RankSpec(_Strict):

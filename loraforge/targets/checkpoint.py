@@ -10,6 +10,7 @@ from loraforge.plan.model import BakeTarget
 from loraforge.plan.report import ingredient_report, model_fields
 from loraforge.recipe.schema import CheckpointTarget
 from loraforge.targets.describe import lora_entry_lines, output_line
+from loraforge.targets.merge_describe import merge_lines, merge_report
 from loraforge.text import counts, human_bytes
 
 
@@ -33,12 +34,13 @@ class CheckpointKind(TargetKind):
             "weights_baked": len(target.applications),
             "modules_per_block": target.modules_per_block(),
             "loras": [ingredient_report(ingredient) for ingredient in target.ingredients],
+            **({"merge": merge_report(target.merge)} if target.merge is not None else {}),
         }
 
     def describe(self, report) -> list:
         after = f"  (after {', '.join(report['depends_on'])})" if report["depends_on"] else ""
         return [
-            f"base: {report['base']}{after}",
+            *(merge_lines(report["merge"], after) if "merge" in report else [f"base: {report['base']}{after}"]),
             output_line(report),
             f"reads {human_bytes(report['read_bytes'])}, writes {human_bytes(report['write_bytes'])}; "
             f"{report['weights_baked']} weights change",

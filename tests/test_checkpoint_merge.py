@@ -1,0 +1,416 @@
+"""Checkpoint merges (`kind: checkpoint` with `merge:`) against independent references.
+
+The references here share no code with loraforge's merge: files are read with
+the `safetensors` package, each method is written out again in float64 numpy
+from its paper's formula (docs/merging-checkpoints.md), block ids are derived
+from the key with the test's own rule, DARE masks from numpy's PCG64 with the
+documented seed, and the linear methods' correct rounding is checked against
+exact rational arithmetic (Fractions) wherever float64 and the output differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from loraforge.cli import app
+from loraforge.formats.arch.table import TEXT_ENCODERS
+from loraforge.plan.checkpoint_merge import tensor_block
+from loraforge.testing.arch import tiny_architecture
+from loraforge.testing.checkpoints import write_synthetic_checkpoint
+
+runner = CliRunner()
+SEED = 7
+MODELS = ("a", "b", "c")
+# A block-weighted weight (SuperMerger "MBW" style mapping) and a 26-value vector.
+MAPPING = {"default": 0.25, "IN04": 0.5, "OUT03-OUT05": 0.0}
+VECTOR = [0.1 * (i % 5) for i in range(26)]
+
+
+def mapping_value(block: str) -> float:
+    if block == "IN04":
+        return 0.5
+    if block.startswith("OUT") and 3 <= int(block[3:]) <= 5:
+        return 0.0
+    return 0.25
+
+
+FULL_SD = ("BASE",) + tuple(f"IN{i:02d}" for i in range(12)) + ("M00",) + tuple(f"OUT{i:02d}" for i in range(12))
+
+
+def vector_value(block: str) -> float:
+    return VECTOR[FULL_SD.index(block)]
+
+
+def block_of(key: str, last_out: str = "OUT11") -> str:
+    """The test's own block rule (docs/merging-checkpoints.md)."""
+    if not key.startswith("model.diffusion_model."):
+        return "BASE"
+    for pattern, prefix in ((r"\.input_blocks\.(\d+)\.", "IN"), (r"\.output_blocks\.(\d+)\.", "OUT")):
+        found = re.search(pattern, key)
+        if found:
+            return f"{prefix}{int(found.group(1)):02d}"
+    if ".middle_block." in key:
+        return "M00"
+    if key.startswith("model.diffusion_model.out."):
+        return last_out
+    return "IN00"  # time_embed, label_emb: before the first input block
+
+
+RECIPE = """\
+loraforge: 1
+name: merges
+date: "2026-11-01"
+seed: {seed}
+inputs:
+  a: {{source: models/a.safetensors}}
+  b: {{source: models/b.safetensors}}
+  c: {{source: models/c.safetensors}}
+targets:
+{targets}
+"""
+
+LINEAR_TARGETS = """\
+  ws:
+    kind: checkpoint
+    merge:
+      method: weighted_sum
+      models: [a, b, c]
+      weights: [0.5, 0.3, {default: 0.25, IN04: 0.5, OUT03-OUT05: 0}]
+  ws-norm:
+    kind: checkpoint
+    merge:
+      method: weighted_sum
+      models: [a, b]
+      weights: [0.7, %s]
+      normalize: true
+  addd:
+    kind: checkpoint
+    merge: {method: add_difference, models: [a, b, c], alpha: 0.7}
+  ta:
+    kind: checkpoint
+    merge: {method: task_arithmetic, base: c, models: [a, b], weights: [0.6, -0.45], lambda: 1.3}
+""" % str(VECTOR)
+
+NONLINEAR_TARGETS = """\
+  ties:
+    kind: checkpoint
+    merge: {method: ties, base: c, models: [a, b], density: 0.3, weights: [1, 0.5]}
+  dare:
+    kind: checkpoint
+    merge: {method: dare, base: c, models: [a, b], density: {default: 0.5, OUT00-OUT11: 0.8}, weights: [0.7, 0.6]}
+  dare-ties:
+    kind: checkpoint
+    merge: {method: dare_ties, base: c, models: [a, b], density: 0.4, lambda: 0.9}
+  slerp:
+    kind: checkpoint
+    merge: {method: slerp, models: [a, b], t: 0.3}
+  slerp-base:
+    kind: checkpoint
+    merge: {method: slerp, base: c, models: [a, b], t: {default: 0.6, M00: 0.2}}
+"""
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("merge-models")
+    sd1 = tiny_architecture("sd1")
+    for seed, name in enumerate(MODELS, start=1):
+        write_synthetic_checkpoint(folder / f"{name}.safetensors", sd1, seed=seed, dtype="F16")
+    write_synthetic_checkpoint(folder / "xl.safetensors", tiny_architecture("sdxl"), seed=9, dtype="F16")
+    return folder
+
+
+def _project(folder: Path, models: Path, targets: str) -> Path:
+    (folder / "models").symlink_to(models, target_is_directory=True)
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(RECIPE.format(seed=SEED, targets=targets))
+    return recipe
+
+
+def _build(recipe: Path, *extra: str) -> None:
+    result = runner.invoke(app, ["build", "-q", str(recipe), *extra])
+    assert result.exit_code == 0, result.output
+
+
+def _read(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    with safe_open(str(path), framework="np") as handle:
+        return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata()
+
+
+def _inputs(models: Path) -> dict[str, dict[str, np.ndarray]]:
+    return {name: _read(models / f"{name}.safetensors")[0] for name in MODELS}
+
+
+MERGED_PREFIXES = ("model.diffusion_model.", "cond_stage_model.", "conditioner.")
+
+
+def _merged_keys(tensors: dict[str, np.ndarray]) -> list[str]:
+    """Float tensors of the UNet and text encoders (the VAE and the rest come from the primary model)."""
+    return [k for k, v in tensors.items() if v.dtype.kind == "f" and k.startswith(MERGED_PREFIXES)]
+
+
+# --- linear methods: correctly rounded ------------------------------------------------------
+
+
+def _check_correctly_rounded(out: np.ndarray, approx: np.ndarray, exact) -> int:
+    """out == RN(exact) everywhere: equal to the float64 value rounded once, or (where they differ) the
+    float16 neighbour nearest the exact rational value, ties to even. Returns how many needed the exact check."""
+    expected = approx.astype(out.dtype)
+    differ = np.flatnonzero(out.reshape(-1).view(np.uint16) != expected.reshape(-1).view(np.uint16))
+    for index in differ:
+        value = exact(int(index))
+        got = out.reshape(-1)[index]
+        candidates = [expected.reshape(-1)[index]]
+        candidates += [np.nextafter(candidates[0], np.float16(np.inf)), np.nextafter(candidates[0], np.float16(-np.inf))]
+        best = min(candidates, key=lambda c: (abs(Fraction(float(c)) - value), int(np.array(c).view(np.uint16)) & 1))
+        assert got == best or (value == 0 and got == 0), (index, got, best, value)
+    return len(differ)
+
+
+def test_linear_methods_are_correctly_rounded_exact_references(tmp_path, models):
+    recipe = _project(tmp_path, models, LINEAR_TARGETS)
+    _build(recipe)
+    inputs = _inputs(models)
+    a, b, c = (inputs[n] for n in MODELS)
+    outputs = {name: _read(tmp_path / "dist" / f"{name}.safetensors")[0] for name in ("ws", "ws-norm", "addd", "ta")}
+    checked = 0
+    for key in _merged_keys(a):
+        block = block_of(key)
+        x = {n: inputs[n][key].astype(np.float64) for n in MODELS}
+        cases = {
+            "ws": ([(0.5, "a"), (0.3, "b"), (mapping_value(block), "c")], None),
+            "ws-norm": ([(0.7, "a"), (vector_value(block), "b")], (0.7, vector_value(block))),
+            "addd": ([(1.0, "a"), (0.7, "b"), (-0.7, "c")], None),
+            "ta": ([(1.0, "c"), (1.3 * 0.6, "a"), (-(1.3 * 0.6), "c"), (1.3 * -0.45, "b"), (-(1.3 * -0.45), "c")], None),
+        }
+        for name, (terms, divisor) in cases.items():
+            approx = sum(w * x[n] for w, n in terms)
+            exact_terms = terms
+            if name == "ta":  # the exact coefficient is the product lambda x w, not its float64 rounding
+                exact_terms = [(Fraction(1), "c"), (Fraction(1.3) * Fraction(0.6), "a"), (-Fraction(1.3) * Fraction(0.6), "c"),
+                               (Fraction(1.3) * Fraction(-0.45), "b"), (-Fraction(1.3) * Fraction(-0.45), "c")]
+            if divisor is not None:
+                approx = approx / sum(divisor)
+
+            def exact(index, exact_terms=exact_terms, divisor=divisor):
+                value = sum(Fraction(w) * Fraction(float(x[n].reshape(-1)[index])) for w, n in exact_terms)
+                return value / sum(Fraction(d) for d in divisor) if divisor is not None else value
+
+            try:
+                checked += _check_correctly_rounded(outputs[name][key], approx, exact)
+            except AssertionError as error:
+                raise AssertionError((name, key, block)) from error
+    # the VAE comes from the first model, byte for byte
+    vae = [k for k in a if not k.startswith(MERGED_PREFIXES)]  # VAE, schedule tensors, position ids
+    assert vae and all(np.array_equal(outputs["ws"][k], a[k]) for k in vae)
+    assert all(np.array_equal(outputs["ta"][k], c[k]) for k in vae)  # task arithmetic: the base is first
+
+
+# --- non-linear methods: float64 references ----------------------------------------------------
+
+
+def mask_seed(seed: int, tensor: str, model: int) -> int:
+    digest = hashlib.sha256(f"loraforge-merge-mask\x00{seed}\x00{tensor}\x00{model}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def ref_mask(shape, density: float, seed: int) -> np.ndarray:
+    return (np.random.Generator(np.random.PCG64(seed)).random(int(np.prod(shape))) < density).reshape(shape)
+
+
+def ref_trim(delta: np.ndarray, density: float) -> np.ndarray:
+    flat = delta.reshape(-1)
+    keep = math.floor(Fraction(density) * flat.size)
+    order = np.argsort(-np.abs(flat), kind="stable")[:keep]
+    out = np.zeros_like(flat)
+    out[order] = flat[order]
+    return out.reshape(delta.shape)
+
+
+def ref_ties(base, deltas, weights, scale, normalize):
+    weighted = [w * d for d, w in zip(deltas, weights)]
+    mass = np.zeros_like(base)
+    for term in weighted:
+        mass = mass + term
+    elected = np.where(mass >= 0, 1.0, -1.0)
+    mixed, divisor = np.zeros_like(base), np.zeros_like(base)
+    for term, w in zip(weighted, weights):
+        agree = np.sign(term) == elected
+        mixed = mixed + np.where(agree, term, 0.0)
+        divisor = divisor + np.where(agree, w, 0.0)
+    if normalize:
+        mixed = mixed / np.where(divisor == 0, 1.0, divisor)
+    return base + scale * mixed
+
+
+def ref_slerp(a, b, t):
+    na, nb = math.sqrt(np.sum(a * a)), math.sqrt(np.sum(b * b))
+    if na == 0 or nb == 0:
+        return (1 - t) * a + t * b
+    cos = float(np.sum((a / na) * (b / nb)))
+    if abs(cos) > 0.9995:
+        return (1 - t) * a + t * b
+    theta = math.acos(cos)
+    return (math.sin((1 - t) * theta) / math.sin(theta)) * a + (math.sin(t * theta) / math.sin(theta)) * b
+
+
+def test_nonlinear_methods_equal_float64_references_and_masks(tmp_path, models):
+    recipe = _project(tmp_path, models, NONLINEAR_TARGETS)
+    _build(recipe)
+    inputs = _inputs(models)
+    outputs = {name: _read(tmp_path / "dist" / f"{name}.safetensors")[0] for name in ("ties", "dare", "dare-ties", "slerp", "slerp-base")}
+    for key in _merged_keys(inputs["a"]):
+        block = block_of(key)
+        a, b, c = (inputs[n][key].astype(np.float64) for n in MODELS)
+        identical = all(np.array_equal(inputs[n][key], inputs["c"][key]) for n in MODELS)
+        masks = [ref_mask(a.shape, d, mask_seed(SEED, key, i)) for i, d in enumerate((0.8 if block.startswith("OUT") else 0.5,) * 2)]
+        density = 0.8 if block.startswith("OUT") else 0.5
+        dare = c + 1.0 * ((0 + 0.7 * np.where(masks[0], (a - c) / density, 0.0)) + 0.6 * np.where(masks[1], (b - c) / density, 0.0))
+        tie_masks = [ref_mask(a.shape, 0.4, mask_seed(SEED, key, i)) for i in range(2)]
+        expected = {
+            "ties": ref_ties(c, [ref_trim(a - c, 0.3), ref_trim(b - c, 0.3)], [1.0, 0.5], 1.0, True),
+            "dare": dare,
+            "dare-ties": ref_ties(c, [np.where(m, d / 0.4, 0.0) for m, d in zip(tie_masks, (a - c, b - c))], [1.0, 1.0], 0.9, False),
+            "slerp": ref_slerp(a, b, 0.3),
+            "slerp-base": c + ref_slerp(a - c, b - c, 0.2 if block == "M00" else 0.6),
+        }
+        for name, value in expected.items():
+            got = outputs[name][key]
+            if identical and name != "slerp":
+                assert np.array_equal(got, inputs["c"][key]), (name, key)  # equal inputs: copied
+                continue
+            want = value.astype(np.float16)
+            assert np.array_equal(got.view(np.uint16), want.view(np.uint16)), (name, key)
+
+
+def test_dare_masks_keep_the_density_and_differ_per_model_and_tensor():
+    shape = (64, 64)
+    first, second = ref_mask(shape, 0.3, mask_seed(0, "x", 0)), ref_mask(shape, 0.3, mask_seed(0, "x", 1))
+    assert abs(first.mean() - 0.3) < 0.03 and not np.array_equal(first, second)
+    assert not np.array_equal(first, ref_mask(shape, 0.3, mask_seed(0, "y", 0)))
+    assert not np.array_equal(first, ref_mask(shape, 0.3, mask_seed(1, "x", 0)))
+
+
+# --- merge + LoRAs, provenance, plan ---------------------------------------------------------
+
+
+def test_loras_baked_on_a_merge_equal_the_two_target_chain_and_provenance(tmp_path, models):
+    from loraforge.testing.adapters import write_synthetic_adapter
+
+    write_synthetic_adapter(tmp_path / "style.safetensors", tiny_architecture("sd1"), "lora", rank=4, seed=5)
+    targets = """\
+  direct:
+    kind: checkpoint
+    merge: {method: ties, base: c, models: [a, b], density: 0.5}
+    loras: [{use: style, strength: 0.8}]
+  merged:
+    kind: checkpoint
+    merge: {method: ties, base: c, models: [a, b], density: 0.5}
+  chained:
+    kind: checkpoint
+    base: merged
+    loras: [{use: style, strength: 0.8}]
+"""
+    recipe = _project(tmp_path, models, targets)
+    recipe.write_text(recipe.read_text().replace("inputs:\n", "inputs:\n  style: {source: style.safetensors}\n"))
+    _build(recipe)
+    direct, metadata = _read(tmp_path / "dist/direct.safetensors")
+    chained, _ = _read(tmp_path / "dist/chained.safetensors")
+    assert direct.keys() == chained.keys()
+    assert all(np.array_equal(direct[k], chained[k]) for k in direct)
+    assert metadata["modelspec.merged_from"] == "a, b, c, style"
+    assert "ties" in metadata["loraforge.merge"] and '"density":0.5' in metadata["loraforge.merge"]
+    hashes = metadata["loraforge.inputs"]
+    for name in MODELS:
+        assert hashlib.sha256((models / f"{name}.safetensors").read_bytes()).hexdigest() in hashes
+
+    result = runner.invoke(app, ["plan", str(recipe)])
+    assert result.exit_code == 0, result.output
+    assert "merge: ties of a, b against base c" in result.output and "density: 0.5" in result.output
+
+
+def test_plan_shows_each_parameter_per_block(tmp_path, models):
+    recipe = _project(tmp_path, models, LINEAR_TARGETS)
+    result = runner.invoke(app, ["plan", "--json", str(recipe)])
+    assert result.exit_code == 0, result.output
+    import json
+
+    report = next(t for t in json.loads(result.output)["targets"] if t["name"] == "ws")["merge"]
+    assert report["method"] == "weighted_sum" and report["models"] == ["a", "b", "c"]
+    per_block = report["parameters"]["weights"][2]
+    assert per_block["IN04"] == 0.5 and per_block["OUT04"] == 0.0 and per_block["M00"] == 0.25
+
+
+def test_tensor_blocks_agree_with_the_lora_block_table():
+    for family, last_out in (("sd1", "OUT11"), ("sdxl", "OUT08")):
+        arch = tiny_architecture(family)
+        for module in arch.modules:
+            component = arch.tensor_by_key[module.key].component
+            assert tensor_block(module.key, component, arch) == module.block, module.key
+            if component not in TEXT_ENCODERS:
+                assert block_of(module.key, last_out) == module.block, module.key
+
+
+# --- reproducibility -------------------------------------------------------------------------
+
+
+def test_same_bytes_for_1_and_2_threads_and_jobs(tmp_path, models):
+    targets = LINEAR_TARGETS.split("  addd:")[0] + NONLINEAR_TARGETS.split("  slerp:")[0]
+    hashes = []
+    for run, (threads, jobs) in enumerate((("1", "1"), ("2", "3"))):
+        folder = tmp_path / f"run{run}"
+        folder.mkdir()
+        recipe = _project(folder, models, targets)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MKL_"))}
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONHASHSEED=threads)
+        done = subprocess.run([sys.executable, "-m", "loraforge.cli", "build", "-q", "--jobs", jobs, str(recipe)],
+                              env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr + done.stdout
+        hashes.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((folder / "dist").iterdir())})
+    assert len(hashes[0]) == 5 and hashes[0] == hashes[1]
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+ERRORS = {
+    "unknown method": ("method: ties", "method: tie", ["recipe.yaml:13", "unknown checkpoint merge method 'tie'", "weighted_sum"]),
+    "missing parameter": (", density: 0.3", "", ["recipe.yaml:13", "needs 'density'"]),
+    "density zero": ("density: 0.3", "density: 0", ["recipe.yaml:13", "density must lie in (0, 1]"]),
+    "density above one": ("density: 0.3", "density: 1.5", ["recipe.yaml:13:52", "merge.density", "density must lie in (0, 1]"]),
+    "density block out of range": ("density: 0.3", "density: {default: 0.5, IN04: 2}", ["density must lie in (0, 1]", "IN04"]),
+    "unknown parameter": ("density: 0.3", "density: 0.3, alpha: 1", ["recipe.yaml:13", "no parameter 'alpha'"]),
+    "wrong weight count": ("weights: [1, 0.5]", "weights: [1]", ["recipe.yaml:13", "1 values for 2 models"]),
+    "no base": ("base: c, ", "", ["recipe.yaml:13", "needs a base"]),
+    "base and merge": ("    merge:", "    base: a\n    merge:", ["both base and merge"]),
+    "different families": ("models: [a, b]", "models: [a, xl]", ["recipe.yaml:13", "model 'xl' is Stable Diffusion XL", "Stable Diffusion 1.x"]),
+    "short block form": ("density: 0.3", "density: OUTD", ["name no value for block", "IN00"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERRORS))
+def test_every_bad_merge_is_one_positioned_error(tmp_path, models, case):
+    old, new, expected = ERRORS[case]
+    targets = "  ties:\n    kind: checkpoint\n    merge: {method: ties, base: c, models: [a, b], density: 0.3, weights: [1, 0.5]}\n"
+    recipe = _project(tmp_path, models, targets)
+    text = recipe.read_text().replace("  c: {source: models/c.safetensors}\n", "  c: {source: models/c.safetensors}\n  xl: {source: models/xl.safetensors}\n")
+    assert old in text
+    recipe.write_text(text.replace(old, new, 1))
+    result = runner.invoke(app, ["build", "-q", str(recipe)])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert message.startswith("error:") and "Traceback" not in message
+    for fragment in expected:
+        assert fragment in message, (fragment, message)
+    assert not (tmp_path / "dist").exists()
