@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from loraforge.errors import FormatError
-from loraforge.formats.adapters import AdapterFile, parse_adapter
+from loraforge.formats.adapters import AdapterFile, flux_names, parse_adapter
 from loraforge.formats.adapters.matching import detect_adapter_architecture, match_adapter
 from loraforge.formats.arch import detect_architecture
 from loraforge.formats.hashing import autov2, data_sha256, file_sha256
@@ -63,6 +63,7 @@ def _describe_checkpoint(file: SafetensorsFile, detection) -> dict:
         "kind": "checkpoint",
         "architecture": arch.name,
         "architecture_title": arch.title,
+        "variant": arch.variant or None,
         "size_class": arch.size,
         "size_text": arch.size_text,
         "dimensions": dict(arch.dimensions),
@@ -86,6 +87,7 @@ def _describe_adapter(adapter: AdapterFile) -> dict:
         "adapter_kind": adapter.kind,
         "architecture": arch.name,
         "architecture_title": arch.title,
+        "dialect": _dialect(adapter, arch),
         "size_class": arch.size,
         "size_text": arch.size_text,
         "dimensions": dict(arch.dimensions),
@@ -100,6 +102,13 @@ def _describe_adapter(adapter: AdapterFile) -> dict:
         "shape_mismatches": sorted(m.name for m, _ in match.shape_mismatches),
         "unclaimed_keys": list(adapter.unclaimed),
     }
+
+
+def _dialect(adapter: AdapterFile, arch) -> str | None:
+    """Which tool's naming the adapter uses, where a family has several (Flux: kohya, diffusers, ...)."""
+    if arch.name != flux_names.FAMILY:
+        return None
+    return flux_names.dialect([m.name for m in adapter.modules]) or None
 
 
 def _variant(module) -> str:

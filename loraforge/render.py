@@ -55,6 +55,7 @@ def _kind_line(report: dict) -> str:
     if report["kind"] == "adapter":
         arch = report.get("architecture_title")
         where = f" for {arch} ({report['size_text']})" if arch else ""
+        where += f", {report['dialect']} naming" if report.get("dialect") else ""
         return f"{report['adapter_kind']} adapter{where}"
     return "unrecognised"
 

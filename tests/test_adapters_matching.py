@@ -161,15 +161,15 @@ def test_sdxl_both_text_encoders(tmp_path):
 
 
 def test_detection_fails_clearly(tmp_path):
-    path = tmp_path / "flux.safetensors"
+    path = tmp_path / "sd3.safetensors"  # SD3 (MMDiT): no family yet (Flux LoRAs are recognised: tests/test_flux.py)
     save_tensors(
         path,
         {
-            "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 3072),
-            "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(9216, 4),
+            "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight": torch.zeros(4, 1536),
+            "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight": torch.zeros(4608, 4),
         },
     )
-    with pytest.raises(FormatError, match=r"no module of .*flux\.safetensors matches SD1/SD2/SDXL.*double_blocks"):
+    with pytest.raises(FormatError, match=r"no module of .*sd3\.safetensors matches SD1/SD2/SDXL/Flux.1.*joint_blocks"):
         detect_adapter_architecture(_parse(path))
 
 

@@ -15,7 +15,9 @@ from loraforge.formats.arch.family import assemble
 from loraforge.formats.arch.unet import RESNET_RENAMES, diffusers_to_ldm, ldm_to_diffusers, unit_map
 from loraforge.testing.arch import TINY, architecture_at, tiny_architecture
 
-ALL_TABLES = [(name, size) for name in ARCHITECTURE_NAMES for size in ("full", "tiny")]
+# The Stable Diffusion families (UNet, LDM naming); Flux has its own table tests (tests/test_flux.py).
+SD_NAMES = tuple(n for n in ARCHITECTURE_NAMES if n != "flux")
+ALL_TABLES = [(name, size) for name in SD_NAMES for size in ("full", "tiny")]
 UNET = "model.diffusion_model."
 
 
@@ -187,7 +189,7 @@ def test_diffusers_names_are_unique_and_agree_with_kohya(name, size):
             assert re.fullmatch(r"text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])", path)
 
 
-@pytest.mark.parametrize("name", ARCHITECTURE_NAMES)
+@pytest.mark.parametrize("name", SD_NAMES)
 def test_tiny_has_the_same_keys_and_modules_with_smaller_shapes(name):
     full, tiny = get_architecture(name), tiny_architecture(name)
     assert [t.key for t in tiny.tensors] == [t.key for t in full.tensors]
@@ -306,7 +308,7 @@ def test_unit_map_equals_the_reference_rules(name, levels, attention_levels):
     assert {u.ldm: u.diffusers for u in unit_map(config)} == expected
 
 
-@pytest.mark.parametrize("name", ARCHITECTURE_NAMES)
+@pytest.mark.parametrize("name", SD_NAMES)
 def test_every_unet_key_round_trips_through_diffusers_naming(name):
     config = get_config(name).unet
     seen = set()
@@ -346,22 +348,22 @@ def test_get_architecture_is_cached_and_fast():
 
 
 def test_metadata_fields():
-    assert [get_architecture(n).ss_base_model_version for n in ARCHITECTURE_NAMES] == ["sd_v1", "sd_v2", "sdxl_base_v1-0"]
+    assert [get_architecture(n).ss_base_model_version for n in SD_NAMES] == ["sd_v1", "sd_v2", "sdxl_base_v1-0"]
     assert get_architecture("sdxl").modelspec_architecture == "stable-diffusion-xl-v1-base"
-    assert [get_architecture(n).modelspec_implementation for n in ARCHITECTURE_NAMES] == [
+    assert [get_architecture(n).modelspec_implementation for n in SD_NAMES] == [
         "https://github.com/CompVis/stable-diffusion",
         "https://github.com/Stability-AI/stablediffusion",
         "https://github.com/Stability-AI/generative-models",
     ]
-    assert [get_architecture(n).ss_v2 for n in ARCHITECTURE_NAMES] == [False, True, False]
+    assert [get_architecture(n).ss_v2 for n in SD_NAMES] == [False, True, False]
     assert get_architecture("sd1").size == "full"
     assert tiny_architecture("sd1").size == "scaled"
     assert tiny_architecture("sd1").dimensions_text == "model channels 16, context 24, vocab 64, vae channels 8"
 
 
 def test_unknown_architecture_and_dimension_are_user_errors():
-    with pytest.raises(LoraforgeError, match=r"Unknown architecture 'flux'.*sd1, sd2, sdxl"):
-        get_architecture("flux")
+    with pytest.raises(LoraforgeError, match=r"Unknown architecture 'sd4'.*sd1, sd2, sdxl, flux"):
+        get_architecture("sd4")
     with pytest.raises(LoraforgeError, match=r"sd1 has no dimension huge; its dimensions are model_channels, context"):
         get_architecture("sd1", {"huge": 1})
 
@@ -381,6 +383,6 @@ def test_generator_guards_reject_unknown_inputs():
     from loraforge.formats.arch.unet import ldm_block_id
 
     with pytest.raises(ValueError, match="unknown text encoder naming"):
-        build_text_encoder(TableBuilder("F32"), replace(get_config("sd1").text_encoders[0], naming="t5"))
+        build_text_encoder(TableBuilder("F32"), replace(get_config("sd1").text_encoders[0], naming="t6"))
     with pytest.raises(ValueError, match="not a UNet path"):
         ldm_block_id("decoder.up.0", 11)

@@ -20,7 +20,6 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from loraforge.errors import BuildError, FormatError
-from loraforge.execute.checkpoint_merge import MergedBase
 from loraforge.execute.device import single_threaded_torch
 from loraforge.execute.resources import Resources
 from loraforge.execute.prefetch import prefetched
@@ -36,7 +35,7 @@ from loraforge.formats.hashing import modelspec_hash
 from loraforge.formats.metadata import HASH_KEY, checkpoint_metadata, release_date
 from loraforge.formats.safetensors_reader import SafetensorsFile, open_safetensors
 from loraforge.formats.safetensors_writer import SafetensorsWriter, TensorPlan, WriteResult
-from loraforge.ops.bake import DenseTerm, LowRankTerm, Term, bake_weight
+from loraforge.ops.bake import DenseTerm, LowRankTerm, Term, bake_weight, swap_halves
 from loraforge.ops.rounding import round_float64
 from loraforge.ops.finite import all_finite, nonfinite_counts, overflow_count
 from loraforge.plan.provenance import output_title, provenance_fields
@@ -73,7 +72,7 @@ def run_bake(
 ) -> BakeResult:
     """Build one checkpoint target into its output path (atomically)."""
     with ExitStack() as stack:
-        base = stack.enter_context(open_safetensors(target.base_path) if target.merge is None else MergedBase(target.merge, target.name))
+        base = stack.enter_context(open_safetensors(target.base_path))
         adapters = [stack.enter_context(open_safetensors(i.path)) for i in target.ingredients]
         layout = output_layout(base, target.save, baked=target.applications)
         _check_base_matches_plan(base, target)
@@ -137,25 +136,32 @@ def _bake_tensor(
 def _terms(weight, applications, adapters, device) -> Iterator[Term]:
     """Each application's contribution, computed lazily so only one dense delta is alive at a time."""
     for application in applications:
-        factors = load_factors(adapters[application.ingredient], application.module, device=device)
-        if not all_finite(factors.values()):
-            raise _NonFiniteFactors(application.ingredient)
-        rows = application.spec.rows
-        target = weight if rows is None else weight[rows[0]:rows[1]]
-        if application.part == "bias":
-            yield DenseTerm(application.coefficient, module_bias_delta(application.module, factors), rows)
-            continue
-        low_rank = module_low_rank(application.module, factors)
-        if low_rank is not None:
-            up, down = low_rank
-            yield LowRankTerm(up, down, rows, application.coefficient, application.module.scale)
+        terms = _application_terms(weight, application, adapters, device)
+        if application.spec.swap_halves:  # Flux norm_out.linear: its ΔW [a; b] lands as [b; a] (weight or bias)
+            terms = (half for term in terms for half in swap_halves(term, weight.shape[0]))
+        yield from terms
+
+
+def _application_terms(weight, application, adapters, device) -> Iterator[Term]:
+    factors = load_factors(adapters[application.ingredient], application.module, device=device)
+    if not all_finite(factors.values()):
+        raise _NonFiniteFactors(application.ingredient)
+    rows = application.spec.rows
+    target = weight if rows is None else weight[rows[0]:rows[1]]
+    if application.part == "bias":
+        yield DenseTerm(application.coefficient, module_bias_delta(application.module, factors), rows)
+        return
+    low_rank = module_low_rank(application.module, factors)
+    if low_rank is not None:
+        up, down = low_rank
+        yield LowRankTerm(up, down, rows, application.coefficient, application.module.scale)
+    else:
+        delta = module_effective_delta(application.module, factors, target)
+        certificate = module_certificate(application.module, factors, tuple(target.shape))
+        if certificate is None:  # DoRA: its float64 evaluation is the term's value
+            yield DenseTerm(application.coefficient, delta, rows)
         else:
-            delta = module_effective_delta(application.module, factors, target)
-            certificate = module_certificate(application.module, factors, tuple(target.shape))
-            if certificate is None:  # DoRA: its float64 evaluation is the term's value
-                yield DenseTerm(application.coefficient, delta, rows)
-            else:
-                yield DenseTerm(application.coefficient, delta, rows, certificate.envelope, certificate.depth, certificate.exact)
+            yield DenseTerm(application.coefficient, delta, rows, certificate.envelope, certificate.depth, certificate.exact)
 
 
 class _NonFiniteFactors(Exception):
@@ -280,10 +286,6 @@ def _output_metadata(plan: BuildPlan, target: BakeTarget) -> dict[str, str]:
         target.architecture,
         title=output_title(plan.loaded, target.name),
         date=release_date(plan.loaded.recipe.date),
-        merged_from=[*_started_from(target), *(i.use for i in target.ingredients)],
-        provenance={**provenance_fields(plan, target), **({"merge": target.merge.provenance_json()} if target.merge else {})},
+        merged_from=[target.base, *(i.use for i in target.ingredients)],
+        provenance=provenance_fields(plan, target),
     )
-
-
-def _started_from(target: BakeTarget) -> list[str]:
-    return [m.name for m in target.merge.models] if target.merge is not None else [target.base]

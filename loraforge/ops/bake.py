@@ -89,6 +89,31 @@ class LowRankTerm:
 Term = Union[DenseTerm, LowRankTerm]
 
 
+def swap_halves(term: Term, rows: int) -> tuple[Term, Term]:
+    """A term on a whole tensor of ``rows`` rows whose ΔW [a; b] lands as [b; a], as two row-slice terms.
+
+    Flux: diffusers' ``norm_out.linear`` is BFL's ``final_layer.adaLN_modulation.1``
+    with scale and shift swapped. Each half keeps its exact values, so the bake stays correctly rounded.
+    """
+    if term.rows is not None or rows % 2:
+        raise ValueError("swap_halves needs a term on a whole tensor with an even number of rows")
+    half = rows // 2
+    if isinstance(term, LowRankTerm):
+        return (
+            LowRankTerm(term.up[half:], term.down, (0, half), term.coefficient, term.scale),
+            LowRankTerm(term.up[:half], term.down, (half, rows), term.coefficient, term.scale),
+        )
+    width = term.delta[0].numel() if term.delta.dim() > 1 else 1
+
+    def part(first: int, stop: int, target: tuple[int, int]) -> DenseTerm:
+        exact = term.exact
+        shifted = None if exact is None else (lambda index, _offset=first * width: exact(index + _offset))
+        envelope = None if term.envelope is None else term.envelope[first:stop]
+        return DenseTerm(term.coefficient, term.delta[first:stop], target, envelope, term.depth, shifted)
+
+    return part(half, rows, (0, half)), part(0, half, (half, rows))
+
+
 def bake_weight(
     weight: Tensor,
     terms: Iterable[Term],

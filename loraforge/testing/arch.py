@@ -19,6 +19,12 @@ TINY: dict[str, MappingProxyType] = {
         "model_channels": 16, "context": 16 + 32, "clip_l_width": 16, "clip_g_width": 32, "vocab": 64,
         "adm_in_channels": 32 + 6 * 8, "vae_channels": 8,
     }),
+    # Flux.1 dev, all-in-one layout: hidden 32 (4 heads of 8), 2 double + 3 single blocks, T5 of 2 layers.
+    "flux": MappingProxyType({
+        "hidden": 32, "head_dim": 8, "depth": 2, "depth_single": 3, "in_channels": 16, "out_channels": 16,
+        "context_in": 24, "vec_in": 16, "clip_l_width": 16, "clip_vocab": 64, "t5_width": 24, "t5_heads": 2,
+        "t5_inner": 16, "t5_ff": 40, "t5_layers": 2, "t5_vocab": 64, "vae_channels": 8,
+    }),
 }
 
 

@@ -8,7 +8,7 @@ from loraforge.errors import FormatError
 from loraforge.formats.arch import ARCHITECTURE_NAMES, Architecture, ModuleSpec, get_architecture, get_family
 from loraforge.ops.deltas import delta_fits
 
-from . import aliases
+from . import aliases, flux_names
 from .kinds import adapter_kind
 from .model import AdapterFile, AdapterModule
 
@@ -32,6 +32,8 @@ def find_spec(module: AdapterModule, arch: Architecture) -> ModuleSpec | None:
     without a component prefix (a UNet saved on its own with
     ``save_lora_adapter``) are looked up as UNet modules.
     """
+    if arch.name == flux_names.FAMILY:  # Flux's dialects, split q/k/v rows included (flux_names.py)
+        return flux_names.lookup(module.name, arch)
     return aliases.lookup(module.name, module.naming, arch)
 
 
@@ -90,7 +92,7 @@ def detect_adapter_architecture(adapter: AdapterFile) -> Architecture:
     if best_arch is None:
         first = ", ".join(m.name for m in adapter.modules[:3]) or ", ".join(adapter.unclaimed[:3]) or "(none)"
         raise FormatError(
-            f"no module of {adapter.path} matches SD1/SD2/SDXL (names and shapes); first modules: {first}. "
+            f"no module of {adapter.path} matches SD1/SD2/SDXL/Flux.1 (names and shapes); first modules: {first}. "
             "The adapter is for another model family, or uses a naming loraforge does not know; check where "
             "it came from."
         )

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from ...errors import PlanError
-from .registry import FAMILIES, get_family
+from .registry import FAMILIES, get_architecture, get_family
 from .table import Architecture
 
 
@@ -45,7 +45,7 @@ for _family in FAMILIES.values():
 UNIFORM_PRESETS: tuple[str, ...] = tuple(name for name, values in PRESETS.items() if len(set(values)) == 1)
 
 DEFAULT_KEY = "default"
-_BLOCK_ID = re.compile(r"^(BASE|M|IN|OUT)(\d\d)?$")
+_BLOCK_ID = re.compile(r"^(BASE|M|IN|OUT|CLIP|T5|D|S)(\d\d)?$")  # Flux: CLIP, T5, IN, D00-D18, S00-S37, OUT
 
 
 @dataclass(frozen=True)
@@ -137,11 +137,22 @@ def _from_vector(values: list[float], arch: Architecture, description: str) -> B
     if form is None:
         raise BlockWeightError(
             f"A block-weight vector for {arch.title} must have {_valid_lengths(arch)} values; this one has "
-            f"{len(values)}. The {len(arch.full_block_form)}-value form is "
-            f"{', '.join(arch.full_block_form)}; the short form is "
-            f"{', '.join(arch.block_forms[min(arch.block_forms)])}."
+            f"{len(values)}{_other_family_form(len(values), arch)}. The {len(arch.full_block_form)}-value form is "
+            f"{', '.join(arch.full_block_form)}"
+            + (f"; the short form is {', '.join(arch.block_forms[min(arch.block_forms)])}." if len(arch.block_forms) > 1 else ".")
         )
     return _result(dict(zip(form, values)), description, arch)
+
+
+def _other_family_form(length: int, arch: Architecture) -> str:
+    """", which is the length of <another family>'s form" when it is (an SD vector given for Flux, say)."""
+
+    others = [family.title for name, family in FAMILIES.items()
+              if name != arch.name and length in get_architecture(name).block_forms]
+    if not others:
+        return ""
+    return (f", which is the length of a {' / '.join(others)} vector: block weights name blocks of one "
+            f"architecture and do not carry over to {arch.title}")
 
 
 def _parse_mapping(spec: Mapping, arch: Architecture) -> BlockWeights:

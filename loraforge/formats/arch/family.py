@@ -52,12 +52,18 @@ class ArchitectureConfig:
     family: "Family"
     dimensions: Dimensions
     float_dtype: str
-    unet: UNetConfig
+    unet: UNetConfig | None  # None for a family whose denoiser is built by ``builders`` (Flux's transformer)
     text_encoders: tuple[TextEncoderConfig, ...]
-    vae: VAEConfig
+    vae: VAEConfig | None
     block_forms: tuple[tuple[int, tuple[str, ...]], ...]  # (length, block ids), longest first
     # Other tensors of a full checkpoint: (key, shape, dtype or None for float_dtype).
     other: tuple[tuple[str, tuple[int, ...], str | None], ...] = ()
+    # Component builders a family defines itself (flux.py: the transformer, T5), run before the UNet.
+    builders: tuple[Callable[[TableBuilder], None], ...] = ()
+    # A family with variants (Flux dev / schnell / Fill) names the one these dimensions describe.
+    variant: str = ""
+    title: str | None = None  # the family's title where None
+    modelspec_architecture: str | None = None  # the family's where None
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,13 @@ class Family:
     # Named block-weight presets: (name, one value per block of ``preset_form``).
     block_presets: tuple[tuple[str, tuple[float, ...]], ...] = ()
     preset_form: tuple[str, ...] = ()
+    # Dimensions read by code rather than at one anchor (block counts, the presence of a tensor,
+    # the key layout): shapes -> {name: value}; applied after the anchors.
+    infer_extra: Callable[[Mapping[str, tuple[int, ...]]], Mapping[str, int]] | None = None
+    # Dimensions that pick a variant or a key layout, not a size: ignored when telling full from scaled.
+    variant_dimensions: tuple[str, ...] = ()
+    # Adapter module-name prefixes -> component, besides the text encoders' own (flux.py: transformer dialects).
+    adapter_prefixes: tuple[tuple[str, str], ...] = ()
 
     def dimensions(self, values: Mapping[str, int] | None = None) -> Dimensions:
         """The full dimensions with ``values`` put in; unknown names are a ValueError."""
@@ -101,7 +114,14 @@ class Family:
                 if shape is not None and len(shape) > axis and shape[axis] > 0 and shape[axis] % divisor == 0:
                     found[name] = int(shape[axis]) // divisor
                     break
+        if self.infer_extra is not None:
+            found.update(self.infer_extra(shapes))
         return self.dimensions(found)
+
+    def is_full(self, dimensions: Dimensions) -> bool:
+        """The released model's size (variant and layout dimensions aside)."""
+        sizes = dict(self.full)
+        return all(value == sizes[name] for name, value in dimensions if name not in self.variant_dimensions)
 
 
 def schedule_tensors() -> tuple[tuple[str, tuple[int, ...], None], ...]:
@@ -110,18 +130,22 @@ def schedule_tensors() -> tuple[tuple[str, tuple[int, ...], None], ...]:
 
 def assemble(config: ArchitectureConfig) -> Architecture:
     builder = TableBuilder(config.float_dtype)
-    build_unet(builder, config.unet)
+    for build in config.builders:
+        build(builder)
+    if config.unet is not None:
+        build_unet(builder, config.unet)
     for text_encoder in config.text_encoders:
         build_text_encoder(builder, text_encoder)
-    build_vae(builder, config.vae)
+    if config.vae is not None:
+        build_vae(builder, config.vae)
     for key, shape, dtype in config.other:
         builder.tensor(key, shape, "other", dtype=dtype)
     family = config.family
     return Architecture(
         name=family.name,
-        title=family.title,
-        size="full" if config.dimensions == family.full else "scaled",
-        modelspec_architecture=family.modelspec_architecture,
+        title=config.title or family.title,
+        size="full" if family.is_full(config.dimensions) else "scaled",
+        modelspec_architecture=config.modelspec_architecture or family.modelspec_architecture,
         ss_base_model_version=family.ss_base_model_version,
         tensors=tuple(builder.tensors),
         modules=tuple(builder.modules),
@@ -129,4 +153,5 @@ def assemble(config: ArchitectureConfig) -> Architecture:
         modelspec_implementation=family.modelspec_implementation,
         ss_v2=family.ss_v2,
         dimensions=config.dimensions,
+        variant=config.variant,
     )

@@ -6,12 +6,12 @@ from collections.abc import Mapping
 from functools import lru_cache
 
 from ...errors import PlanError
-from . import sd1, sd2, sdxl
+from . import flux, sd1, sd2, sdxl
 from .family import ArchitectureConfig, Dimensions, Family, assemble
 from .table import Architecture
 from .unet import DIFFUSERS_UNET_PREFIX, KOHYA_UNET_PREFIX
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (sd1.FAMILY, sd2.FAMILY, sdxl.FAMILY)}
+FAMILIES: dict[str, Family] = {family.name: family for family in (sd1.FAMILY, sd2.FAMILY, sdxl.FAMILY, flux.FAMILY)}
 ARCHITECTURE_NAMES: tuple[str, ...] = tuple(FAMILIES)
 
 
@@ -23,7 +23,7 @@ def get_family(name: str) -> Family:
     if name not in FAMILIES:
         raise UnknownArchitectureError(
             f"Unknown architecture {name!r}. Supported architectures are: "
-            f"{', '.join(ARCHITECTURE_NAMES)} (Stable Diffusion 1.x, 2.x and XL base). "
+            f"{', '.join(ARCHITECTURE_NAMES)} (Stable Diffusion 1.x, 2.x, XL base and Flux.1). "
             "Fix the architecture name in the recipe, or leave it out to detect it from the base checkpoint."
         )
     return FAMILIES[name]
@@ -56,6 +56,8 @@ def component_prefixes() -> tuple[tuple[str, str], ...]:
     """(adapter module-name prefix, component) of every family: kohya and diffusers, UNet and text encoders."""
     prefixes = {KOHYA_UNET_PREFIX: "unet", DIFFUSERS_UNET_PREFIX: "unet"}
     for name in ARCHITECTURE_NAMES:  # a prefix two families share keeps the first family's component
+        for prefix, component in get_family(name).adapter_prefixes:
+            prefixes.setdefault(prefix, component)
         for encoder in get_config(name).text_encoders:
             prefixes.setdefault(encoder.kohya_prefix, encoder.component)
             prefixes.setdefault(encoder.diffusers_prefix, encoder.component)

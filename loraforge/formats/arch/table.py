@@ -14,7 +14,7 @@ from functools import cached_property
 
 # Components a checkpoint tensor belongs to. SD1/SD2 have one text encoder
 # ("te"); SDXL has two ("te1" = CLIP ViT-L, "te2" = OpenCLIP ViT-bigG).
-COMPONENTS = ("unet", "te", "te1", "te2", "vae", "other")
+COMPONENTS = ("unet", "te", "te1", "te2", "vae", "other")  # Flux: transformer "unet", CLIP-L "te1", T5 "te2"
 TEXT_ENCODERS = ("te", "te1", "te2")
 
 
@@ -40,6 +40,9 @@ class ModuleSpec:
     block: str  # LoRA-Block-Weight block id: "BASE", "IN00".."IN11", "M00", "OUT00".."OUT11"
     component: str  # one of COMPONENTS (never "vae"/"other")
     bias_key: str | None = None  # checkpoint bias key of the same layer (for .diff_b), if any
+    # The adapter's ΔW rows are [a; b] and land as [b; a]: diffusers' norm_out.linear is BFL's
+    # final_layer.adaLN_modulation.1 with scale and shift swapped (formats/adapters/flux_names.py).
+    swap_halves: bool = False
 
     @property
     def is_conv(self) -> bool:
@@ -66,6 +69,7 @@ class Architecture:
     modelspec_implementation: str = ""  # ModelSpec: the reference code base whose key layout the files use
     ss_v2: bool = False  # kohya metadata ``ss_v2``
     dimensions: tuple[tuple[str, int], ...] = ()  # (name, value), e.g. ("model_channels", 320)
+    variant: str = ""  # a family's variant where it has several (Flux: "dev", "schnell", "fill", "control")
 
     @property
     def dimensions_text(self) -> str:

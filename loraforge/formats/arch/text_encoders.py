@@ -33,6 +33,12 @@ class TextEncoderConfig:
     layers: int
     vocab: int = 49408
     projection_dim: int | None = None  # OpenCLIP text_projection output width
+    block: str = "BASE"  # LoRA-Block-Weight block of every module (Flux: "CLIP", "T5")
+    position_ids: bool = True  # HF CLIP: the position_ids buffer is saved (Flux all-in-one files lack it)
+    # T5 encoder (naming "t5"): attention heads, q/k/v width (heads x d_kv), gated-FF width.
+    heads: int = 0
+    inner: int = 0
+    ff: int = 0
 
 
 def _hf_module_path(layer: int, name: str) -> str:
@@ -41,7 +47,7 @@ def _hf_module_path(layer: int, name: str) -> str:
 
 def _targets(config: TextEncoderConfig, layer: int, name: str) -> tuple[str, str, str]:
     path = _hf_module_path(layer, name)
-    return kohya_name(config.kohya_prefix, path), config.diffusers_prefix + path, "BASE"
+    return kohya_name(config.kohya_prefix, path), config.diffusers_prefix + path, config.block
 
 
 def build_text_encoder(builder: TableBuilder, config: TextEncoderConfig) -> None:
@@ -49,6 +55,8 @@ def build_text_encoder(builder: TableBuilder, config: TextEncoderConfig) -> None
         _build_hf_clip(builder, config)
     elif config.naming == "openclip":
         _build_openclip(builder, config)
+    elif config.naming == "t5":
+        _build_t5(builder, config)
     else:
         raise ValueError(f"unknown text encoder naming {config.naming!r}")
 
@@ -57,7 +65,8 @@ def _build_hf_clip(builder: TableBuilder, c: TextEncoderConfig) -> None:
     p, w, ff = c.key_prefix, c.width, 4 * c.width
     builder.tensor(f"{p}embeddings.token_embedding.weight", (c.vocab, w), c.component)
     builder.tensor(f"{p}embeddings.position_embedding.weight", (CONTEXT_LENGTH, w), c.component)
-    builder.tensor(f"{p}embeddings.position_ids", (1, CONTEXT_LENGTH), c.component, dtype="I64")
+    if c.position_ids:
+        builder.tensor(f"{p}embeddings.position_ids", (1, CONTEXT_LENGTH), c.component, dtype="I64")
     for i in range(c.layers):
         layer = f"{p}encoder.layers.{i}."
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
@@ -88,3 +97,34 @@ def _build_openclip(builder: TableBuilder, c: TextEncoderConfig) -> None:
         builder.layer(f"{block}mlp.c_fc", (ff, w), c.component, target=_targets(c, i, "mlp.fc1"))
         builder.layer(f"{block}mlp.c_proj", (w, ff), c.component, target=_targets(c, i, "mlp.fc2"))
         builder.norm(f"{block}ln_2", w, c.component)
+
+
+T5_RELATIVE_BUCKETS = 32  # T5's relative_attention_num_buckets
+
+
+def _build_t5(builder: TableBuilder, c: TextEncoderConfig) -> None:
+    """transformers' T5EncoderModel (Flux's T5-XXL): gated-GELU FF, RMS layer norms, no biases.
+
+    LoRA names are the module paths (kohya ``lora_te3_encoder_block_0_layer_0_SelfAttention_q``).
+    """
+    p, w = c.key_prefix, c.width
+    builder.tensor(f"{p}shared.weight", (c.vocab, w), c.component)
+    for i in range(c.layers):
+        block = f"encoder.block.{i}."
+        for proj in ("q", "k", "v"):
+            path = f"{block}layer.0.SelfAttention.{proj}"
+            builder.layer(p + path, (c.inner, w), c.component, bias=False, target=_t5_target(c, path))
+        path = f"{block}layer.0.SelfAttention.o"
+        builder.layer(p + path, (w, c.inner), c.component, bias=False, target=_t5_target(c, path))
+        if i == 0:
+            builder.tensor(f"{p}{block}layer.0.SelfAttention.relative_attention_bias.weight", (T5_RELATIVE_BUCKETS, c.heads), c.component)
+        builder.tensor(f"{p}{block}layer.0.layer_norm.weight", (w,), c.component)
+        for proj, shape in (("wi_0", (c.ff, w)), ("wi_1", (c.ff, w)), ("wo", (w, c.ff))):
+            path = f"{block}layer.1.DenseReluDense.{proj}"
+            builder.layer(p + path, shape, c.component, bias=False, target=_t5_target(c, path))
+        builder.tensor(f"{p}{block}layer.1.layer_norm.weight", (w,), c.component)
+    builder.tensor(f"{p}encoder.final_layer_norm.weight", (w,), c.component)
+
+
+def _t5_target(c: TextEncoderConfig, path: str) -> tuple[str, str, str]:
+    return kohya_name(c.kohya_prefix, path), c.diffusers_prefix + path, c.block

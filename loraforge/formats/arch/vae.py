@@ -20,17 +20,20 @@ class VAEConfig:
     num_res_blocks: int = 2
     z_channels: int = 4
     image_channels: int = 3
+    prefix: str = VAE_PREFIX  # Flux all-in-one files: "vae."
+    quant_conv: bool = True  # Flux's autoencoder has no quant_conv / post_quant_conv
 
 
 class _VAEEmitter:
-    def __init__(self, builder: TableBuilder):
+    def __init__(self, builder: TableBuilder, prefix: str = VAE_PREFIX):
         self.builder = builder
+        self.prefix = prefix
 
     def conv(self, key: str, cout: int, cin: int, kernel: int) -> None:
-        self.builder.layer(VAE_PREFIX + key, (cout, cin, kernel, kernel), "vae")
+        self.builder.layer(self.prefix + key, (cout, cin, kernel, kernel), "vae")
 
     def norm(self, key: str, channels: int) -> None:
-        self.builder.norm(VAE_PREFIX + key, channels, "vae")
+        self.builder.norm(self.prefix + key, channels, "vae")
 
     def resnet(self, key: str, cin: int, cout: int) -> None:
         self.norm(f"{key}.norm1", cin)
@@ -49,7 +52,7 @@ class _VAEEmitter:
 
 
 def build_vae(builder: TableBuilder, config: VAEConfig) -> None:
-    emit, c = _VAEEmitter(builder), config
+    emit, c = _VAEEmitter(builder, config.prefix), config
     levels = len(c.channel_mult)
     # Encoder: downsampling path, then the middle block, then moments (mean, logvar).
     emit.conv("encoder.conv_in", c.channels, c.image_channels, 3)
@@ -75,5 +78,6 @@ def build_vae(builder: TableBuilder, config: VAEConfig) -> None:
             emit.conv(f"decoder.up.{level}.upsample.conv", ch, ch, 3)
     emit.norm("decoder.norm_out", ch)
     emit.conv("decoder.conv_out", c.image_channels, ch, 3)
-    emit.conv("quant_conv", 2 * c.z_channels, 2 * c.z_channels, 1)
-    emit.conv("post_quant_conv", c.z_channels, c.z_channels, 1)
+    if c.quant_conv:
+        emit.conv("quant_conv", 2 * c.z_channels, 2 * c.z_channels, 1)
+        emit.conv("post_quant_conv", c.z_channels, c.z_channels, 1)

@@ -1,0 +1,429 @@
+"""Flux.1 end to end (issue 15): the family as data, detection, every LoRA dialect, block weights, bakes.
+
+References are independent of loraforge's bake: the expected checkpoint is
+computed here in float64 from the tensors as written (read back with the
+`safetensors` package), with the row layout of the fused BFL weights written
+out by hand from diffusers' ``convert_flux_transformer_checkpoint_to_diffusers``
+(q | k | v | mlp rows of ``linear1``; scale/shift swap of
+``final_layer.adaLN_modulation.1``), then rounded once to bfloat16.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from loraforge.cli import app
+from loraforge.errors import LoraforgeError
+from loraforge.formats.adapters import parse_adapter
+from loraforge.formats.adapters.matching import detect_adapter_architecture, match_adapter
+from loraforge.formats.arch import detect_architecture, get_architecture, parse_block_weights
+from loraforge.formats.hashing import data_sha256
+from loraforge.formats.safetensors_reader import open_safetensors
+from loraforge.formats.safetensors_writer import save_tensors
+from loraforge.testing.arch import TINY, tiny_architecture
+from loraforge.testing.checkpoints import write_synthetic_checkpoint
+
+runner = CliRunner()
+TINY_FLUX = dict(TINY["flux"])
+H = TINY_FLUX["hidden"]
+MLP = 4 * H
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+# --------------------------------------------------------------------------- the family as data
+
+
+def test_full_size_counts_match_the_released_files():
+    """780 transformer tensors (11.90 B parameters), CLIP-L 196, T5-XXL 219, VAE 244 (sd-mecha's flux config)."""
+    arch = get_architecture("flux")
+    assert (arch.title, arch.variant, arch.size) == ("Flux.1 [dev]", "dev", "full")
+    per = {}
+    for t in arch.tensors:
+        count, params = per.get(t.component, (0, 0))
+        per[t.component] = (count + 1, params + math.prod(t.shape))
+    assert per["unet"] == (780, 11_901_408_320)
+    assert per["te1"][0] == 196 and per["te2"][0] == 219 and per["vae"][0] == 244
+    assert round(per["te2"][1] / 1e9, 2) == 4.76
+    shapes = {t.key: t.shape for t in arch.tensors}
+    p = "model.diffusion_model."
+    assert shapes[p + "double_blocks.0.img_attn.qkv.weight"] == (9216, 3072)
+    assert shapes[p + "single_blocks.37.linear1.weight"] == (21504, 3072)
+    assert shapes[p + "single_blocks.0.linear2.weight"] == (3072, 15360)
+    assert shapes[p + "double_blocks.18.txt_mod.lin.weight"] == (18432, 3072)
+    assert shapes[p + "final_layer.adaLN_modulation.1.weight"] == (6144, 3072)
+    assert shapes[p + "double_blocks.0.img_attn.norm.query_norm.scale"] == (128,)
+    # 304 linears inside the blocks (Forge: "Patching LoRAs for KModel: 304/304") + 10 outside; sum(in+out) per rank
+    block_modules = [m for m in arch.modules if m.component == "unet" and m.block[0] in "DS"]
+    assert len(block_modules) == 304
+    assert sum(m.shape[0] + m.shape[1] for m in block_modules) == 4_786_176
+    assert len(arch.full_block_form) == 61
+    assert arch.full_block_form[:4] == ("CLIP", "T5", "IN", "D00") and arch.full_block_form[-2:] == ("S37", "OUT")
+
+
+def test_metadata_strings():
+    dev, schnell = get_architecture("flux"), get_architecture("flux", {"guidance": 0})
+    assert (dev.modelspec_architecture, schnell.modelspec_architecture) == ("flux-1-dev", "flux-1-schnell")
+    assert dev.ss_base_model_version == "flux1"
+    assert dev.modelspec_implementation == "https://github.com/black-forest-labs/flux"
+    assert schnell.size == "full" and schnell.title == "Flux.1 [schnell]"
+
+
+def _shapes(arch, drop=()):
+    return {t.key: t.shape for t in arch.tensors if not any(t.key.startswith(d) for d in drop)}
+
+
+@pytest.mark.parametrize(
+    "dims, variant, title",
+    [
+        ({}, "dev", "Flux.1 [dev]"),
+        ({"guidance": 0}, "schnell", "Flux.1 [schnell]"),
+        ({"in_channels": 384}, "fill", "Flux.1 Fill [dev]"),
+        ({"in_channels": 128}, "control", "Flux.1 Depth/Canny [dev]"),
+    ],
+)
+@pytest.mark.parametrize("all_in_one", [0, 1])
+def test_detection_names_the_variant_in_both_layouts(dims, variant, title, all_in_one):
+    arch = get_architecture("flux", {**dims, "all_in_one": all_in_one})
+    found = detect_architecture(_shapes(arch))
+    assert found.architecture.variant == variant and found.architecture.title == title
+    assert found.architecture.size == "full" and found.missing == () and found.extra == ()
+    assert dict(found.architecture.dimensions)["all_in_one"] == all_in_one
+
+
+def test_detection_infers_small_dimensions_and_accepts_missing_components():
+    tiny = tiny_architecture("flux")
+    found = detect_architecture(_shapes(tiny)).architecture
+    assert found.dimensions == tiny.dimensions and found.size == "scaled"
+    partial = detect_architecture(_shapes(tiny, drop=("text_encoders.t5xxl.", "vae.")))
+    dims = dict(partial.architecture.dimensions)
+    assert all(dims[k] == v for k, v in tiny.dimensions if not k.startswith(("t5_", "vae_")))  # absent: unknown
+    assert partial.missing and all(k.startswith(("text_encoders.t5xxl.", "vae.")) for k in partial.missing)
+    # an inconsistent width is refused
+    bad = _shapes(tiny)
+    bad["model.diffusion_model.double_blocks.1.img_mlp.0.weight"] = (MLP + 8, H)
+    with pytest.raises(LoraforgeError):
+        detect_architecture(bad)
+
+
+# --------------------------------------------------------------------------- dialects
+
+
+def _lookup(name):
+    from loraforge.formats.adapters.flux_names import lookup
+
+    return lookup(name, tiny_architecture("flux"))
+
+
+@pytest.mark.parametrize(
+    "name, key, rows",
+    [
+        ("lora_unet_double_blocks_0_img_attn_qkv", "double_blocks.0.img_attn.qkv", None),
+        ("diffusion_model.double_blocks.1.txt_attn.qkv", "double_blocks.1.txt_attn.qkv", None),
+        ("double_blocks.1.img_mod.lin", "double_blocks.1.img_mod.lin", None),
+        ("transformer.transformer_blocks.0.attn.to_q", "double_blocks.0.img_attn.qkv", (0, H)),
+        ("transformer.transformer_blocks.0.attn.to_k", "double_blocks.0.img_attn.qkv", (H, 2 * H)),
+        ("transformer.transformer_blocks.1.attn.add_v_proj", "double_blocks.1.txt_attn.qkv", (2 * H, 3 * H)),
+        ("transformer.transformer_blocks.1.attn.to_out.0", "double_blocks.1.img_attn.proj", None),
+        ("transformer.transformer_blocks.1.attn.to_add_out", "double_blocks.1.txt_attn.proj", None),
+        ("transformer.transformer_blocks.0.ff.net.0.proj", "double_blocks.0.img_mlp.0", None),
+        ("transformer.transformer_blocks.0.ff_context.net.2", "double_blocks.0.txt_mlp.2", None),
+        ("transformer.transformer_blocks.0.norm1_context.linear", "double_blocks.0.txt_mod.lin", None),
+        ("transformer.single_transformer_blocks.2.attn.to_v", "single_blocks.2.linear1", (2 * H, 3 * H)),
+        ("transformer.single_transformer_blocks.2.proj_mlp", "single_blocks.2.linear1", (3 * H, 3 * H + MLP)),
+        ("transformer.single_transformer_blocks.2.proj_out", "single_blocks.2.linear2", None),
+        ("transformer.single_transformer_blocks.0.norm.linear", "single_blocks.0.modulation.lin", None),
+        ("single_transformer_blocks.0.attn.to_q", "single_blocks.0.linear1", (0, H)),  # DiffSynth
+        ("transformer.base_model.model.single_transformer_blocks.0.attn.to_k", "single_blocks.0.linear1", (H, 2 * H)),
+        ("lora_transformer_single_transformer_blocks_0_attn_to_q", "single_blocks.0.linear1", (0, H)),  # OneTrainer
+        ("lycoris_transformer_blocks_1_attn_to_k", "double_blocks.1.img_attn.qkv", (H, 2 * H)),
+        ("transformer.x_embedder", "img_in", None),
+        ("transformer.time_text_embed.guidance_embedder.linear_2", "guidance_in.out_layer", None),
+        ("transformer.proj_out", "final_layer.linear", None),
+        ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", None, None),
+        ("lora_te3_encoder_block_1_layer_1_DenseReluDense_wi_0", None, None),
+        ("lora_te2_encoder_block_1_layer_0_SelfAttention_o", None, None),
+    ],
+)
+def test_every_dialect_names_its_layer_and_rows(name, key, rows):
+    spec = _lookup(name)
+    assert spec is not None, name
+    if key is not None:
+        assert spec.key == f"model.diffusion_model.{key}.weight"
+        assert spec.rows == rows
+    else:
+        assert spec.is_text_encoder
+
+
+def test_norm_out_is_the_final_modulation_with_halves_swapped():
+    spec = _lookup("transformer.norm_out.linear")
+    assert spec.key == "model.diffusion_model.final_layer.adaLN_modulation.1.weight"
+    assert spec.swap_halves and spec.rows is None
+    assert not _lookup("lora_unet_final_layer_adaLN_modulation_1").swap_halves
+
+
+# --------------------------------------------------------------------------- LoRA files
+
+
+def _factor(seed, *shape):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * 0.05).to(torch.bfloat16)
+
+
+def _f64(t):
+    return t.to(torch.float64)
+
+
+class DeltaSet:
+    """One set of per-layer ΔW, described as split (diffusers) sub-LoRAs with their own ranks and scales."""
+
+    def __init__(self, rank=4, seed=0):
+        self.rank = rank
+        self.parts = {}  # diffusers path -> (B, A)
+        s = seed
+        for d in ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_k_proj", "attn.to_out.0", "ff.net.0.proj", "norm1.linear"):
+            out = {"ff.net.0.proj": MLP, "norm1.linear": 6 * H}.get(d, H)
+            self.parts[f"transformer_blocks.1.{d}"] = (_factor(s, out, rank), _factor(s + 1, rank, H))
+            s += 2
+        for d, out, inp in (("attn.to_q", H, H), ("attn.to_v", H, H), ("proj_mlp", MLP, H), ("proj_out", H, H + MLP)):
+            self.parts[f"single_transformer_blocks.2.{d}"] = (_factor(s, out, rank), _factor(s + 1, rank, inp))
+            s += 2
+        self.parts["norm_out.linear"] = (_factor(s, 2 * H, rank), _factor(s + 1, rank, H))
+
+    def diffusers_file(self, path):
+        tensors = {}
+        for name, (b, a) in self.parts.items():
+            tensors[f"transformer.{name}.lora_A.weight"] = a
+            tensors[f"transformer.{name}.lora_B.weight"] = b
+        save_tensors(path, tensors)  # no alpha, no metadata: scale 1 (ai-toolkit)
+
+    def fused(self):
+        """The same ΔW as kohya-fused modules: BFL name -> (up, down, alpha) with alpha = rank (scale 1)."""
+        out = {}
+        r = self.rank
+
+        def stack(bfl, parts, layout):
+            ups, downs = [], []
+            total = sum(size for _, size in layout)
+            col = 0
+            present = [(name, size) for name, size in layout if name in parts]
+            up = torch.zeros(total, r * len(present), dtype=torch.bfloat16)
+            row = 0
+            for name, size in layout:
+                if name in parts:
+                    b, a = parts[name]
+                    up[row:row + size, col:col + r] = b
+                    downs.append(a)
+                    col += r
+                row += size
+            out[bfl] = (up, torch.cat(downs, 0), float(r * len(present)))
+
+        d = {k.split(".", 2)[2]: v for k, v in self.parts.items() if k.startswith("transformer_blocks.1.")}
+        stack("double_blocks_1_img_attn_qkv", d, [("attn.to_q", H), ("attn.to_k", H), ("attn.to_v", H)])
+        stack("double_blocks_1_txt_attn_qkv", d, [("attn.add_q_proj", H), ("attn.add_k_proj", H), ("attn.add_v_proj", H)])
+        for diff, bfl in (("attn.to_out.0", "img_attn_proj"), ("ff.net.0.proj", "img_mlp_0"), ("norm1.linear", "img_mod_lin")):
+            b, a = d[diff]
+            out[f"double_blocks_1_{bfl}"] = (b, a, float(r))
+        s = {k.split(".", 2)[2]: v for k, v in self.parts.items() if k.startswith("single_transformer_blocks.2.")}
+        stack("single_blocks_2_linear1", s, [("attn.to_q", H), ("attn.to_k", H), ("attn.to_v", H), ("proj_mlp", MLP)])
+        b, a = s["proj_out"]
+        out["single_blocks_2_linear2"] = (b, a, float(r))
+        b, a = self.parts["norm_out.linear"]
+        out["final_layer_adaLN_modulation_1"] = (torch.cat([b[H:], b[:H]]), a, float(r))  # [shift; scale]
+        return out
+
+    def kohya_file(self, path, prefix="lora_unet_", sep="_", suffixes=("lora_up.weight", "lora_down.weight")):
+        tensors = {}
+        for name, (up, down, alpha) in self.fused().items():
+            module = prefix + (name if sep == "_" else _dotted(name))
+            tensors[f"{module}.{suffixes[0]}"] = up
+            tensors[f"{module}.{suffixes[1]}"] = down
+            tensors[f"{module}.alpha"] = torch.tensor(alpha)
+        save_tensors(path, tensors)
+
+    def expected_deltas(self):
+        """BFL weight key -> float64 ΔW, from the split parts and the row layout written out by hand."""
+        p = "model.diffusion_model."
+        deltas = {}
+
+        def add(key, rows, value):
+            shape = get_shapes()[key]
+            current = deltas.setdefault(key, torch.zeros(shape, dtype=torch.float64))
+            current[rows[0]:rows[1]] += value
+
+        layout = {
+            "attn.to_q": ("double_blocks.1.img_attn.qkv", 0), "attn.to_k": ("double_blocks.1.img_attn.qkv", H),
+            "attn.to_v": ("double_blocks.1.img_attn.qkv", 2 * H), "attn.add_k_proj": ("double_blocks.1.txt_attn.qkv", H),
+            "attn.to_out.0": ("double_blocks.1.img_attn.proj", 0), "ff.net.0.proj": ("double_blocks.1.img_mlp.0", 0),
+            "norm1.linear": ("double_blocks.1.img_mod.lin", 0),
+        }
+        single = {"attn.to_q": 0, "attn.to_v": 2 * H, "proj_mlp": 3 * H}
+        for name, (b, a) in self.parts.items():
+            delta = _f64(b) @ _f64(a)
+            if name.startswith("transformer_blocks.1."):
+                bfl, start = layout[name.split(".", 2)[2]]
+                add(f"{p}{bfl}.weight", (start, start + delta.shape[0]), delta)
+            elif name.startswith("single_transformer_blocks.2."):
+                sub = name.split(".", 2)[2]
+                if sub == "proj_out":
+                    add(f"{p}single_blocks.2.linear2.weight", (0, H), delta)
+                else:
+                    add(f"{p}single_blocks.2.linear1.weight", (single[sub], single[sub] + delta.shape[0]), delta)
+            else:  # norm_out.linear = [scale; shift]; BFL = [shift; scale]
+                add(f"{p}final_layer.adaLN_modulation.1.weight", (0, H), delta[H:])
+                add(f"{p}final_layer.adaLN_modulation.1.weight", (H, 2 * H), delta[:H])
+        return deltas
+
+
+def _dotted(name):
+    """kohya's underscore BFL name back to the dotted path (only for the names used here)."""
+    for word in ("double_blocks_1_", "single_blocks_2_", "final_layer_"):
+        if name.startswith(word):
+            head = word.rstrip("_").replace("_blocks_", "_blocks.").replace("final_layer", "final_layer")
+            rest = name[len(word):]
+            rest = {"img_attn_qkv": "img_attn.qkv", "txt_attn_qkv": "txt_attn.qkv", "img_attn_proj": "img_attn.proj",
+                    "img_mlp_0": "img_mlp.0", "img_mod_lin": "img_mod.lin", "linear1": "linear1", "linear2": "linear2",
+                    "adaLN_modulation_1": "adaLN_modulation.1"}[rest]
+            return f"{head}.{rest}"
+    raise KeyError(name)
+
+
+def get_shapes():
+    return {t.key: t.shape for t in tiny_architecture("flux").tensors}
+
+
+def _read(path):
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _recipe(folder, lora_file, blocks=None, strength=0.75):
+    lines = [
+        "loraforge: 1", "name: flux-test", 'date: "2026-11-01"', "precision: {save: same}",
+        "inputs:", "  base: {source: base.safetensors}", f"  lora: {{source: {lora_file}}}",
+        "targets:", "  baked:", "    kind: checkpoint", "    base: base", "    loras:",
+        f"      - use: lora\n        strength: {strength}" + (f"\n        blocks: {blocks}" if blocks else ""),
+        "    output: out/baked.safetensors",
+    ]
+    path = folder / "recipe.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def base_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("flux-base") / "base.safetensors"
+    write_synthetic_checkpoint(path, tiny_architecture("flux"), dtype="BF16", seed=3)
+    return path
+
+
+def _bake(tmp_path, base_path, lora_writer, name="lora.safetensors", **recipe):
+    folder = tmp_path
+    (folder / "base.safetensors").write_bytes(base_path.read_bytes())
+    lora_writer(folder / name)
+    recipe_path = _recipe(folder, name, **recipe)
+    result = invoke("build", recipe_path)
+    assert result.exit_code == 0, result.output
+    return folder / "out" / "baked.safetensors"
+
+
+def _expected(base_path, deltas, coefficient):
+    base = _read(base_path)
+    out = dict(base)
+    for key, delta in deltas.items():
+        exact = _f64(base[key]) + coefficient * delta
+        out[key] = exact.to(torch.bfloat16)  # float64 -> bf16: one rounding of a value exact in float64
+    return out
+
+
+DIALECTS = {
+    "diffusers": lambda d, p: d.diffusers_file(p),
+    "kohya": lambda d, p: d.kohya_file(p),
+    "comfyui": lambda d, p: d.kohya_file(p, prefix="diffusion_model.", sep="."),
+    "bfl-peft": lambda d, p: d.kohya_file(p, prefix="", sep=".", suffixes=("lora_B.weight", "lora_A.weight")),
+}
+
+
+@pytest.mark.parametrize("dialect", sorted(DIALECTS))
+def test_bake_of_each_dialect_equals_the_float64_reference(tmp_path, base_path, dialect):
+    deltas = DeltaSet(rank=4, seed=11)
+    out = _bake(tmp_path, base_path, lambda p: DIALECTS[dialect](deltas, p), strength=0.75)
+    got, want = _read(out), _expected(base_path, deltas.expected_deltas(), 0.75)
+    assert sorted(got) == sorted(want)
+    changed = 0
+    for key in want:
+        assert torch.equal(got[key].view(torch.int16) if got[key].dtype == torch.bfloat16 else got[key],
+                           want[key].view(torch.int16) if want[key].dtype == torch.bfloat16 else want[key]), key
+        changed += key in deltas.expected_deltas()
+    assert changed == 8
+    with open_safetensors(out) as f:
+        meta = f.metadata
+    assert meta["modelspec.architecture"] == "flux-1-dev"
+
+
+def test_kohya_fused_and_diffusers_split_bake_to_identical_bytes(tmp_path, base_path):
+    deltas = DeltaSet(rank=3, seed=5)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    fused = _bake(tmp_path / "a", base_path, lambda p: deltas.kohya_file(p))
+    split = _bake(tmp_path / "b", base_path, lambda p: deltas.diffusers_file(p))
+    # Every tensor byte is the same; the metadata differs only where it records the LoRA's own sha256.
+    assert data_sha256(fused) == data_sha256(split)
+    with open_safetensors(fused) as a, open_safetensors(split) as b:
+        assert [(n, a.info(n).dtype, a.info(n).shape) for n in a.names()] == [(n, b.info(n).dtype, b.info(n).shape) for n in b.names()]
+
+
+def test_plan_matches_every_module_and_inspect_names_family_variant_and_dialect(tmp_path, base_path):
+    deltas = DeltaSet(rank=2, seed=1)
+    deltas.diffusers_file(tmp_path / "d.safetensors")
+    with open_safetensors(tmp_path / "d.safetensors") as f:
+        adapter = parse_adapter(f)
+    arch = detect_adapter_architecture(adapter)
+    assert arch.name == "flux"
+    match = match_adapter(adapter, tiny_architecture("flux"))
+    assert not match.unmatched and not match.shape_mismatches and len(match.matched) == len(deltas.parts)
+    report = json.loads(invoke("inspect", "--json", tmp_path / "d.safetensors").output)
+    assert report["architecture"] == "flux" and report["dialect"] == "diffusers"
+    report = json.loads(invoke("inspect", "--json", base_path).output)
+    assert (report["architecture"], report["variant"]) == ("flux", "dev")
+    assert report["architecture_title"] == "Flux.1 [dev]"
+
+
+# --------------------------------------------------------------------------- block weights
+
+
+def test_61_value_vector_mapping_ranges_and_sd_vectors():
+    full = get_architecture("flux")
+    values = [i / 100 for i in range(61)]
+    weights = parse_block_weights(values, full)
+    assert weights.weight("CLIP") == 0 and weights.weight("T5") == 0.01 and weights.weight("IN") == 0.02
+    assert weights.weight("D00") == 0.03 and weights.weight("D18") == 0.21 and weights.weight("S00") == 0.22
+    assert weights.weight("S37") == 0.59 and weights.weight("OUT") == 0.6
+    mapped = parse_block_weights({"default": 1, "D00-D06": 0, "S20-S37": 0.5}, full)
+    assert [mapped.weight(b) for b in ("D00", "D06", "D07", "S19", "S20", "S37", "OUT", "CLIP")] == [0, 0, 1, 1, 0.5, 0.5, 1, 1]
+    with pytest.raises(LoraforgeError, match=r"has 26, which is the length of a Stable Diffusion 1.x.*do not carry over to Flux"):
+        parse_block_weights([1.0] * 26, full)
+    with pytest.raises(LoraforgeError, match="crosses"):
+        parse_block_weights({"D17-S01": 1}, full)
+    assert parse_block_weights("ALL0.5", full).weight("S11") == 0.5
+
+
+def test_block_weights_apply_per_block_in_a_bake(tmp_path, base_path):
+    deltas = DeltaSet(rank=2, seed=9)
+    out = _bake(tmp_path, base_path, lambda p: deltas.kohya_file(p), blocks="{default: 1, D01: 0, OUT: 0.5}", strength=1.0)
+    expected = deltas.expected_deltas()
+    got = _read(out)
+    base = _read(base_path)
+    for key, delta in expected.items():
+        w = 0.0 if "double_blocks.1." in key else 0.5 if "final_layer" in key else 1.0
+        want = (_f64(base[key]) + w * delta).to(torch.bfloat16)
+        assert torch.equal(got[key].view(torch.int16), want.view(torch.int16)), key
