@@ -414,3 +414,30 @@ def test_every_bad_merge_is_one_positioned_error(tmp_path, models, case):
     for fragment in expected:
         assert fragment in message, (fragment, message)
     assert not (tmp_path / "dist").exists()
+
+
+def test_components_and_the_release_card(tmp_path, models):
+    targets = """\
+  blend:
+    kind: checkpoint
+    merge:
+      method: weighted_sum
+      models: [a, b]
+      weights: [0.5, {default: 0.5, OUT00-OUT11: 0.25}]
+      components: {te: b, vae: merge}
+  bundle:
+    kind: release
+"""
+    recipe = _project(tmp_path, models, targets)
+    _build(recipe)
+    out, _ = _read(tmp_path / "dist/blend.safetensors")
+    a, b = _inputs(models)["a"], _inputs(models)["b"]
+    te = [k for k in out if k.startswith("cond_stage_model.") and out[k].dtype.kind == "f"]
+    assert te and all(np.array_equal(out[k], b[k]) for k in te)  # text encoder taken from b
+    vae = [k for k in out if k.startswith("first_stage_model.") and out[k].ndim > 1]
+    assert vae and not np.array_equal(out[vae[0]], a[vae[0]])  # VAE merged (block BASE)
+    assert np.array_equal(out[vae[0]], (0.5 * a[vae[0]].astype(np.float64) + 0.5 * b[vae[0]].astype(np.float64)).astype(np.float16))
+    card = (tmp_path / "dist/bundle/README.md").read_text()
+    assert "Merged with `weighted_sum`" in card and "`a`, `b`" in card
+    assert '"OUT00-OUT11": 0.25' in card
+    assert "| `blend` | merged | `a` |" in card

@@ -192,7 +192,10 @@ def _base_models(contents: ReleaseContents) -> str:
     rows = []
     for output in contents.outputs:
         spec = contents.recipe.targets[output.target]
-        if isinstance(spec, CheckpointTarget):
+        if isinstance(spec, CheckpointTarget) and spec.merge is not None:
+            rows += [(output.target, "merged", model) for model in spec.merge.models]
+            rows += [(output.target, "merge base", spec.merge.base)] if spec.merge.base else []
+        elif isinstance(spec, CheckpointTarget):
             rows.append((output.target, "base", spec.base))
         elif isinstance(spec, ExtractTarget):
             rows += [(output.target, "base", spec.base), (output.target, "tuned", spec.tuned)]
@@ -229,6 +232,10 @@ def _target_ingredients(contents: ReleaseContents, output: BundledOutput, spec) 
             conv = _rank(spec.conv_rank) if spec.conv_rank else "as rank"
             detail += f", rank {_rank(spec.rank)}, conv rank {conv}"
         lines += [f"Merged into one LoRA: {detail}.", ""]
+    elif isinstance(spec, CheckpointTarget) and spec.merge is not None:
+        lines += [*_merge_lines(spec.merge), ""]
+        if spec.loras:
+            lines += ["Then baked into that merge:", ""]
     elif isinstance(spec, CheckpointTarget):
         lines += [f"Baked into `{spec.base}`.", ""]
     lines += ["| # | Ingredient | Source | Strength | Text encoder | Block weights |", "|---:|---|---|---:|---:|---|"]
@@ -279,6 +286,16 @@ def _origin(contents: ReleaseContents, name: str) -> tuple[str, str]:
     if produced is not None:
         return f"output of target `{name}`", f"`{produced.file.sha256}`"
     return f"output of target `{name}` (not in this release)", "-"
+
+
+def _merge_lines(merge) -> list[str]:
+    """The merge formula, its models and each parameter as the recipe gives it (number or block weights)."""
+    method = merge.method_class
+    base = f" against base `{merge.base}`" if merge.base else ""
+    lines = [f"Merged with `{merge.method}` ({_cell(method.formula)}) of " + ", ".join(f"`{m}`" for m in merge.models) + f"{base}."]
+    for name, value in merge.parameters.items():
+        lines.append(f"- {name}: {_cell(json.dumps(value, separators=(', ', ': ')))}")
+    return lines
 
 
 def _number(value: float) -> str:
