@@ -131,6 +131,8 @@ def bake_weight(
     float64 sum; they get the float64 sum itself (docs/reproducibility.md).
     """
     terms = list(terms)
+    if weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        weight = weight.to(torch.float32)  # exact; torch has no min/max or GEMM for float8
     if _blockable(weight, terms, out_dtype):
         return _bake_low_rank_in_blocks(weight, terms, out_dtype, workspace, pool if workers > 1 else None, workers)
     baked = _float64_copy(weight, workspace)

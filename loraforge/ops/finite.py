@@ -13,15 +13,24 @@ import torch
 from torch import Tensor
 
 
+# torch has no isfinite/isnan for its float8 types; widening to float32 is exact (NaN stays NaN).
+_NARROW = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, name))
+
+
+def _checkable(tensor: Tensor) -> Tensor:
+    return tensor.to(torch.float32) if tensor.dtype in _NARROW else tensor
+
+
 def all_finite(tensors: Iterable[Tensor]) -> bool:
     """True when no tensor holds a NaN or an infinity (integer tensors always pass)."""
-    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+    return all(bool(torch.isfinite(_checkable(t)).all()) for t in tensors if t.is_floating_point())
 
 
 def nonfinite_counts(tensor: Tensor) -> tuple[int, int]:
     """(number of NaNs, number of ±infinities) in ``tensor``."""
     if not tensor.is_floating_point():
         return 0, 0
+    tensor = _checkable(tensor)
     return int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
 
 
@@ -35,9 +44,9 @@ def overflow_count(output: Tensor, source: Tensor) -> int:
     """
     if not output.is_floating_point():
         return 0
-    bad = ~torch.isfinite(output)
+    bad = ~torch.isfinite(_checkable(output))
     if not bool(bad.any()):
         return 0
     if source.is_floating_point():
-        bad &= torch.isfinite(source.reshape(output.shape).to(output.device))
+        bad &= torch.isfinite(_checkable(source).reshape(output.shape).to(output.device))
     return int(bad.sum())

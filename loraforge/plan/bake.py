@@ -20,7 +20,7 @@ from loraforge.plan.action_key import BAKE_NUMERIC_POLICY, action_key
 from loraforge.plan.checkpoint_merge import merge_action_key, merge_memory_bytes, plan_checkpoint_merge
 from loraforge.plan.context import PlanContext
 from loraforge.plan.ingredients import adapter_source, input_file, plan_ingredient
-from loraforge.plan.layout import output_layout
+from loraforge.plan.layout import check_narrow_bake, output_layout
 from loraforge.plan.model import BakeTarget
 
 BAKE_MEMORY_FLOOR = 256 << 20  # torch, the reader and writer threads, buffers
@@ -52,6 +52,8 @@ def plan_bake(context: PlanContext, name: str) -> BakeTarget:
             applications.setdefault(key, []).append(application)
     precision = recipe.effective_precision(name)
     save = "same" if precision.save == "same" else precision_code(precision.save)
+    with open_safetensors(structure_path) as structure:
+        check_narrow_bake(loaded, name, structure, save, applications)  # never a LoRA rounded away in float8
     ordered = {key: tuple(applications[key]) for key in sorted(applications)}
     largest = _largest_baked_tensor(structure_path, ordered)
     return BakeTarget(

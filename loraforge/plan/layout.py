@@ -1,8 +1,9 @@
 """The output checkpoint's tensor layout, derived from the base's header.
 
-Output tensors keep the base's order and names. Floating-point tensors are
-saved in the recipe's save dtype (``same`` keeps each base dtype); integer,
-boolean and float8 tensors are never converted. A tensor that no adapter
+Output tensors keep the base's order and names. Floating-point tensors,
+float8 included, are saved in the recipe's save dtype (``same`` keeps each
+base dtype; float8 widens exactly to any of float16, bfloat16, float32);
+integer and boolean tensors are never converted. A tensor that no adapter
 touches and whose dtype does not change is copied byte for byte.
 """
 
@@ -15,7 +16,8 @@ from typing import Collection
 from loraforge.formats.dtypes import itemsize
 from loraforge.formats.safetensors_reader import SafetensorsFile
 
-CONVERTIBLE = ("F16", "BF16", "F32", "F64")
+CONVERTIBLE = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")
+NARROW = ("F8_E4M3", "F8_E5M2")  # 3 and 2 mantissa bits: most of a LoRA's change rounds away in them
 
 
 @dataclass(frozen=True)
@@ -45,3 +47,24 @@ def output_layout(base: SafetensorsFile, save: str, baked: Collection[str] = ())
             action = "copy" if dtype == info.dtype else "convert"
         layout.append(OutputTensor(name, dtype, tuple(info.shape), action))
     return layout
+
+
+def check_narrow_bake(loaded, name: str, base: SafetensorsFile, save: str, baked: Collection[str]) -> None:
+    """Refuse a bake that would save baked weights in float8 (``save: same`` on a float8 base).
+
+    float8 keeps 3 (E4M3) or 2 (E5M2) mantissa bits: a LoRA's change below
+    1/16 (1/8) of a weight rounds back to the weight, so most of a typical
+    LoRA's effect would vanish from the file without a word. Any float
+    ``save:`` dtype widens float8 exactly and keeps the change.
+    """
+    narrow = sorted(key for key in baked if key in base and output_dtype(base.info(key).dtype, save) in NARROW)
+    if not narrow:
+        return
+    dtypes = "/".join(sorted({base.info(key).dtype for key in narrow}))
+    raise loaded.error(
+        ("targets", name),
+        f"target '{name}' bakes into {len(narrow)} float8 ({dtypes}) weights of its base (e.g. {narrow[0]}) and, with "
+        "`save: same`, would save them in float8, where a change smaller than 1/16 of a weight rounds away: most of "
+        "the LoRAs' effect would be lost.",
+        "Set `precision: {save: bfloat16}` (or float16) on the target or the recipe; float8 weights widen to it exactly.",
+    )
