@@ -113,6 +113,15 @@ NONLINEAR_TARGETS = """\
   dare-ties:
     kind: checkpoint
     merge: {method: dare_ties, base: c, models: [a, b], density: 0.4, lambda: 0.9}
+  della:
+    kind: checkpoint
+    merge: {method: della, base: c, models: [a, b], density: 0.5, epsilon: 0.2, weights: [1, 0.8]}
+  stock:
+    kind: checkpoint
+    merge: {method: model_stock, base: c, models: [a, b]}
+  train-diff:
+    kind: checkpoint
+    merge: {method: train_difference, models: [a, b, c], alpha: {default: 0.5, BASE: 1}}
   slerp:
     kind: checkpoint
     merge: {method: slerp, models: [a, b], t: 0.3}
@@ -266,11 +275,42 @@ def ref_slerp(a, b, t):
     return (math.sin((1 - t) * theta) / math.sin(theta)) * a + (math.sin(t * theta) / math.sin(theta)) * b
 
 
+def ref_magprune(delta: np.ndarray, density: float, epsilon: float, seed: int) -> np.ndarray:
+    rows = delta.reshape(delta.shape[0], -1) if delta.ndim > 1 else delta.reshape(1, -1)
+    n = rows.shape[1]
+    ranks = np.argsort(np.argsort(np.abs(rows), axis=1, kind="stable"), axis=1, kind="stable")
+    keep = (density - epsilon) + (2 * epsilon) * (ranks.astype(np.float64) / (n - 1)) if n > 1 else np.full(rows.shape, density)
+    uniforms = np.random.Generator(np.random.PCG64(seed)).random(rows.size).reshape(rows.shape)
+    return np.where(uniforms < keep, rows / keep, 0.0).reshape(delta.shape)
+
+
+def ref_model_stock(base, models):
+    deltas = [(m - base).reshape(-1) for m in models]
+    norms = [math.sqrt(np.sum(d * d)) for d in deltas]
+    cosines = [min(1.0, max(-1.0, float(np.sum(deltas[i] * deltas[j])) / max(norms[i] * norms[j], 1e-6)))
+               for i in range(len(deltas)) for j in range(i + 1, len(deltas))]
+    n = len(models)
+    cos = sum(cosines) / len(cosines)
+    t = n * cos / (1 + (n - 1) * cos) if 1 + (n - 1) * cos != 0 else 0.0
+    mean = np.zeros_like(base)
+    for m in models:
+        mean = mean + m
+    return t * (mean / n) + (1 - t) * base
+
+
+def ref_train_difference(a, b, c, alpha):
+    d_bc, d_ba = np.abs(b - c), np.abs(b - a)
+    total = d_bc + d_ba
+    scale = np.where(total != 0, d_ba / np.where(total != 0, total, 1.0), 0.0)
+    return a + alpha * ((np.sign(b - c) * scale) * d_bc * 1.8)
+
+
 def test_nonlinear_methods_equal_float64_references_and_masks(tmp_path, models):
     recipe = _project(tmp_path, models, NONLINEAR_TARGETS)
     _build(recipe)
     inputs = _inputs(models)
-    outputs = {name: _read(tmp_path / "dist" / f"{name}.safetensors")[0] for name in ("ties", "dare", "dare-ties", "slerp", "slerp-base")}
+    names = ("ties", "dare", "dare-ties", "della", "stock", "train-diff", "slerp", "slerp-base")
+    outputs = {name: _read(tmp_path / "dist" / f"{name}.safetensors")[0] for name in names}
     for key in _merged_keys(inputs["a"]):
         block = block_of(key)
         a, b, c = (inputs[n][key].astype(np.float64) for n in MODELS)
@@ -283,12 +323,16 @@ def test_nonlinear_methods_equal_float64_references_and_masks(tmp_path, models):
             "ties": ref_ties(c, [ref_trim(a - c, 0.3), ref_trim(b - c, 0.3)], [1.0, 0.5], 1.0, True),
             "dare": dare,
             "dare-ties": ref_ties(c, [np.where(m, d / 0.4, 0.0) for m, d in zip(tie_masks, (a - c, b - c))], [1.0, 1.0], 0.9, False),
+            "della": ref_ties(c, [ref_magprune(d, 0.5, 0.2, mask_seed(SEED, key, i)) for i, d in enumerate((a - c, b - c))],
+                              [1.0, 0.8], 1.0, True),
+            "stock": ref_model_stock(c, [a, b]),
+            "train-diff": ref_train_difference(a, b, c, 1.0 if block == "BASE" else 0.5),
             "slerp": ref_slerp(a, b, 0.3),
             "slerp-base": c + ref_slerp(a - c, b - c, 0.2 if block == "M00" else 0.6),
         }
         for name, value in expected.items():
             got = outputs[name][key]
-            if identical and name != "slerp":
+            if identical and name not in ("slerp", "train-diff"):
                 assert np.array_equal(got, inputs["c"][key]), (name, key)  # equal inputs: copied
                 continue
             want = value.astype(np.float16)
@@ -367,7 +411,7 @@ def test_tensor_blocks_agree_with_the_lora_block_table():
 
 
 def test_same_bytes_for_1_and_2_threads_and_jobs(tmp_path, models):
-    targets = LINEAR_TARGETS.split("  addd:")[0] + NONLINEAR_TARGETS.split("  slerp:")[0]
+    targets = LINEAR_TARGETS + NONLINEAR_TARGETS  # every method
     hashes = []
     for run, (threads, jobs) in enumerate((("1", "1"), ("2", "3"))):
         folder = tmp_path / f"run{run}"
@@ -379,7 +423,7 @@ def test_same_bytes_for_1_and_2_threads_and_jobs(tmp_path, models):
                               env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr + done.stdout
         hashes.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((folder / "dist").iterdir())})
-    assert len(hashes[0]) == 5 and hashes[0] == hashes[1]
+    assert len(hashes[0]) == 12 and hashes[0] == hashes[1]
 
 
 # --- errors ------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from loraforge.errors import BuildError, FormatError
+from loraforge.execute.checkpoint_merge import MergedBase
 from loraforge.execute.device import single_threaded_torch
 from loraforge.execute.resources import Resources
 from loraforge.execute.prefetch import prefetched
@@ -72,7 +73,7 @@ def run_bake(
 ) -> BakeResult:
     """Build one checkpoint target into its output path (atomically)."""
     with ExitStack() as stack:
-        base = stack.enter_context(open_safetensors(target.base_path))
+        base = stack.enter_context(open_safetensors(target.base_path) if target.merge is None else MergedBase(target.merge, target.name))
         adapters = [stack.enter_context(open_safetensors(i.path)) for i in target.ingredients]
         layout = output_layout(base, target.save, baked=target.applications)
         _check_base_matches_plan(base, target)
@@ -286,6 +287,10 @@ def _output_metadata(plan: BuildPlan, target: BakeTarget) -> dict[str, str]:
         target.architecture,
         title=output_title(plan.loaded, target.name),
         date=release_date(plan.loaded.recipe.date),
-        merged_from=[target.base, *(i.use for i in target.ingredients)],
-        provenance=provenance_fields(plan, target),
+        merged_from=[*_started_from(target), *(i.use for i in target.ingredients)],
+        provenance={**provenance_fields(plan, target), **({"merge": target.merge.provenance_json()} if target.merge else {})},
     )
+
+
+def _started_from(target: BakeTarget) -> list[str]:
+    return [m.name for m in target.merge.models] if target.merge is not None else [target.base]

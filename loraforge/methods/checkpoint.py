@@ -171,6 +171,10 @@ class CheckpointMergeMethod(MergeMethod):
             for p in self.declared if p.default is not None
         }
 
+    def check(self, values: Mapping[str, Any]) -> tuple[str, str] | None:
+        """A problem (reason, hint) with the parameters' values at one block that their ranges cannot express."""
+        return None
+
     def keeps_equal_inputs(self, values: Mapping[str, Any]) -> bool:
         """Whether bitwise-equal inputs give that same tensor back (then it is copied as bytes)."""
         return True
@@ -208,6 +212,13 @@ class WeightedSum(CheckpointMergeMethod):
 
         total = sum(Fraction(w) for w in values["weights"])  # exact: Σ wᵢ·x = x only when Σ wᵢ is exactly 1
         return total != 0 if values.get("normalize") else total == 1
+
+    def check(self, values):
+        from fractions import Fraction
+
+        if values.get("normalize") and sum(Fraction(w) for w in values["weights"]) == 0:
+            return "the weights sum to 0, so normalize would divide by zero", "change a weight, or set normalize: false"
+        return None
 
     def linear_terms(self, values, n_models):
         weights = values["weights"]
@@ -327,10 +338,69 @@ class Slerp(CheckpointMergeMethod):
         return base + slerp(tensors[0] - base, tensors[1] - base, values["t"])
 
 
+class Della(CheckpointMergeMethod):
+    name = "della"
+    summary = "DELLA: MagPrune (keep probability by magnitude rank per row, seeded), rescale, TIES sign election, fuse"
+    formula = "base + lambda * sum_i w_i*magprune(tau_i)[agree] (normalize: / sum_i w_i[agree])"
+    min_models = 1
+    base = "required"
+    linear = False
+    seeded = True
+    declared = (
+        _DENSITY,
+        Parameter("epsilon", "half-width of the keep probabilities around density", default=0.1, low=0.0,
+                  hint="write e.g. epsilon: 0.1, with density − epsilon > 0 and density + epsilon ≤ 1"),
+        Parameter("weights", "weight of each task vector", per_model=True, default=1.0, hint=_WEIGHTS_HINT),
+        _LAMBDA,
+        Parameter("normalize", "divide by the agreeing weights (the paper's fuse: a mean)", kind="flag", default=True),
+    )
+
+    def check(self, values):
+        density, epsilon = values["density"], values["epsilon"]
+        if not (density - epsilon > 0 and density + epsilon <= 1):
+            return (f"density {density:g} and epsilon {epsilon:g} give keep probabilities outside (0, 1]",
+                    "choose epsilon with density − epsilon > 0 and density + epsilon ≤ 1")
+        return None
+
+    def merge(self, tensors, base, values, seeds):
+        from loraforge.ops.checkpoint_merge import magprune_delta, ties_merge
+
+        deltas = [magprune_delta(t - base, values["density"], values["epsilon"], seed) for t, seed in zip(tensors, seeds)]
+        return ties_merge(base, deltas, values["weights"], values["lambda"], values["normalize"])
+
+
+class ModelStock(CheckpointMergeMethod):
+    name = "model_stock"
+    summary = "Model Stock: t·mean(Wᵢ) + (1 − t)·base, t from the mean pairwise cosine of the task vectors"
+    formula = "t * mean_i W_i + (1 - t) * base, t = N cos / (1 + (N - 1) cos)"
+    base = "required"
+    linear = False
+
+    def merge(self, tensors, base, values, seeds):
+        from loraforge.ops.checkpoint_merge import model_stock
+
+        return model_stock(base, tensors)
+
+
+class TrainDifference(CheckpointMergeMethod):
+    name = "train_difference"
+    summary = "SuperMerger's train difference: A + α·1.8·sign(B − C)·|B − C|·|B − A| / (|B − C| + |B − A|)"
+    formula = "A + alpha * 1.8 * sign(B - C) * |B - C| * |B - A| / (|B - C| + |B - A|)"
+    min_models = max_models = 3
+    linear = False
+    declared = (Parameter("alpha", "scale of the trained difference", required=True, hint="write e.g. alpha: 1"),)
+
+    def merge(self, tensors, base, values, seeds):
+        from loraforge.ops.checkpoint_merge import train_difference
+
+        return train_difference(tensors[0], tensors[1], tensors[2], values["alpha"])
+
+
 # The registry, in the order docs and errors list the choices.
 CHECKPOINT_METHODS: dict[str, CheckpointMergeMethod] = {
     method.name: method
-    for method in (WeightedSum(), AddDifference(), TaskArithmetic(), Ties(), Dare(), DareTies(), Slerp())
+    for method in (WeightedSum(), AddDifference(), TaskArithmetic(), Ties(), Dare(), DareTies(), Della(), ModelStock(),
+                   Slerp(), TrainDifference())
 }
 
 

@@ -130,6 +130,57 @@ def ties_merge(base: Tensor, deltas: Sequence[Tensor], weights: Sequence[float],
     return base + scale * mixed
 
 
+def magprune_delta(delta: Tensor, density: float, epsilon: float, seed: int) -> Tensor:
+    """DELLA's MagPrune: per row (first axis; a vector is one row), rank the magnitudes ascending (ties: lower
+    index first), keep the element of rank r of n with probability p = (density − ε) + 2ε·r/(n − 1), divide the
+    kept ones by p."""
+    rows = delta.reshape(delta.shape[0], -1) if delta.dim() > 1 else delta.reshape(1, -1)
+    count = rows.shape[1]
+    order = torch.sort(rows.abs(), dim=1, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(count).expand_as(order).contiguous())
+    if count > 1:
+        keep = (density - epsilon) + (2 * epsilon) * (ranks.to(torch.float64) / (count - 1))
+    else:
+        keep = torch.full(rows.shape, float(density), dtype=torch.float64)
+    uniforms = torch.from_numpy(np.random.Generator(np.random.PCG64(seed)).random(rows.numel())).reshape(rows.shape)
+    kept = torch.where(uniforms < keep, rows / keep, torch.zeros_like(rows))
+    return kept.reshape(delta.shape)
+
+
+def model_stock(base: Tensor, models: Sequence[Tensor]) -> Tensor:
+    """Model Stock: t = N·cos θ / (1 + (N − 1)·cos θ) with cos θ the mean pairwise cosine of the task vectors
+    (flattened; norms' product at least 1e-6; each cosine clamped to [−1, 1]); W = t·mean(Wᵢ) + (1 − t)·base.
+    A zero denominator gives t = 0 (the base)."""
+    deltas = [(model - base).reshape(-1) for model in models]
+    norms = [math.sqrt(_pairwise_sum(d * d)) for d in deltas]
+    cosines = []
+    for i in range(len(deltas)):
+        for j in range(i + 1, len(deltas)):
+            cosine = _pairwise_sum(deltas[i] * deltas[j]) / max(norms[i] * norms[j], 1e-6)
+            cosines.append(min(1.0, max(-1.0, cosine)))
+    count = len(models)
+    cosine = sum(cosines) / len(cosines)
+    denominator = 1 + (count - 1) * cosine
+    t = count * cosine / denominator if denominator != 0 else 0.0
+    mean = torch.zeros_like(base)
+    for model in models:
+        mean = mean + model
+    mean = mean / count
+    return t * mean + (1 - t) * base
+
+
+def train_difference(a: Tensor, b: Tensor, c: Tensor, alpha: float) -> Tensor:
+    """SuperMerger's train difference: A + α·1.8·sign(B − C)·|B − C|·|B − A| / (|B − C| + |B − A|) (0 where both are 0)."""
+    difference = b - c
+    distance_bc = difference.abs()
+    distance_ba = (b - a).abs()
+    total = distance_bc + distance_ba
+    scale = torch.where(total != 0, distance_ba / torch.where(total != 0, total, torch.ones_like(total)), torch.zeros_like(total))
+    delta = (torch.sign(difference) * scale) * distance_bc * 1.8
+    return a + alpha * delta
+
+
 def _pairwise_sum(values: Tensor) -> float:
     return float(np.sum(values.cpu().numpy()))  # numpy's pairwise summation: one fixed order, one thread
 

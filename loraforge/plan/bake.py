@@ -58,7 +58,7 @@ def plan_bake(context: PlanContext, name: str) -> BakeTarget:
     largest = _largest_baked_tensor(structure_path, ordered)
     return BakeTarget(
         name=name,
-        base=spec.base,
+        base=base_name,
         base_path=base_path,
         structure_path=structure_path,
         output=context.output_path(name),

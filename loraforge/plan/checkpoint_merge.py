@@ -118,6 +118,10 @@ def plan_checkpoint_merge(context, name: str) -> CheckpointMergePlan:
             _check_shape(loaded, refs, models[primary].name, shapes, index, key, tuple(info.shape))
         tensor_blocks[key] = tensor_block(key, component, arch)
     block_values, shown = _evaluate(loaded, where, method, spec.parameters, arch, set(tensor_blocks.values()))
+    for block, values in block_values.items():
+        problem = method.check(values)
+        if problem is not None:
+            raise loaded.error(where, f"method {method.name}, block {block}: {problem[0]}", problem[1])
     return CheckpointMergePlan(
         method=method.name, models=models, has_base=spec.base is not None, primary=primary,
         seed=loaded.recipe.seed, block_values=block_values,
