@@ -46,7 +46,7 @@ def invoke(*args):
 def test_full_size_counts_match_the_released_files():
     """780 transformer tensors (11.90 B parameters), CLIP-L 196, T5-XXL 219, VAE 244 (sd-mecha's flux config)."""
     arch = get_architecture("flux")
-    assert (arch.title, arch.variant, arch.size) == ("Flux.1 [dev]", "dev", "full")
+    assert (arch.title, arch.variant, arch.size) == ("Flux.1 dev", "dev", "full")
     per = {}
     for t in arch.tensors:
         count, params = per.get(t.component, (0, 0))
@@ -75,7 +75,7 @@ def test_metadata_strings():
     assert (dev.modelspec_architecture, schnell.modelspec_architecture) == ("flux-1-dev", "flux-1-schnell")
     assert dev.ss_base_model_version == "flux1"
     assert dev.modelspec_implementation == "https://github.com/black-forest-labs/flux"
-    assert schnell.size == "full" and schnell.title == "Flux.1 [schnell]"
+    assert schnell.size == "full" and schnell.title == "Flux.1 schnell"
 
 
 def _shapes(arch, drop=()):
@@ -85,10 +85,10 @@ def _shapes(arch, drop=()):
 @pytest.mark.parametrize(
     "dims, variant, title",
     [
-        ({}, "dev", "Flux.1 [dev]"),
-        ({"guidance": 0}, "schnell", "Flux.1 [schnell]"),
-        ({"in_channels": 384}, "fill", "Flux.1 Fill [dev]"),
-        ({"in_channels": 128}, "control", "Flux.1 Depth/Canny [dev]"),
+        ({}, "dev", "Flux.1 dev"),
+        ({"guidance": 0}, "schnell", "Flux.1 schnell"),
+        ({"in_channels": 384}, "fill", "Flux.1 Fill dev"),
+        ({"in_channels": 128}, "control", "Flux.1 Depth/Canny dev"),
     ],
 )
 @pytest.mark.parametrize("all_in_one", [0, 1])
@@ -395,7 +395,7 @@ def test_plan_matches_every_module_and_inspect_names_family_variant_and_dialect(
     assert report["architecture"] == "flux" and report["dialect"] == "diffusers"
     report = json.loads(invoke("inspect", "--json", base_path).output)
     assert (report["architecture"], report["variant"]) == ("flux", "dev")
-    assert report["architecture_title"] == "Flux.1 [dev]"
+    assert report["architecture_title"] == "Flux.1 dev"
 
 
 # --------------------------------------------------------------------------- block weights
@@ -427,3 +427,99 @@ def test_block_weights_apply_per_block_in_a_bake(tmp_path, base_path):
         w = 0.0 if "double_blocks.1." in key else 0.5 if "final_layer" in key else 1.0
         want = (_f64(base[key]) + w * delta).to(torch.bfloat16)
         assert torch.equal(got[key].view(torch.int16), want.view(torch.int16)), key
+
+
+# --------------------------------------------------------------------------- merge and extract
+
+
+def _module_deltas(path):
+    """kohya module name -> float64 ΔW (scale alpha/rank) of a LoRA file, read with `safetensors`."""
+    tensors = _read(path)
+    out = {}
+    for key in tensors:
+        if key.endswith(".lora_up.weight"):
+            name = key[: -len(".lora_up.weight")]
+            up, down = _f64(tensors[key]), _f64(tensors[name + ".lora_down.weight"])
+            alpha = float(tensors[name + ".alpha"]) if name + ".alpha" in tensors else up.shape[1]
+            out[name] = up @ down * (alpha / up.shape[1])
+    return out
+
+
+def test_svd_and_concat_merges_of_fused_and_split_loras_write_fused_modules(tmp_path, base_path):
+    (tmp_path / "base.safetensors").write_bytes(base_path.read_bytes())
+    kohya, split = DeltaSet(rank=2, seed=21), DeltaSet(rank=3, seed=22)
+    kohya.kohya_file(tmp_path / "k.safetensors")
+    split.diffusers_file(tmp_path / "d.safetensors")
+    (tmp_path / "r.yaml").write_text("\n".join([
+        "loraforge: 1", "name: flux-merge", 'date: "2026-11-01"', "seed: 0", "precision: {save: float32}",
+        "inputs:", "  k: {source: k.safetensors}", "  d: {source: d.safetensors}", "targets:",
+        "  cat: {kind: lora, method: concat, loras: [{use: k, strength: 0.8}, {use: d, strength: -0.5}], output: out/cat.safetensors}",
+        "  svd: {kind: lora, method: svd, rank: 16, loras: [{use: k, strength: 0.8}, {use: d, strength: -0.5}], output: out/svd.safetensors}",
+    ]) + "\n")
+    result = invoke("build", tmp_path / "r.yaml")
+    assert result.exit_code == 0, result.output
+    want = {}
+    for deltas, w in ((kohya, 0.8), (split, -0.5)):
+        for key, delta in deltas.expected_deltas().items():
+            want[key] = want.get(key, 0) + w * delta
+    p = "model.diffusion_model."
+    for name in ("cat", "svd"):
+        got = _module_deltas(tmp_path / "out" / f"{name}.safetensors")
+        assert all(n.startswith("lora_unet_") for n in got)  # fused, kohya names only
+        assert len(got) == len(want) == 8
+        for module, delta in got.items():
+            key = p + module[len("lora_unet_"):].replace("_", ".") + ".weight"
+            key = (key.replace("double.blocks", "double_blocks").replace("single.blocks", "single_blocks")
+                   .replace("img.attn", "img_attn").replace("txt.attn", "txt_attn").replace("img.mlp", "img_mlp")
+                   .replace("img.mod", "img_mod").replace("final.layer", "final_layer").replace("adaLN.modulation", "adaLN_modulation"))
+            error = (delta - want[key]).norm() / want[key].norm()
+            assert error < 1e-6, (name, key, float(error))  # float32 factors of an exact (rank-sufficient) merge
+
+
+def test_extraction_on_flux_writes_fused_kohya_modules(tmp_path, base_path):
+    (tmp_path / "base.safetensors").write_bytes(base_path.read_bytes())
+    write_synthetic_checkpoint(tmp_path / "tuned.safetensors", tiny_architecture("flux"), dtype="BF16", seed=4)
+    (tmp_path / "r.yaml").write_text("\n".join([
+        "loraforge: 1", "name: flux-extract", 'date: "2026-11-01"', "seed: 0", "precision: {save: float32}",
+        "inputs:", "  base: {source: base.safetensors}", "  tuned: {source: tuned.safetensors}", "targets:",
+        "  ex: {kind: extract, base: base, tuned: tuned, rank: 32, output: out/ex.safetensors}",
+    ]) + "\n")
+    result = invoke("build", tmp_path / "r.yaml")
+    assert result.exit_code == 0, result.output
+    got = _module_deltas(tmp_path / "out" / "ex.safetensors")
+    arch = tiny_architecture("flux")
+    assert set(got) == {m.kohya for m in arch.modules}  # every layer differs: all 314-size-table rows, fused
+    base, tuned = _read(tmp_path / "base.safetensors"), _read(tmp_path / "tuned.safetensors")
+    spec = arch.module_by_kohya["lora_unet_single_blocks_2_linear1"]
+    want = _f64(tuned[spec.key]) - _f64(base[spec.key])  # rank 32 = full rank of a 32-wide input: exact
+    assert float((got[spec.kohya] - want).norm() / want.norm()) < 1e-5
+    with open_safetensors(tmp_path / "out" / "ex.safetensors") as f:
+        assert f.metadata["modelspec.architecture"] == "flux-1-dev/lora"
+        assert f.metadata["ss_base_model_version"] == "flux1"
+
+
+# --------------------------------------------------------------------------- LyCORIS kinds on Flux layers
+
+
+def test_lokr_and_loha_on_split_flux_layers_bake_exactly(tmp_path, base_path):
+    """SimpleTuner LyCORIS naming (lycoris_<diffusers path>): LoKr on to_k, LoHa on proj_mlp."""
+    w1, w2 = _factor(1, 4, 4) * 8, _factor(2, H // 4, H // 4) * 8
+    a1, b1, a2, b2 = _factor(3, MLP, 2), _factor(4, 2, H), _factor(5, MLP, 2), _factor(6, 2, H)
+    tensors = {
+        "lycoris_single_transformer_blocks_1_attn_to_k.lokr_w1": w1,
+        "lycoris_single_transformer_blocks_1_attn_to_k.lokr_w2": w2,
+        "lycoris_single_transformer_blocks_1_attn_to_k.alpha": torch.tensor(4.0),
+        "lycoris_single_transformer_blocks_1_proj_mlp.hada_w1_a": a1,
+        "lycoris_single_transformer_blocks_1_proj_mlp.hada_w1_b": b1,
+        "lycoris_single_transformer_blocks_1_proj_mlp.hada_w2_a": a2,
+        "lycoris_single_transformer_blocks_1_proj_mlp.hada_w2_b": b2,
+        "lycoris_single_transformer_blocks_1_proj_mlp.alpha": torch.tensor(1.0),
+    }
+    out = _bake(tmp_path, base_path, lambda p: save_tensors(p, tensors), strength=0.5)
+    key = "model.diffusion_model.single_blocks.1.linear1.weight"
+    base = _read(base_path)[key]
+    delta = torch.zeros(base.shape, dtype=torch.float64)
+    delta[H:2 * H] = torch.kron(_f64(w1), _f64(w2))  # both LoKr factors full: scale 1
+    delta[3 * H:] = (_f64(a1) @ _f64(b1)) * (_f64(a2) @ _f64(b2)) * (1.0 / 2)  # LoHa: alpha/rank
+    want = (_f64(base) + 0.5 * delta).to(torch.bfloat16)
+    assert torch.equal(_read(out)[key].view(torch.int16), want.view(torch.int16))

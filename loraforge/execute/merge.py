@@ -138,15 +138,32 @@ def _terms(module: MergeModule, files: Sequence[SafetensorsFile], device: torch.
             ) from None
         if is_factored(adapter_module):
             coefficient = contribution.coefficient * adapter_module.scale
-            up = loaded["up"].reshape(loaded["up"].shape[0], -1)
+            up = _placed(loaded["up"].reshape(loaded["up"].shape[0], -1), contribution.spec, out)
             down = tucker_down(loaded["mid"], loaded["down"]) if "mid" in loaded else loaded["down"].reshape(loaded["down"].shape[0], -1)
             ups.append(up * coefficient)
             downs.append(down)
             sources.append(FactorSource(up, loaded["down"] if "mid" in loaded else down, loaded.get("mid"), contribution.coefficient, adapter_module.scale))
         else:
-            delta = module_delta(adapter_module, loaded, module.spec.shape).reshape(out, -1) * contribution.coefficient
+            delta = module_delta(adapter_module, loaded, contribution.spec.shape)
+            delta = _placed(delta.reshape(delta.shape[0], -1), contribution.spec, out) * contribution.coefficient
             dense = delta if dense is None else dense.add_(delta)
     return ModuleTerms(tuple(ups), tuple(downs), dense, tuple(sources))
+
+
+def _placed(rows: torch.Tensor, spec, out: int) -> torch.Tensor:
+    """A contribution's up factor (or dense ΔW) in the rows of the whole weight the module merges into.
+
+    A row slice (Flux's split q/k/v: spec.rows) gets zero rows around it; a swapped view (Flux's
+    norm_out.linear) gets its halves swapped. Both are exact, so concat stays exact.
+    """
+    if spec.swap_halves:
+        half = rows.shape[0] // 2
+        return torch.cat([rows[half:], rows[:half]])
+    if spec.rows is None or rows.shape[0] == out:
+        return rows
+    placed = rows.new_zeros((out,) + tuple(rows.shape[1:]))
+    placed[spec.rows[0]:spec.rows[1]] = rows
+    return placed
 
 
 def _metadata(plan: BuildPlan, target: MergeTarget, factors: Sequence[LoraModuleFactors]) -> dict[str, str]:

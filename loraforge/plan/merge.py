@@ -140,9 +140,9 @@ def plan_merge(context: PlanContext, name: str) -> MergeTarget:
         )
         _refuse_unmergeable(loaded, name, index, applications)
         ingredients.append(ingredient)
-        for application in applications:
-            by_module.setdefault(application.spec.kohya, []).append(application)
-    modules = tuple(_merge_module(spec, tuple(by_module[key])) for key in sorted(by_module))
+        for application in applications:  # a row slice (Flux's split q/k/v) merges into its whole weight's module
+            by_module.setdefault(arch.whole_module(application.spec).kohya, []).append(application)
+    modules = tuple(_merge_module(spec, tuple(by_module[key]), arch) for key in sorted(by_module))
     precision = recipe.effective_precision(name)
     save = lora_save_dtype(
         "same" if precision.save == "same" else precision_code(precision.save), _factor_dtypes(sources)
@@ -254,8 +254,8 @@ def _refuse_unmergeable(loaded, target: str, index: int, applications) -> None:
         )
 
 
-def _merge_module(spec, contributions: tuple[ModuleApplication, ...]) -> MergeModule:
-    module_spec = contributions[0].spec
+def _merge_module(spec, contributions: tuple[ModuleApplication, ...], arch: Architecture) -> MergeModule:
+    module_spec = arch.whole_module(contributions[0].spec)
     out, flat_in = module_spec.shape[0], math.prod(module_spec.shape[1:])
     dense = any(not is_factored(c.module) for c in contributions)
     factored_rank = sum(int(c.module.rank) for c in contributions if is_factored(c.module))

@@ -54,10 +54,11 @@ FILL_RATIO, CONTROL_RATIO = 6, 2  # img_in inputs / latent channels: Fill 384/64
 BLOCK_IN, BLOCK_OUT, BLOCK_CLIP, BLOCK_T5 = "IN", "OUT", "CLIP", "T5"
 
 VARIANT_TITLES = {
-    "dev": "Flux.1 [dev]",
-    "schnell": "Flux.1 [schnell]",
-    "fill": "Flux.1 Fill [dev]",
-    "control": "Flux.1 Depth/Canny [dev]",
+    # BFL writes "FLUX.1 [dev]"; brackets would read as markup in the terminal's rich text.
+    "dev": "Flux.1 dev",
+    "schnell": "Flux.1 schnell",
+    "fill": "Flux.1 Fill dev",
+    "control": "Flux.1 Depth/Canny dev",
 }
 
 
@@ -202,6 +203,9 @@ def infer_extra(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
         found["t5_layers"] = t5_layers + 1
     if prefixed or bare:
         found["all_in_one"] = int(prefixed)
+    # schnell = no guidance_in where a checkpoint would have it (next to time_in); an adapter that
+    # adapts neither says nothing about the variant (dev, the default).
+    if any(k.endswith("time_in.in_layer.weight") for k in shapes):
         found["guidance"] = int(any(k.endswith("guidance_in.in_layer.weight") for k in shapes))
     return found
 

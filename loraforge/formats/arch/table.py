@@ -94,6 +94,21 @@ class Architecture:
         return {m.diffusers: m for m in self.modules}
 
     @cached_property
+    def _whole_modules(self) -> dict[str, ModuleSpec]:
+        return {m.key: m for m in self.modules if m.rows is None and not m.swap_halves}
+
+    def whole_module(self, spec: ModuleSpec) -> ModuleSpec:
+        """The table row of the whole weight a row slice (or swapped view) lands on, where the table has one.
+
+        Flux: diffusers' split ``attn.to_q`` -> BFL's fused ``img_attn.qkv``. Merges write this row, so
+        split and fused inputs of one layer merge into one fused module. OpenCLIP's q/k/v slices have no
+        whole row and stay as they are.
+        """
+        if spec.rows is None and not spec.swap_halves:
+            return spec
+        return self._whole_modules.get(spec.key, spec)
+
+    @cached_property
     def full_block_form(self) -> tuple[str, ...]:
         """The longest form: it names every block."""
         return self.block_forms[max(self.block_forms)]
