@@ -485,3 +485,21 @@ def test_components_and_the_release_card(tmp_path, models):
     assert "Merged with `weighted_sum`" in card and "`a`, `b`" in card
     assert '"OUT00-OUT11": 0.25' in card
     assert "| `blend` | merged | `a` |" in card
+
+
+def test_lock_records_the_environment_of_non_linear_merges_and_verify_passes(tmp_path, models):
+    import json
+
+    from loraforge.plan.action_key import BAKE_NUMERIC_POLICY
+
+    targets = LINEAR_TARGETS.split("  ws-norm:")[0] + NONLINEAR_TARGETS.split("  dare:")[0]
+    recipe = _project(tmp_path, models, targets)
+    _build(recipe)
+    lock = json.loads((tmp_path / "recipe.lock").read_text())
+    assert lock["numeric_policy"]["bake"] == BAKE_NUMERIC_POLICY  # the recorded policy is the bake's, unchanged
+    assert "numeric_environment" in lock["targets"]["ties"] and lock["targets"]["ties"]["device_class"] == "cpu"
+    assert "numeric_environment" not in lock["targets"]["ws"]  # correctly rounded: no environment
+    result = runner.invoke(app, ["verify", str(recipe)])
+    assert result.exit_code == 0, result.output
+    rebuilt = runner.invoke(app, ["build", str(recipe)])
+    assert rebuilt.exit_code == 0 and "up to date" in rebuilt.output.lower(), rebuilt.output

@@ -73,7 +73,19 @@ def linear_combination(sources: Sequence[Tensor], terms: Terms, divisor: Sequenc
         value = dyadic_sum([(*factors, wide[source][index].item()) for factors, source in terms])
         return value / exact_divisor if exact_divisor is not None else value
 
-    return round_certified(total, bound, dtype, exact).reshape(shape)
+    # Elements whose every product has a zero factor are exactly 0 (written +0). Certification never
+    # trusts a zero approximation, so leaving them in would send each to the slow exact path.
+    zero = torch.ones_like(total, dtype=torch.bool)
+    for factors, source in terms:
+        if all(float(f) != 0 for f in factors):  # the exact coefficient is nonzero (even if its float64 product underflows)
+            zero &= wide[source] == 0
+    if not bool(zero.any()):
+        return round_certified(total, bound, dtype, exact).reshape(shape)
+    live = (~zero).nonzero().reshape(-1)
+    result = torch.zeros(total.shape, dtype=dtype)
+    if live.numel():
+        result[live] = round_certified(total[live], bound[live], dtype, lambda i: exact(int(live[i])))
+    return result.reshape(shape)
 
 
 # --- non-linear: fixed-order float64 -----------------------------------------------------
