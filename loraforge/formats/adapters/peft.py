@@ -55,7 +55,10 @@ class PeftKind(lora.LoraKind):
     suffixes = SUFFIXES
 
 METADATA_KEY = "lora_adapter_metadata"
-_COMPONENT_OF_PREFIX = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
+_COMPONENT_OF_PREFIX = {
+    "unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2",
+    "transformer.": "transformer",  # Flux (FluxPipeline.save_lora_weights)
+}
 
 
 def _split_component(name: str) -> tuple[str, str]:
