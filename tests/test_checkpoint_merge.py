@@ -175,15 +175,16 @@ def _merged_keys(tensors: dict[str, np.ndarray]) -> list[str]:
 
 def _check_correctly_rounded(out: np.ndarray, approx: np.ndarray, exact) -> int:
     """out == RN(exact) everywhere: equal to the float64 value rounded once, or (where they differ) the
-    float16 neighbour nearest the exact rational value, ties to even. Returns how many needed the exact check."""
+    neighbour nearest the exact rational value, ties to even. Returns how many needed the exact check."""
+    bits = np.uint16 if out.dtype == np.float16 else np.uint32
     expected = approx.astype(out.dtype)
-    differ = np.flatnonzero(out.reshape(-1).view(np.uint16) != expected.reshape(-1).view(np.uint16))
+    differ = np.flatnonzero(out.reshape(-1).view(bits) != expected.reshape(-1).view(bits))
     for index in differ:
         value = exact(int(index))
         got = out.reshape(-1)[index]
         candidates = [expected.reshape(-1)[index]]
-        candidates += [np.nextafter(candidates[0], np.float16(np.inf)), np.nextafter(candidates[0], np.float16(-np.inf))]
-        best = min(candidates, key=lambda c: (abs(Fraction(float(c)) - value), int(np.array(c).view(np.uint16)) & 1))
+        candidates += [np.nextafter(candidates[0], out.dtype.type(np.inf)), np.nextafter(candidates[0], out.dtype.type(-np.inf))]
+        best = min(candidates, key=lambda c: (abs(Fraction(float(c)) - value), int(np.array(c).view(bits)) & 1))
         assert got == best or (value == 0 and got == 0), (index, got, best, value)
     return len(differ)
 
@@ -503,3 +504,47 @@ def test_lock_records_the_environment_of_non_linear_merges_and_verify_passes(tmp
     assert result.exit_code == 0, result.output
     rebuilt = runner.invoke(app, ["build", str(recipe)])
     assert rebuilt.exit_code == 0 and "up to date" in rebuilt.output.lower(), rebuilt.output
+
+
+def test_sdxl_block_weighted_merges_against_references(tmp_path):
+    """SDXL (20-value block vectors, two text encoders, label_emb) in float32: a linear and a seeded method."""
+    sdxl = tiny_architecture("sdxl")
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for seed, name in enumerate(MODELS, start=11):
+        write_synthetic_checkpoint(folder / f"{name}.safetensors", sdxl, seed=seed, dtype="F32")
+    full = sdxl.full_block_form
+    vector = [0.05 * i for i in range(len(full))]
+    targets = f"""\
+  ws:
+    kind: checkpoint
+    merge: {{method: weighted_sum, models: [a, b, c], weights: [0.4, {vector}, 0.25]}}
+  dare:
+    kind: checkpoint
+    merge: {{method: dare, base: c, models: [a, b], density: {{default: 0.3, IN04-IN08: 0.9}}}}
+"""
+    project = tmp_path / "project"
+    project.mkdir()
+    recipe = _project(project, folder, targets)
+    _build(recipe)
+    inputs = {name: _read(folder / f"{name}.safetensors")[0] for name in MODELS}
+    ws, _ = _read(project / "dist/ws.safetensors")
+    dare, _ = _read(project / "dist/dare.safetensors")
+    keys = _merged_keys(inputs["a"])
+    assert any(k.startswith("conditioner.embedders.1.") for k in keys) and any("label_emb" in k for k in keys)
+    for key in keys:
+        block = block_of(key, "OUT08")
+        weight_b = vector[full.index(block)]
+        x = {n: inputs[n][key].astype(np.float64) for n in MODELS}
+        terms = [(0.4, "a"), (weight_b, "b"), (0.25, "c")]
+        approx = sum(w * x[n] for w, n in terms)
+        _check_correctly_rounded(ws[key], approx, lambda i: sum(Fraction(w) * Fraction(float(x[n].reshape(-1)[i])) for w, n in terms))
+        if all(np.array_equal(inputs[n][key], inputs["c"][key]) for n in MODELS):
+            assert np.array_equal(dare[key], inputs["c"][key])
+            continue
+        density = 0.9 if block in ("IN04", "IN05", "IN06", "IN07", "IN08") else 0.3
+        masks = [ref_mask(x["a"].shape, density, mask_seed(SEED, key, i)) for i in range(2)]
+        total = 0 + 1.0 * np.where(masks[0], (x["a"] - x["c"]) / density, 0.0)
+        total = total + 1.0 * np.where(masks[1], (x["b"] - x["c"]) / density, 0.0)
+        want = (x["c"] + 1.0 * total).astype(np.float32)
+        assert np.array_equal(dare[key].view(np.uint32), want.view(np.uint32)), key
