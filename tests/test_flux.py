@@ -523,3 +523,56 @@ def test_lokr_and_loha_on_split_flux_layers_bake_exactly(tmp_path, base_path):
     delta[3 * H:] = (_f64(a1) @ _f64(b1)) * (_f64(a2) @ _f64(b2)) * (1.0 / 2)  # LoHa: alpha/rank
     want = (_f64(base) + 0.5 * delta).to(torch.bfloat16)
     assert torch.equal(_read(out)[key].view(torch.int16), want.view(torch.int16))
+
+
+# --------------------------------------------------------------------------- fp8 bases
+
+
+def _fp8_base(path, scaled=False):
+    tensors = _read(path.parent / "bf16.safetensors")
+    out = {}
+    for key, value in tensors.items():
+        if value.dtype == torch.bfloat16 and value.dim() == 2 and key.startswith("model.diffusion_model."):
+            out[key] = value.to(torch.float8_e4m3fn)
+            if scaled:
+                out[key[: -len(".weight")] + ".scale_weight"] = torch.tensor(0.5)
+        else:
+            out[key] = value
+    if scaled:
+        out["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    save_tensors(path, out)
+
+
+def _fp8_recipe(folder, save):
+    lines = ["loraforge: 1", "name: fp8", 'date: "2026-11-01"', f"precision: {{save: {save}}}", "inputs:",
+             "  base: {source: base.safetensors}", "  lora: {source: lora.safetensors}", "targets:",
+             "  baked: {kind: checkpoint, base: base, loras: [{use: lora}], output: out/baked.safetensors}"]
+    (folder / "recipe.yaml").write_text("\n".join(lines) + "\n")
+    return folder / "recipe.yaml"
+
+
+def test_fp8_flux_base_bakes_into_the_dtype_asked_for_and_never_drops_the_delta(tmp_path, base_path):
+    (tmp_path / "bf16.safetensors").write_bytes(base_path.read_bytes())
+    _fp8_base(tmp_path / "base.safetensors")
+    deltas = DeltaSet(rank=2, seed=31)
+    deltas.kohya_file(tmp_path / "lora.safetensors")
+    refused = invoke("build", _fp8_recipe(tmp_path, "same"))
+    assert refused.exit_code != 0 and "float8" in refused.output and "Traceback" not in refused.output
+    result = invoke("build", _fp8_recipe(tmp_path, "bfloat16"))
+    assert result.exit_code == 0, result.output
+    base, got = _read(tmp_path / "base.safetensors"), _read(tmp_path / "out" / "baked.safetensors")
+    for key, delta in deltas.expected_deltas().items():
+        exact = _f64(base[key]) + delta  # fp8 widens exactly; one rounding to bf16
+        exact = torch.where((delta == 0) & (exact == 0), _f64(base[key]), exact)  # a -0 base plus nothing stays -0
+        want = exact.to(torch.bfloat16)
+        assert torch.equal(got[key].view(torch.int16), want.view(torch.int16)), key
+
+
+def test_scaled_fp8_flux_base_is_refused_in_one_paragraph(tmp_path, base_path):
+    (tmp_path / "bf16.safetensors").write_bytes(base_path.read_bytes())
+    _fp8_base(tmp_path / "base.safetensors", scaled=True)
+    DeltaSet(rank=2, seed=31).kohya_file(tmp_path / "lora.safetensors")
+    assert detect_architecture({k: tuple(v.shape) for k, v in _read(tmp_path / "base.safetensors").items()}).architecture.name == "flux"
+    result = invoke("build", _fp8_recipe(tmp_path, "bfloat16"))
+    assert result.exit_code != 0 and "scaled fp8" in result.output and "scale_weight" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out" / "baked.safetensors").exists()

@@ -57,6 +57,7 @@ def check_narrow_bake(loaded, name: str, base: SafetensorsFile, save: str, baked
     LoRA's effect would vanish from the file without a word. Any float
     ``save:`` dtype widens float8 exactly and keeps the change.
     """
+    _refuse_scaled_weights(loaded, name, base, baked)
     narrow = sorted(key for key in baked if key in base and output_dtype(base.info(key).dtype, save) in NARROW)
     if not narrow:
         return
@@ -67,4 +68,28 @@ def check_narrow_bake(loaded, name: str, base: SafetensorsFile, save: str, baked
         "`save: same`, would save them in float8, where a change smaller than 1/16 of a weight rounds away: most of "
         "the LoRAs' effect would be lost.",
         "Set `precision: {save: bfloat16}` (or float16) on the target or the recipe; float8 weights widen to it exactly.",
+    )
+
+
+SCALE_WEIGHT_SUFFIX = ".scale_weight"  # ComfyUI "scaled fp8": weight = stored fp8 value x this per-tensor scale
+
+
+def _refuse_scaled_weights(loaded, name: str, base: SafetensorsFile, baked: Collection[str]) -> None:
+    """Refuse a bake into weights stored with a per-tensor scale (ComfyUI scaled fp8, e.g. Flux fp8_scaled).
+
+    Adding ΔW to the stored values would change the weight by ΔW·scale, not ΔW; until the bake
+    dequantises them, saying so beats writing a silently wrong file.
+    """
+    scaled = sorted(key for key in baked if key.endswith(".weight")
+                    and key[: -len(".weight")] + SCALE_WEIGHT_SUFFIX in base)
+    if not scaled:
+        return
+    raise loaded.error(
+        ("targets", name, "base"),
+        f"target '{name}' bakes into {len(scaled)} weight(s) of its base that are stored scaled (ComfyUI scaled fp8: "
+        f"the real weight is the stored value times {scaled[0][: -len('.weight')]}{SCALE_WEIGHT_SUFFIX}, e.g. for "
+        f"{scaled[0]}); loraforge does not dequantise those yet, and adding the LoRAs to the stored values would "
+        "scale their change by the per-tensor scale.",
+        "Use a bf16 (or plain fp8) release of the base, or convert the base to bf16 first (each weight times its "
+        "scale_weight, the scale tensors dropped).",
     )
