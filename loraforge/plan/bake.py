@@ -19,6 +19,7 @@ from loraforge.formats.safetensors_reader import open_safetensors
 from loraforge.plan.action_key import BAKE_NUMERIC_POLICY, action_key
 from loraforge.plan.checkpoint_merge import merge_action_key, merge_memory_bytes, plan_checkpoint_merge
 from loraforge.plan.context import PlanContext
+from loraforge.plan.target import PRODUCT_WORDS
 from loraforge.plan.ingredients import adapter_source, input_file, plan_ingredient
 from loraforge.plan.layout import check_narrow_bake, output_layout
 from loraforge.plan.model import BakeTarget
@@ -88,13 +89,16 @@ def _plan_base(context: PlanContext, name: str) -> tuple[Path, Path, Detection, 
         return _read_base(loaded, name, base, context.built[base].path)
     if base in context.planned:
         producer = context.planned[base]
-        if getattr(producer, "structure_path", None) is None:
+        if producer.produces != "checkpoint":
             raise loaded.error(
                 ("targets", name, "base"),
-                f"target '{base}' produces a LoRA, not a checkpoint, so it cannot be a base.",
-                "Name a checkpoint input or a `kind: checkpoint` target as the base, and list the LoRA under `loras:`.",
+                f"target '{base}' produces a {PRODUCT_WORDS[producer.produces]}, not a checkpoint, so it cannot be a base.",
+                "Name a checkpoint input or a target that produces a checkpoint as the base, and list a LoRA under `loras:`.",
             )
-        return producer.output, producer.structure_path, producer.detection, producer.write_bytes
+        structure_path, detection, _ = producer.checkpoint_structure()
+        if detection is None:  # a checkpoint loraforge cannot place: say why, as for a file
+            _read_base(loaded, name, base, structure_path)
+        return producer.output, structure_path, detection, producer.write_bytes
     if base in loaded.recipe.targets:
         raise loaded.error(("targets", name, "base"), f"target '{base}' cannot be used as a base here.")
     return _read_base(loaded, name, base, input_file(loaded, context.inputs[base], context.input_sha256[base]))

@@ -26,7 +26,7 @@ from loraforge.formats.safetensors_reader import open_safetensors
 from loraforge.plan.action_key import action_key
 from loraforge.plan.device_class import device_class
 from loraforge.plan.context import PlanContext
-from loraforge.plan.target import PlannedTarget, Produces
+from loraforge.plan.target import PRODUCT_WORDS, PlannedTarget, Produces
 from loraforge.recipe.schema import RankSpec
 
 MAX_LISTED = 8  # mismatching tensors named in an error before "and N more"
@@ -188,16 +188,15 @@ def _checkpoint_source(context: PlanContext, target: str, field: str) -> Checkpo
 
 def _target_source(loaded, target, field, ref, producer) -> CheckpointSource:
     """A checkpoint that another target of the recipe builds (a bake's output)."""
-    structure = getattr(producer, "structure_path", None)
-    if structure is None:
+    if producer.produces != "checkpoint":
         raise loaded.error(
             ("targets", target, field),
-            f"target '{ref}' does not produce a checkpoint, so it cannot be the {field} model of an extraction.",
-            "Name a checkpoint input, or a `kind: checkpoint` target.",
+            f"target '{ref}' produces a {PRODUCT_WORDS[producer.produces]}, not a checkpoint, so it cannot be the {field} model of an extraction.",
+            "Name a checkpoint input, or a target that produces a checkpoint.",
         )
+    structure, _, save = producer.checkpoint_structure()
     shapes, dtypes, detection = _read_structure(loaded, target, field, ref, structure)
-    save = getattr(producer, "save", "same")
-    if save != "same":  # the bake converts float tensors to its save dtype
+    if save != "same":  # the producer writes its float tensors in its save dtype
         dtypes = {key: save if code in ("F16", "BF16", "F32", "F64") else code for key, code in dtypes.items()}
     return CheckpointSource(ref, producer.output, structure, detection, shapes, dtypes, producer.write_bytes)
 

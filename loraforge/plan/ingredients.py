@@ -23,7 +23,7 @@ from loraforge.formats.arch.table import Architecture
 from loraforge.formats.pickle_input import safetensors_input
 from loraforge.formats.safetensors_reader import open_safetensors
 from loraforge.plan.model import LoraIngredient, ModuleApplication
-from loraforge.plan.target import PlannedTarget
+from loraforge.plan.target import PRODUCT_WORDS, PlannedTarget
 from loraforge.resolve.hash_cache import cache_root
 from loraforge.resolve.local import ResolvedInput
 
@@ -77,7 +77,7 @@ def _planned_adapter(loaded, where: tuple, use: str, producer: PlannedTarget) ->
     if producer.produces != "lora":
         raise loaded.error(
             (*where, "use"),
-            f"target '{use}' is a `kind: {producer.kind}` target and produces a {producer.produces}, not a LoRA, "
+            f"target '{use}' is a `kind: {producer.kind}` target and produces a {PRODUCT_WORDS[producer.produces]}, not a LoRA, "
             "so it cannot be used as a LoRA here.",
             "Name a LoRA input, or a target of this recipe that produces a LoRA (`kind: lora` or `kind: extract`).",
         )
@@ -117,7 +117,7 @@ def plan_ingredient(
     if adapter.modules and not match.matched:
         raise loaded.error((*where, "use"), _architecture_mismatch(adapter, lora.use, arch, base_label))
     if match.shape_mismatches:
-        raise loaded.error((*where, "use"), _shape_mismatch_message(lora.use, adapter, match.shape_mismatches))
+        raise loaded.error((*where, "use"), _shape_mismatch_message(lora.use, adapter, match.shape_mismatches, arch))
     _check_one_module_per_layer(loaded, where, lora.use, adapter, match.matched)
     unmatched = tuple(sorted([m.name for m in match.unmatched] + list(adapter.unclaimed)))
     if unmatched and not allow_unmatched:
@@ -202,11 +202,20 @@ def _architecture_mismatch(adapter: AdapterFile, use: str, arch, base_label: str
     )
 
 
-def _shape_mismatch_message(use, adapter, mismatches) -> str:
+def _shape_mismatch_message(use, adapter, mismatches, arch) -> str:
     described = [f"{m.name} gives {tuple(m.delta_shape)}, {s.key} needs {tuple(s.shape)}" for m, s in mismatches]
+    try:  # names shared across families (text-encoder spellings) can match where the shapes cannot
+        other = detect_adapter_architecture(adapter)
+    except FormatError:
+        other = None
+    if other is not None and other.name != arch.name:
+        why = (f"It looks like a {other.title} adapter, not one for the {arch.title} base: use a LoRA made for the "
+               "base's architecture, or a base of the LoRA's architecture.")
+    else:
+        why = "The LoRA was made for a different model size or variant."
     return (
         f"{len(mismatches)} module(s) of '{use}' ({adapter.path}) have shapes that do not fit the base: "
-        f"{listing(described)}. The LoRA was made for a different model size or variant."
+        f"{listing(described)}. {why}"
     )
 
 

@@ -70,6 +70,9 @@ class BakeTarget(PlannedTarget):
     def device_class(self) -> str | None:
         return self.merge.device_class if self.merge is not None else None  # non-linear merges only
 
+    def checkpoint_structure(self) -> tuple[Path, Detection, str]:
+        return self.structure_path, self.detection, self.save  # the base's layout: a bake keeps every name and shape
+
     def modules_per_block(self) -> dict[str, int]:
         counts: Counter[str] = Counter()
         for applications in self.applications.values():

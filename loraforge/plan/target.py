@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal, Mapping
 
 # What a target's output is: a checkpoint file, a LoRA file, or a bundle folder.
 Produces = Literal["checkpoint", "lora", "bundle"]
+PRODUCT_WORDS = {"checkpoint": "checkpoint", "lora": "LoRA", "bundle": "release folder"}  # for messages
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,12 +53,18 @@ class PlannedTarget:
         """For outputs of several files: whether the rest is as recorded (checked once the recorded file matches)."""
         return True
 
+    def checkpoint_structure(self):
+        """Kinds that produce a checkpoint: (a file with the output's tensor names and shapes that can be read
+        now, its formats.arch Detection or None when no known family fits, the dtype code its float tensors are
+        saved in or "same" for that file's), so readers plan before it is built."""
+        raise TypeError(f"a `kind: {self.kind}` target produces a {PRODUCT_WORDS[self.produces]}, not a checkpoint")
+
     # Kinds that produce a LoRA (``produces = "lora"``) implement these two.
     def lora_adapter(self):
         """The output as a bake that uses it will see it, before it is built: formats.adapters AdapterFile."""
-        raise TypeError(f"a `kind: {self.kind}` target produces a {self.produces}, not a LoRA")
+        raise TypeError(f"a `kind: {self.kind}` target produces a {PRODUCT_WORDS[self.produces]}, not a LoRA")
 
     @property
     def lora_dtype(self) -> str:
         """The safetensors dtype code of the LoRA's factors."""
-        raise TypeError(f"a `kind: {self.kind}` target produces a {self.produces}, not a LoRA")
+        raise TypeError(f"a `kind: {self.kind}` target produces a {PRODUCT_WORDS[self.produces]}, not a LoRA")

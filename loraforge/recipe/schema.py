@@ -695,8 +695,19 @@ class ReleaseSpec(_TargetSpec):
         return f"dist/{name}"
 
 
+class ConvertTarget(_TargetBase):
+    """Rewrite a checkpoint's or LoRA's floating-point tensors in another dtype, each correctly rounded (docs/recipes.md)."""
+
+    kind: Literal["convert"]
+    source: Name  # an input or a target: any safetensors checkpoint or adapter
+    dtype: Annotated[Literal["float16", "bfloat16", "float32"], BeforeValidator(_choice_checker(("float16", "bfloat16", "float32"), "dtype"))]
+
+    def dependencies(self) -> tuple[str, ...]:
+        return (self.source,)
+
+
 # Every target kind's recipe model: a new kind adds its model here (and its TargetKind in loraforge/targets/).
-TARGET_SPECS = (CheckpointTarget, ExtractTarget, LoraTarget, ReleaseSpec)
+TARGET_SPECS = (CheckpointTarget, ExtractTarget, LoraTarget, ReleaseSpec, ConvertTarget)
 # ``kind`` picks the model.
 Target = Annotated[Union[TARGET_SPECS], Field(discriminator="kind")]
 TARGET_KINDS = tuple(get_args(spec.model_fields["kind"].annotation)[0] for spec in TARGET_SPECS)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from loraforge.plan.kinds import TargetKinds
 from loraforge.targets.checkpoint import CheckpointKind
+from loraforge.targets.convert import ConvertKind
 from loraforge.targets.extract import ExtractKind
 from loraforge.targets.lora import LoraKind
 from loraforge.targets.release import ReleaseKind
 
-TARGET_KINDS = TargetKinds((CheckpointKind(), ExtractKind(), LoraKind(), ReleaseKind()))
+TARGET_KINDS = TargetKinds((CheckpointKind(), ExtractKind(), LoraKind(), ReleaseKind(), ConvertKind()))
