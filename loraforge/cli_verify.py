@@ -30,8 +30,11 @@ def verify(
     offline: bool = typer.Option(False, "--offline", help="Use only local files and the download store; never the network."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars; print only what does not reproduce."),
+    remote: Optional[str] = typer.Option(None, "--remote", help="hf://ORG/REPO@COMMIT: check that a published release is the one the lock records (name the release if the recipe has several)."),
 ) -> None:
     """Rebuild every target into a temporary folder and check it against <recipe>.lock and the outputs on disk."""
+    if remote is not None:
+        _verify_remote(recipe, targets or [], remote, as_json)
     from loraforge.cli_common import fail as _fail
     from loraforge.cli_common import stderr
     from loraforge.cli_resolve import fetch_progress
@@ -54,6 +57,25 @@ def verify(
         typer.echo(json.dumps(report.to_json(), indent=2))
     else:
         for line in report_lines(report, quiet):
+            typer.echo(line)
+    raise typer.Exit(0 if report.ok else 1)
+
+
+def _verify_remote(recipe: Path, targets: list[str], remote: str, as_json: bool) -> None:
+    """--remote: download the published manifest and files and compare them with the lock (verify/remote.py)."""
+    from loraforge.cli_common import fail as _fail
+    from loraforge.verify.remote import verify_remote
+
+    if len(targets) > 1:
+        _fail(LoraforgeError(f"--remote checks one release at a time; {len(targets)} targets were named ({', '.join(targets)})."))
+    try:
+        report = verify_remote(recipe, remote, targets[0] if targets else None)
+    except LoraforgeError as error:
+        _fail(error)
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        for line in report.lines():
             typer.echo(line)
     raise typer.Exit(0 if report.ok else 1)
 
