@@ -576,3 +576,44 @@ def test_scaled_fp8_flux_base_is_refused_in_one_paragraph(tmp_path, base_path):
     result = invoke("build", _fp8_recipe(tmp_path, "bfloat16"))
     assert result.exit_code != 0 and "scaled fp8" in result.output and "scale_weight" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "out" / "baked.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- XLabs
+
+
+def xlabs_tensors(rank=3, seed=41, prefix=""):
+    """An XLabs LoRA (no alpha: scale 1) on double block 1 (both streams) and single block 0."""
+    tensors, s = {}, seed
+    for name, out, inp in (("double_blocks.1.processor.qkv_lora1", 3 * H, H), ("double_blocks.1.processor.qkv_lora2", 3 * H, H),
+                           ("double_blocks.1.processor.proj_lora1", H, H), ("double_blocks.1.processor.proj_lora2", H, H),
+                           ("single_blocks.0.processor.qkv_lora", 3 * H, H), ("single_blocks.0.processor.proj_lora", H, H + MLP)):
+        tensors[f"{prefix}{name}.down.weight"] = _factor(s, rank, inp)
+        tensors[f"{prefix}{name}.up.weight"] = _factor(s + 1, out, rank)
+        s += 2
+    return tensors
+
+
+XLABS_TARGETS = {  # XLabs module -> (BFL weight, first row)
+    "double_blocks.1.processor.qkv_lora1": ("double_blocks.1.img_attn.qkv", 0),
+    "double_blocks.1.processor.qkv_lora2": ("double_blocks.1.txt_attn.qkv", 0),
+    "double_blocks.1.processor.proj_lora1": ("double_blocks.1.img_attn.proj", 0),
+    "double_blocks.1.processor.proj_lora2": ("double_blocks.1.txt_attn.proj", 0),
+    "single_blocks.0.processor.qkv_lora": ("single_blocks.0.linear1", 0),  # rows 0:3h; the mlp rows untouched
+    "single_blocks.0.processor.proj_lora": ("single_blocks.0.linear2", 0),
+}
+
+
+def test_xlabs_lora_bakes_to_the_float64_reference(tmp_path, base_path):
+    tensors = xlabs_tensors()
+    out = _bake(tmp_path, base_path, lambda p: save_tensors(p, tensors), strength=0.625)  # dyadic: float64 stays exact
+    base, got = _read(base_path), _read(out)
+    for name, (bfl, first) in XLABS_TARGETS.items():
+        key = f"model.diffusion_model.{bfl}.weight"
+        delta = torch.zeros(base[key].shape, dtype=torch.float64)
+        product = _f64(tensors[name + ".up.weight"]) @ _f64(tensors[name + ".down.weight"])
+        delta[first:first + product.shape[0]] = product
+        exact = _f64(base[key]) + 0.625 * delta
+        exact = torch.where((delta == 0) & (exact == 0), _f64(base[key]), exact)
+        assert torch.equal(got[key].view(torch.int16), exact.to(torch.bfloat16).view(torch.int16)), key
+    report = json.loads(invoke("inspect", "--json", tmp_path / "lora.safetensors").output)
+    assert report["dialect"] == "xlabs" and report["unmatched_modules"] == [] and report["unclaimed_keys"] == []

@@ -135,3 +135,39 @@ def test_peft_lora_saved_by_diffusers_bakes_to_diffusers_fused_weights(tmp_path)
             changed += 1
         assert torch.allclose(got, want, rtol=0, atol=1e-12), diffusers_path
     assert changed == len(match.matched)
+
+
+def test_xlabs_lora_bakes_like_diffusers_own_conversion_of_it(tmp_path):
+    """diffusers' _convert_xlabs_flux_lora_to_diffusers splits an XLabs LoRA into to_q/to_k/to_v; both files bake alike."""
+    import sys
+    from pathlib import Path
+
+    from diffusers.loaders.lora_conversion_utils import _convert_xlabs_flux_lora_to_diffusers
+    from typer.testing import CliRunner
+
+    from loraforge.cli import app
+    from loraforge.formats.hashing import data_sha256
+    from loraforge.testing.arch import tiny_architecture
+    from loraforge.testing.checkpoints import write_synthetic_checkpoint
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from test_flux import xlabs_tensors
+
+    tensors = xlabs_tensors()
+    converted = _convert_xlabs_flux_lora_to_diffusers(dict(tensors))
+    assert all(k.startswith("transformer.") for k in converted)
+    outputs = []
+    for name, state in (("xlabs", tensors), ("diffusers", converted)):
+        folder = tmp_path / name
+        folder.mkdir()
+        write_synthetic_checkpoint(folder / "base.safetensors", tiny_architecture("flux"), dtype="BF16", seed=3)
+        save_tensors(folder / "lora.safetensors", {k: v.contiguous() for k, v in state.items()})
+        (folder / "r.yaml").write_text("\n".join([
+            "loraforge: 1", "name: x", 'date: "2026-11-01"', "precision: {save: same}", "inputs:",
+            "  base: {source: base.safetensors}", "  lora: {source: lora.safetensors}", "targets:",
+            "  baked: {kind: checkpoint, base: base, loras: [{use: lora, strength: 0.6}], output: out/b.safetensors}",
+        ]) + "\n")
+        result = CliRunner().invoke(app, ["build", str(folder / "r.yaml")])
+        assert result.exit_code == 0, result.output
+        outputs.append(data_sha256(folder / "out" / "b.safetensors"))
+    assert outputs[0] == outputs[1]

@@ -44,7 +44,10 @@ Dialects (prefix + path; ``_`` for ``.`` in the one-word forms):
   ``transformer.base_model.model.`` / ``base_model.model.`` (old SimpleTuner
   PEFT); text encoders ``text_encoder.`` (CLIP-L), ``text_encoder_2.`` (T5);
 * OneTrainer: ``lora_transformer_`` + diffusers path, T5 as ``lora_te2_``;
-* SimpleTuner LyCORIS: ``lycoris_`` + diffusers path.
+* SimpleTuner LyCORIS: ``lycoris_`` + diffusers path;
+* XLabs: ``double_blocks.N.processor.{qkv,proj}_lora{1,2}`` (1 = image, 2 = text
+  stream) and ``single_blocks.N.processor.{qkv,proj}_lora`` (q, k, v = rows 0:3h
+  of ``linear1``; ComfyUI names that slice ``single_blocks.N.linear1_qkv``).
 """
 
 from __future__ import annotations
@@ -155,6 +158,7 @@ def build_table(arch: Architecture) -> dict[str, ModuleSpec]:
             add(prefix + diffusers_path, row)
         for prefix in _ONE_WORD_DIFFUSERS_PREFIXES:
             add(prefix + diffusers_path.replace(".", "_"), row)
+    _add_xlabs(add, by_bfl, arch, hidden)
     for spec in arch.modules:
         if spec.component == "unet":
             continue
@@ -164,6 +168,32 @@ def build_table(arch: Architecture) -> dict[str, ModuleSpec]:
         if spec.kohya.startswith(_T5_KOHYA):  # OneTrainer writes T5 as lora_te2_
             add(_T5_ONETRAINER + spec.kohya[len(_T5_KOHYA):], spec)
     return table
+
+
+def _add_xlabs(add, by_bfl: dict[str, ModuleSpec], arch: Architecture, hidden: int) -> None:
+    """XLabs (``double_blocks.N.processor.{qkv,proj}_lora{1,2}``, ``single_blocks.N.processor.{qkv,proj}_lora``)
+    and ComfyUI's ``single_blocks.N.linear1_qkv``: q, k and v of ``linear1`` are its rows 0:3h.
+
+    The mapping is diffusers' ``_convert_xlabs_flux_lora_to_diffusers`` (lora1 = image stream,
+    lora2 = text stream; single ``qkv_lora`` -> to_q/to_k/to_v, ``proj_lora`` -> proj_out).
+    """
+    dims = dict(arch.dimensions)
+    for i in range(dims["depth"]):
+        for xlabs, bfl in (("qkv_lora1", "img_attn.qkv"), ("qkv_lora2", "txt_attn.qkv"),
+                           ("proj_lora1", "img_attn.proj"), ("proj_lora2", "txt_attn.proj")):
+            for prefix in ("", COMFY_PREFIX):
+                add(f"{prefix}double_blocks.{i}.processor.{xlabs}", by_bfl[f"double_blocks.{i}.{bfl}"])
+    for i in range(dims["depth_single"]):
+        linear1 = by_bfl[f"single_blocks.{i}.linear1"]
+        qkv = dataclasses.replace(
+            linear1, kohya=f"{KOHYA_PREFIX}single_blocks_{i}_linear1_qkv", diffusers=f"{COMFY_PREFIX}single_blocks.{i}.linear1_qkv",
+            rows=(0, 3 * hidden), shape=(3 * hidden,) + tuple(linear1.shape[1:]),
+        )
+        for prefix in ("", COMFY_PREFIX):
+            add(f"{prefix}single_blocks.{i}.processor.qkv_lora", qkv)
+            add(f"{prefix}single_blocks.{i}.processor.proj_lora", by_bfl[f"single_blocks.{i}.linear2"])
+            add(f"{prefix}single_blocks.{i}.linear1_qkv", qkv)
+        add(qkv.kohya, qkv)
 
 
 _TABLES: dict[tuple, dict[str, ModuleSpec]] = {}
@@ -183,11 +213,13 @@ def dialect(names: list[str]) -> str:
     votes = {
         "kohya": sum(n.startswith(KOHYA_PREFIX) or n.startswith(("lora_te1_", _T5_KOHYA)) for n in names),
         "comfyui": sum(n.startswith(COMFY_PREFIX) for n in names),
-        "bfl": sum(n.startswith(("double_blocks.", "single_blocks.", "final_layer.")) for n in names),
+        "bfl": sum(n.startswith(("double_blocks.", "single_blocks.", "final_layer.")) and ".processor." not in n
+                   for n in names),
         "diffusers": sum(n.startswith((DIFFUSERS_PREFIX, "transformer_blocks.", "single_transformer_blocks.",
                                        "text_encoder")) for n in names),
         "onetrainer": sum(n.startswith(ONETRAINER_PREFIX) for n in names),
         "simpletuner-lycoris": sum(n.startswith(LYCORIS_PREFIX) for n in names),
+        "xlabs": sum(".processor." in n for n in names),
     }
     best = max(votes.values(), default=0)
     return next((name for name, count in votes.items() if count == best), "") if best else ""

@@ -36,6 +36,9 @@ SUFFIXES = {
     # diffusers' training scripts (convert_state_dict_to_diffusers) on text-encoder projections.
     "lora_linear_layer.down.weight": "down",
     "lora_linear_layer.up.weight": "up",
+    # XLabs' Flux LoRAs (double_blocks.0.processor.qkv_lora1.down.weight; no alpha: scale 1).
+    "down.weight": "down",
+    "up.weight": "up",
 }
 # Shared (kind-independent) suffix for PEFT's DoRA magnitude.
 DORA_SUFFIXES = {
