@@ -156,6 +156,11 @@ def test_the_published_card_has_the_hub_metadata(project, hub):
         "tags": ["stable-diffusion", "lora", "stable-diffusion-v1", "loraforge"],
     }  # local inputs have no Hub id, so no base_model
     assert hub.validated_yaml and hub.validated_yaml[-1] == card  # huggingface_hub had the Hub validate it first
+    from huggingface_hub import ModelCard, ModelCardData
+
+    parsed = ModelCard(card, ignore_metadata_errors=False)  # the library's own card parser and metadata model
+    assert parsed.data.to_dict() == meta and ModelCardData(**meta).to_dict() == meta
+    assert parsed.text.lstrip().startswith("# Neon Pack")
     manifest = json.loads(hub.files_at(REPO)["manifest.json"])
     for output in manifest["outputs"]:  # AutoV2 and AutoV3 in the card for Civitai users
         assert f"`{output['autov2']}`" in card and f"({output['autov3']})" in card
