@@ -92,7 +92,7 @@ def result_lines(result) -> list[str]:
         lines += [f"  delete {name}" for name in diff.delete]
         return lines + ["Nothing was changed on the Hub and nothing was recorded."]
     if not result.committed:
-        head = f"{where} already holds release {result.release} at commit {result.commit}: no commit made."
+        head = f"already published: {where} holds release {result.release} at commit {result.commit}; no commit made."
     else:
         made = (f"{len(diff.upload)} files uploaded ({diff.upload_bytes} bytes), {len(diff.unchanged)} unchanged"
                 + (f", {len(diff.delete)} deleted" if diff.delete else ""))

@@ -172,7 +172,7 @@ def test_publishing_the_same_bundle_again_makes_no_commit(project, hub):
     before = len(hub.log)
     result = _publish(project)
     assert result.exit_code == 0, result.output
-    assert "no commit made" in result.output and head in result.output
+    assert "already published" in result.output and "no commit made" in result.output and head in result.output
     assert hub.head(REPO) == head and hub.commit_count(REPO) == 2
     sent = [r for r in hub.log[before:] if r.method in ("POST", "PUT")]
     assert sent == []  # no create, preupload, upload or commit: the tree listing answered it
