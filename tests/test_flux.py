@@ -617,3 +617,38 @@ def test_xlabs_lora_bakes_to_the_float64_reference(tmp_path, base_path):
         assert torch.equal(got[key].view(torch.int16), exact.to(torch.bfloat16).view(torch.int16)), key
     report = json.loads(invoke("inspect", "--json", tmp_path / "lora.safetensors").output)
     assert report["dialect"] == "xlabs" and report["unmatched_modules"] == [] and report["unclaimed_keys"] == []
+
+
+# --------------------------------------------------------------------------- text encoders
+
+
+def test_clip_and_t5_modules_bake_with_te_strength_and_their_blocks(tmp_path, base_path):
+    """kohya lora_te1_ (CLIP-L), lora_te3_ (T5), OneTrainer lora_te2_ (T5): te x weight(CLIP / T5)."""
+    t5 = TINY_FLUX["t5_width"]
+    modules = {
+        "lora_te1_text_model_encoder_layers_3_self_attn_q_proj": ("text_encoders.clip_l.transformer.text_model.encoder.layers.3.self_attn.q_proj.weight", 16, 16, "CLIP"),
+        "lora_te3_encoder_block_1_layer_1_DenseReluDense_wi_0": ("text_encoders.t5xxl.transformer.encoder.block.1.layer.1.DenseReluDense.wi_0.weight", TINY_FLUX["t5_ff"], t5, "T5"),
+        "lora_te2_encoder_block_0_layer_0_SelfAttention_o": ("text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.o.weight", t5, TINY_FLUX["t5_inner"], "T5"),
+    }
+    tensors, s = {}, 61
+    for name, (_, out, inp, _) in modules.items():
+        tensors[f"{name}.lora_up.weight"] = _factor(s, out, 2)
+        tensors[f"{name}.lora_down.weight"] = _factor(s + 1, 2, inp)
+        tensors[f"{name}.alpha"] = torch.tensor(1.0)
+        s += 2
+    folder = tmp_path
+    (folder / "base.safetensors").write_bytes(base_path.read_bytes())
+    save_tensors(folder / "lora.safetensors", tensors)
+    (folder / "r.yaml").write_text("\n".join([
+        "loraforge: 1", "name: te", 'date: "2026-11-01"', "precision: {save: same}", "inputs:",
+        "  base: {source: base.safetensors}", "  lora: {source: lora.safetensors}", "targets:",
+        "  baked: {kind: checkpoint, base: base, loras: [{use: lora, strength: 1, te: 0.5, blocks: {default: 1, T5: 0.5}}], output: out/b.safetensors}",
+    ]) + "\n")
+    result = invoke("build", folder / "r.yaml")
+    assert result.exit_code == 0, result.output
+    base, got = _read(base_path), _read(folder / "out" / "b.safetensors")
+    for name, (key, _, _, block) in modules.items():
+        weight = 0.5 * (0.5 if block == "T5" else 1.0)
+        delta = _f64(tensors[f"{name}.lora_up.weight"]) @ _f64(tensors[f"{name}.lora_down.weight"]) * 0.5  # alpha 1 / rank 2
+        want = (_f64(base[key]) + weight * delta).to(torch.bfloat16)
+        assert torch.equal(got[key].view(torch.int16), want.view(torch.int16)), key

@@ -171,3 +171,44 @@ def test_xlabs_lora_bakes_like_diffusers_own_conversion_of_it(tmp_path):
         assert result.exit_code == 0, result.output
         outputs.append(data_sha256(folder / "out" / "b.safetensors"))
     assert outputs[0] == outputs[1]
+
+
+def test_kohya_lora_bakes_like_diffusers_own_conversion_of_it(tmp_path):
+    """diffusers' _convert_kohya_flux_lora_to_diffusers (split q/k/v, final_layer scale/shift swapped on lora_B)
+    and the kohya file itself bake to identical bytes. linear1 is left out: that converter hard-codes 3072."""
+    import sys
+    from pathlib import Path
+
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+    from typer.testing import CliRunner
+
+    from loraforge.cli import app
+    from loraforge.formats.hashing import data_sha256
+    from loraforge.testing.arch import tiny_architecture
+    from loraforge.testing.checkpoints import write_synthetic_checkpoint
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from test_flux import DeltaSet
+
+    deltas = DeltaSet(rank=2, seed=51)
+    deltas.kohya_file(tmp_path / "k.safetensors")
+    from safetensors.torch import load_file
+
+    kohya = {k: v for k, v in load_file(str(tmp_path / "k.safetensors")).items() if "linear1" not in k}
+    converted = _convert_kohya_flux_lora_to_diffusers(dict(kohya))
+    assert "norm_out.linear.lora_B.weight" in converted  # written without the transformer. prefix
+    outputs = []
+    for name, state in (("kohya", kohya), ("diffusers", converted)):
+        folder = tmp_path / name
+        folder.mkdir()
+        write_synthetic_checkpoint(folder / "base.safetensors", tiny_architecture("flux"), dtype="BF16", seed=3)
+        save_tensors(folder / "lora.safetensors", {k: v.contiguous() for k, v in state.items()})
+        (folder / "r.yaml").write_text("\n".join([
+            "loraforge: 1", "name: x", 'date: "2026-11-01"', "precision: {save: same}", "inputs:",
+            "  base: {source: base.safetensors}", "  lora: {source: lora.safetensors}", "targets:",
+            "  baked: {kind: checkpoint, base: base, loras: [{use: lora, strength: 0.6}], output: out/b.safetensors}",
+        ]) + "\n")
+        result = CliRunner().invoke(app, ["build", str(folder / "r.yaml")])
+        assert result.exit_code == 0, result.output
+        outputs.append(data_sha256(folder / "out" / "b.safetensors"))
+    assert outputs[0] == outputs[1]
