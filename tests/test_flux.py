@@ -652,3 +652,16 @@ def test_clip_and_t5_modules_bake_with_te_strength_and_their_blocks(tmp_path, ba
         delta = _f64(tensors[f"{name}.lora_up.weight"]) @ _f64(tensors[f"{name}.lora_down.weight"]) * 0.5  # alpha 1 / rank 2
         want = (_f64(base[key]) + weight * delta).to(torch.bfloat16)
         assert torch.equal(got[key].view(torch.int16), want.view(torch.int16)), key
+
+
+def test_a_file_holding_a_layer_fused_and_split_is_refused(tmp_path, base_path):
+    tensors = {
+        "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": _factor(1, 3 * H, 2),
+        "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": _factor(2, 2, H),
+        "transformer.transformer_blocks.0.attn.to_k.lora_B.weight": _factor(3, H, 2),
+        "transformer.transformer_blocks.0.attn.to_k.lora_A.weight": _factor(4, 2, H),
+    }
+    (tmp_path / "base.safetensors").write_bytes(base_path.read_bytes())
+    save_tensors(tmp_path / "lora.safetensors", tensors)
+    result = invoke("build", _recipe(tmp_path, "lora.safetensors"))
+    assert result.exit_code != 0 and "apply it twice" in result.output and "Traceback" not in result.output

@@ -10,6 +10,7 @@ to nothing is an error unless the target allows it.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,18 +160,21 @@ def plan_ingredient(
 
 
 def _check_one_module_per_layer(loaded, where, use, adapter, matched) -> None:
-    """Two modules of one file landing on one layer (kohya and diffusers names mixed) would apply it twice."""
-    first: dict[tuple, str] = {}
+    """Two modules of one file landing on the same rows of one layer (kohya and diffusers names mixed, or
+    Flux's fused ``img_attn.qkv`` next to a split ``attn.to_q``) would apply those rows twice."""
+    seen: dict[str, list[tuple[float, float, str]]] = {}
     for module, spec in matched:
-        layer = (spec.key, spec.rows)
-        if layer in first:
-            raise loaded.error(
-                (*where, "use"),
-                f"modules {first[layer]} and {module.name} of '{use}' ({adapter.path}) both adapt {spec.key}: "
-                "the file holds that layer twice (mixed export formats), and baking both would apply it twice.",
-                "Remove one set of keys from the file, or re-export the adapter with one tool.",
-            )
-        first[layer] = module.name
+        start, stop = spec.rows if spec.rows is not None else (0, math.inf)
+        for other_start, other_stop, other in seen.get(spec.key, ()):
+            if start < other_stop and other_start < stop:
+                raise loaded.error(
+                    (*where, "use"),
+                    f"modules {other} and {module.name} of '{use}' ({adapter.path}) both adapt {spec.key}"
+                    f"{'' if spec.rows is None else f' (rows {start}:{stop})'}: the file holds that layer twice "
+                    "(mixed export formats), and baking both would apply it twice.",
+                    "Remove one set of keys from the file, or re-export the adapter with one tool.",
+                )
+        seen.setdefault(spec.key, []).append((start, stop, module.name))
 
 
 def _check_bias_target(loaded, where, use, module, spec) -> None:
