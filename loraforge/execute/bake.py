@@ -28,6 +28,7 @@ from loraforge.formats.adapters import (
     load_factors,
     module_bias_delta,
     module_certificate,
+    module_dora_increment,
     module_effective_delta,
     module_low_rank,
 )
@@ -156,10 +157,15 @@ def _application_terms(weight, application, adapters, device) -> Iterator[Term]:
     if low_rank is not None:
         up, down = low_rank
         yield LowRankTerm(up, down, rows, application.coefficient, application.module.scale)
+    elif application.dora is not None:
+        # DoRA: W'(s) - W by the module's convention, its float64 evaluation being the term's value; at s = 1
+        # it is the module's effective delta bit for bit (formats/adapters module_dora_increment).
+        increment = module_dora_increment(application.module, factors, target, application.coefficient, application.dora)
+        yield DenseTerm(1.0, increment, rows)
     else:
         delta = module_effective_delta(application.module, factors, target)
         certificate = module_certificate(application.module, factors, tuple(target.shape))
-        if certificate is None:  # DoRA: its float64 evaluation is the term's value
+        if certificate is None:  # no exact form: its float64 evaluation is the term's value
             yield DenseTerm(application.coefficient, delta, rows)
         else:
             yield DenseTerm(application.coefficient, delta, rows, certificate.envelope, certificate.depth, certificate.exact)

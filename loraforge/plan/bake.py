@@ -70,8 +70,8 @@ def plan_bake(context: PlanContext, name: str) -> BakeTarget:
         ingredients=tuple(ingredients),
         applications=ordered,
         dependencies=tuple(d for d in recipe.dependencies(name) if d in recipe.targets),
-        action_key=(action_key(loaded, name, "bake", context.input_hashes(name), BAKE_NUMERIC_POLICY) if merge is None
-                    else merge_action_key(context, name, merge, BAKE_NUMERIC_POLICY)),
+        action_key=(action_key(loaded, name, "bake", context.input_hashes(name), _policy(ordered)) if merge is None
+                    else merge_action_key(context, name, merge, _policy(ordered))),
         read_bytes=read_bytes,
         write_bytes=_estimated_output_bytes(structure_path, save),
         # a float64 workspace, the weight in and out, prefetched and pending tensors, the adapters' factors
@@ -79,6 +79,21 @@ def plan_bake(context: PlanContext, name: str) -> BakeTarget:
         + (merge_memory_bytes(merge) if merge is not None else 0),
         merge=merge,
     )
+
+
+# What a DoRA module at strength (x block weight) s != 1 adds: each tool's own definition (docs/adapters.md).
+# Part of the key of the bakes that have such a module only, so every other bake keeps its key and bytes.
+DORA_STRENGTH_POLICY = (
+    "dora-strength-v1: W'(s) - W with the module's convention: lycoris (W+dW)(s(m/||W+dW|| + eps - 1) + 1) - W, "
+    "peft m(W+s dW)/||W+s dW|| - W; fixed-order IEEE float64"
+)
+
+
+def _policy(applications) -> str:
+    """The bake's numeric policy, extended for DoRA modules applied at a strength other than 1."""
+    if any(a.dora is not None and a.coefficient != 1.0 for group in applications.values() for a in group):
+        return f"{BAKE_NUMERIC_POLICY} + {DORA_STRENGTH_POLICY}"
+    return BAKE_NUMERIC_POLICY
 
 
 def _plan_base(context: PlanContext, name: str) -> tuple[Path, Path, Detection, int]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from loraforge.errors import FormatError
-from loraforge.formats.adapters import AdapterFile, parse_adapter
+from loraforge.formats.adapters import AdapterFile, dora_convention, parse_adapter
 from loraforge.formats.adapters.matching import detect_adapter_architecture, match_adapter
 from loraforge.formats.arch.block_weights import BlockWeightError, parse_block_weights
 from loraforge.formats.arch.table import Architecture
@@ -139,7 +139,8 @@ def plan_ingredient(
             raise loaded.error((*where, "blocks"), f"{error} (module {module.name} of '{lora.use}')") from None
         coefficient = (te if module_spec.is_text_encoder else lora.strength) * weight
         if coefficient != 0.0:
-            applications.append(ModuleApplication(index, module, module_spec, coefficient))
+            convention = dora_convention(module, lora.dora) if module.dora else None
+            applications.append(ModuleApplication(index, module, module_spec, coefficient, dora=convention))
             if module.has_bias:
                 _check_bias_target(loaded, where, lora.use, module, module_spec)
                 applications.append(ModuleApplication(index, module, module_spec, coefficient, part="bias"))

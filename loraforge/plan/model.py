@@ -48,6 +48,7 @@ class ModuleApplication:
     spec: ModuleSpec
     coefficient: float  # strength (or te) x block weight
     part: str = "weight"  # "weight", or "bias" for a full diff's diff_b
+    dora: str | None = None  # a DoRA module's strength convention, "lycoris" or "peft" (docs/adapters.md)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -2,16 +2,17 @@
 
 LyCORIS's ``multiplier`` and diffusers' ``fuse_lora(lora_scale=s)`` disagree
 (by several % at 0.7); loraforge.ops.deltas.dora_increment implements both.
-Checked here at the formats level (parse the producer's file, add each DoRA
-module's increment to the base weight): the recipe's ``dora:`` field still
-has to be passed through the planner and the bake executor.
+Checked at the formats level (parse the producer's file, add each DoRA
+module's increment to the base weight) and end to end: `loraforge build` of
+the producer's file at 0.7, with the recipe's ``dora:`` or the file's
+default, against the tool's own fused weights.
 """
 
 from __future__ import annotations
 
 import torch
 
-from interop_harness import assert_same_weights
+from interop_harness import Bake, assert_same_weights, baked_weights, run_bakes
 from interop_models import read_tensors
 from loraforge.formats.adapters import load_factors, module_dora_increment, parse_adapter
 from loraforge.formats.adapters.matching import find_spec
@@ -60,3 +61,32 @@ def test_lycoris_convention_equals_lycoris_multiplier(sd1):
     assert_same_weights({n: v.float() for n, v in ours.items()}, {n: expected[n] for n in ours}, ulps=8, relative_to_max=True)
     other = _bake_at(sd1, path, STRENGTH, "peft")
     assert max(float((other[n] - ours[n]).abs().max() / ours[n].abs().max()) for n in ours) > 0.01
+
+
+def _specs(setup, names):
+    return [spec for spec in setup.arch.modules if spec.diffusers in names]
+
+
+def test_a_build_at_strength_07_follows_the_recipes_convention(sd1):
+    """The recipe's `dora:` reaches the bake: peft (the file's default) equals fuse_lora(lora_scale=0.7);
+    `dora: lycoris` on the same file gives the other tool's weights; at strength 1 both give the same bytes."""
+    path = sd1.folder / "dora_build_peft.safetensors"
+    expected = make_peft(sd1, path, seed=502, alpha=8, dora=True, strength=STRENGTH)
+    built = run_bakes(sd1, {
+        "default": Bake(path, STRENGTH),
+        "peft": Bake(path, STRENGTH, extra="dora: peft"),
+        "lycoris": Bake(path, STRENGTH, extra="dora: lycoris"),
+        "one_peft": Bake(path, 1.0, extra="dora: peft"),
+        "one_lycoris": Bake(path, 1.0, extra="dora: lycoris"),
+    })
+    specs = _specs(sd1, expected)
+    assert len(specs) > 100
+    want = {spec.diffusers: expected[spec.diffusers] for spec in specs}
+    assert_same_weights(baked_weights(built["default"], specs), want)
+    assert all(torch.equal(built["default"][k], built["peft"][k]) for k in built["default"])
+    lycoris = _bake_at(sd1, path, STRENGTH, "lycoris")  # only the DoRA modules: the rest is the base
+    dora_specs = [spec for spec in specs if spec.diffusers in lycoris]
+    assert len(dora_specs) > 100
+    assert_same_weights(baked_weights(built["lycoris"], dora_specs), {s.diffusers: lycoris[s.diffusers] for s in dora_specs})
+    assert any(not torch.equal(built["lycoris"][k], built["peft"][k]) for k in built["peft"])
+    assert all(torch.equal(built["one_peft"][k], built["one_lycoris"][k]) for k in built["one_peft"])
