@@ -665,3 +665,24 @@ def test_a_file_holding_a_layer_fused_and_split_is_refused(tmp_path, base_path):
     save_tensors(tmp_path / "lora.safetensors", tensors)
     result = invoke("build", _recipe(tmp_path, "lora.safetensors"))
     assert result.exit_code != 0 and "apply it twice" in result.output and "Traceback" not in result.output
+
+
+def test_dora_on_norm_out_linear_uses_the_adapters_row_order(tmp_path, base_path):
+    """PEFT DoRA on diffusers' norm_out.linear: W' rows are [scale; shift] in the adapter, [shift; scale] in BFL."""
+    b, a = _factor(71, 2 * H, 2), _factor(72, 2, H)
+    key = "model.diffusion_model.final_layer.adaLN_modulation.1.weight"
+    base = _f64(_read(base_path)[key])
+    diffusers_order = torch.cat([base[H:], base[:H]])
+    magnitude = (diffusers_order + _f64(b) @ _f64(a)).norm(dim=1) * 1.25
+    tensors = {
+        "transformer.norm_out.linear.lora_A.weight": a,
+        "transformer.norm_out.linear.lora_B.weight": b,
+        "transformer.norm_out.linear.lora_magnitude_vector": magnitude.to(torch.bfloat16),
+    }
+    out = _bake(tmp_path, base_path, lambda p: save_tensors(p, tensors), strength=1.0)
+    merged = diffusers_order + _f64(b) @ _f64(a)
+    dora = merged * (_f64(magnitude.to(torch.bfloat16)) / merged.norm(dim=1)).unsqueeze(1)  # PEFT: per output row
+    want = torch.cat([dora[H:], dora[:H]])
+    got = _f64(_read(out)[key])
+    assert float((got - want).abs().max()) <= float(want.abs().max()) * 2 ** -7  # bf16 output
+    assert float((got - want).norm() / want.norm()) < 5e-3

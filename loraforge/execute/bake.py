@@ -150,6 +150,8 @@ def _application_terms(weight, application, adapters, device) -> Iterator[Term]:
         raise _NonFiniteFactors(application.ingredient)
     rows = application.spec.rows
     target = weight if rows is None else weight[rows[0]:rows[1]]
+    if application.spec.swap_halves:  # the adapter's row order (DoRA's per-row norms need it); swapped back after
+        target = torch.cat([weight[weight.shape[0] // 2:], weight[: weight.shape[0] // 2]])
     if application.part == "bias":
         yield DenseTerm(application.coefficient, module_bias_delta(application.module, factors), rows)
         return
