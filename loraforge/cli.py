@@ -15,7 +15,7 @@ from typing import List, Optional
 import typer
 
 from loraforge import __version__
-from loraforge.cli_common import execute_plan, stderr, stdout
+from loraforge.cli_common import execute_plan, interrupted, stderr, stdout
 from loraforge.cli_common import fail as _fail
 from loraforge.errors import LoraforgeError
 from loraforge.interrupts import interruptions_kept
@@ -100,6 +100,8 @@ def plan(
         report = plan_report(_plan(recipe, targets or []))
     except LoraforgeError as error:
         _fail(error)
+    except KeyboardInterrupt as interrupt:
+        interrupted(interrupt, "interrupted: nothing was written; partial downloads are kept and resume on the next run.")
     if as_json:
         _print_json(report)
     else:
@@ -123,6 +125,10 @@ def build(
     from loraforge.render import render_build_result
 
     try:
+        if memory_budget is not None:
+            from loraforge.execute.jobs import parse_memory_size
+
+            parse_memory_size(memory_budget)  # a bad size is refused before anything is fetched or planned
         with fetch_progress(stderr, enabled=not quiet) as fetching:
             build_plan = _plan(recipe, targets or [], resolve_options(offline, locked, fetching), device=device)
         forced = [t.name for t in build_plan.targets if not targets or t.name in targets] if force else []

@@ -20,6 +20,14 @@ def fail(error: LoraforgeError) -> None:
     raise typer.Exit(error.exit_code)
 
 
+def interrupted(interrupt: KeyboardInterrupt, message: str) -> None:
+    """Ctrl-C or SIGTERM: one line on stderr, exit 130 or 143 (loraforge/interrupts.py)."""
+    from loraforge.interrupts import exit_code_of
+
+    stderr.print(message, soft_wrap=True)
+    raise typer.Exit(exit_code_of(interrupt))
+
+
 def execute_plan(build_plan, *, device=None, quiet=False, locked=False, force=(), jobs=1, memory_budget=None):
     """Run a plan the way `build` does: progress bars, the lock updated after each target (never
     under --locked, which checks every target against it instead). Shared by `build` and `release`."""

@@ -146,9 +146,10 @@ def fetch(
             resolved = resolve_inputs(loaded, names, options)
     except LoraforgeError as error:
         fail(error)
-    except KeyboardInterrupt:
-        stderr.print("interrupted: partial downloads are kept and resume on the next run.")
-        raise typer.Exit(130)
+    except KeyboardInterrupt as interrupt:
+        from loraforge.cli_common import interrupted
+
+        interrupted(interrupt, "interrupted: partial downloads are kept and resume on the next run.")
     rows = [
         {"input": n, "status": r.origin, "size": r.size, "sha256": r.sha256, "path": str(r.path)}
         for n, r in sorted(resolved.items())
@@ -184,6 +185,10 @@ def lock(
         changed = write_lock(path, updated_lock(loaded, resolved, None, previous, numeric_policy=TARGET_KINDS.numeric_policies()))
     except LoraforgeError as error:
         fail(error)
+    except KeyboardInterrupt as interrupt:
+        from loraforge.cli_common import interrupted
+
+        interrupted(interrupt, f"interrupted: {lock_path(Path(recipe))} is unchanged; partial downloads are kept and resume on the next run.")
     stdout.print(f"{'wrote' if changed else 'unchanged'} {path} ({len(resolved)} inputs)")
 
 

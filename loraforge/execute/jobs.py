@@ -57,7 +57,7 @@ def parse_memory_size(text: str) -> int:
         value = float(number) * units[unit]
     except (ValueError, KeyError):
         value = -1
-    if value <= 0:
+    if not value > 0 or value == float("inf"):  # also NaN ("nanG") and "infG"
         raise BuildError(f"--memory-budget {text!r} is not a size; write it like 12G, 512M or 8GiB.")
     return int(value)
 

@@ -60,20 +60,28 @@ class Lock:
         return canonical_json(document, indent=2, ascii=False) + "\n"
 
 
+MAX_LOCK_BYTES = 64 << 20  # far above any real lock (a few KiB per input and target)
+_HINT = "If it was edited by hand or merged badly, delete it and run `loraforge lock` on the recipe."
+
+
 def read_lock(path: Path) -> Lock | None:
-    """The lock at ``path``, None when there is none; a damaged lock is an error."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
+    """The lock at ``path``, None when there is none; a damaged lock is one-paragraph ResolveError.
+
+    Damaged means: not a regular file (a FIFO, a link to /dev/zero), over
+    MAX_LOCK_BYTES, not UTF-8, not JSON (or nested too deep for the parser),
+    not a loraforge lock, or a known field of the wrong type.
+    """
+    text = _read_lock_text(Path(path))
+    if text is None:
         return None
-    except OSError as error:
-        raise ResolveError(f"The lock file {path} cannot be read ({error.strerror}); check its permissions.") from None
     document = parse_lock_text(text)
     if document is None:
         raise ResolveError(
-            f"The lock file {path} is not a loraforge lock (not JSON with \"format\": \"{LOCK_FORMAT}\"). "
-            "If it was edited by hand or merged badly, delete it and run `loraforge lock` on the recipe."
+            f"The lock file {path} is not a loraforge lock (not JSON with \"format\": \"{LOCK_FORMAT}\"). {_HINT}"
         )
+    problem = _type_problem(document)
+    if problem is not None:
+        raise ResolveError(f"The lock file {path} is damaged: {problem}. {_HINT}")
     known = {"_comment", "format", "loraforge", "numeric_policy", "inputs", "targets"}
     return Lock(
         inputs=_mapping_of_dicts(document.get("inputs")),
@@ -84,10 +92,73 @@ def read_lock(path: Path) -> Lock | None:
     )
 
 
+def _read_lock_text(path: Path) -> str | None:
+    import os
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block the open
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise ResolveError(f"The lock file {path} cannot be read ({error.strerror}); check its permissions.") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ResolveError(
+                f"The lock file {path} is not a regular file (a device, a pipe or a folder, perhaps through a "
+                f"symbolic link); loraforge does not read it. Remove it and run `loraforge lock` on the recipe."
+            )
+        with os.fdopen(fd, "rb") as handle:
+            fd = None
+            data = handle.read(MAX_LOCK_BYTES + 1)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    if len(data) > MAX_LOCK_BYTES:
+        raise ResolveError(f"The lock file {path} is larger than {MAX_LOCK_BYTES >> 20} MiB, far more than any lock. {_HINT}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ResolveError(f"The lock file {path} is not UTF-8 text (byte {error.start}). {_HINT}") from None
+
+
+# Types of the fields loraforge reads; another type would fail far from the file that caused it.
+_TOP_FIELDS = {"loraforge": str, "numeric_policy": dict, "inputs": dict, "targets": dict}
+_ENTRY_FIELDS = {
+    "inputs": {"source": str, "sha256": str, "data_sha256": str, "size": int, "resolved": dict},
+    "targets": {"action_key": str, "output": str, "sha256": str, "data_sha256": str, "size": int,
+                "device_class": str, "numeric_environment": dict, "tolerance": dict},
+}
+
+
+def _type_problem(document: dict) -> str | None:
+    for key, kind in _TOP_FIELDS.items():
+        if key in document and not isinstance(document[key], kind):
+            return f"\"{key}\" is {_json_type(document[key])}, not {_json_type(kind())}"
+    for value in (document.get("numeric_policy") or {}).values():
+        if not isinstance(value, str):
+            return f"a \"numeric_policy\" value is {_json_type(value)}, not a string"
+    for section, fields in _ENTRY_FIELDS.items():
+        for name, entry in (document.get(section) or {}).items():
+            if not isinstance(entry, dict):
+                return f"{section}.{name} is {_json_type(entry)}, not an object"
+            for key, kind in fields.items():
+                value = entry.get(key)
+                if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+                    return f"{section}.{name}.{key} is {_json_type(value)}, not {_json_type(kind())}"
+    return None
+
+
+def _json_type(value) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    return {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number"}.get(type(value), "null")
+
+
 def parse_lock_text(text: str) -> dict | None:
     try:
         document = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
         return None
     if not isinstance(document, dict) or document.get("format") != LOCK_FORMAT:
         return None

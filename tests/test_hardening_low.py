@@ -1,0 +1,131 @@
+"""Issue 17, Low items: each case through the CLI ends in one paragraph (or one line), the right exit
+status, no traceback, no hang, and nothing written.
+
+Damaged lock files (resolve/lockfile.py), --memory-budget nanG (execute/jobs.py), SIGTERM while
+plan/fetch/lock wait on the network (cli.py, cli_resolve.py: 143, not 130).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from hostile import OUTPUT, assert_clear_refusal, make_project, run_cli, snapshot, write_models
+from resolve_helpers import fast_http, server  # noqa: F401
+from loraforge.testing.http_server import Blob, Redirect
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return write_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture
+def built(tmp_path, models):
+    """A project built once: a valid lock to damage."""
+    root = make_project(tmp_path / "project", models)
+    code, output = run_cli("build", root / "recipe.yaml", "-q")
+    assert code == 0, output
+    return root
+
+
+def _one_paragraph(output: str) -> None:
+    assert output.strip().count("\n\n") == 0, output
+
+
+def _deep(depth: int) -> str:
+    return '{"format": "loraforge-lock/1", "inputs": ' + "[" * depth + "]" * depth + "}"
+
+
+def _valid(root) -> dict:
+    return json.loads((root / "recipe.lock").read_text())
+
+
+DAMAGED = {
+    "not UTF-8": (lambda root: (root / "recipe.lock").write_bytes(b'{"format": "loraforge-lock/1", "x": "\xff\xfe"}'),
+                  ["is not UTF-8 text"]),
+    "deep JSON": (lambda root: (root / "recipe.lock").write_text(_deep(100_000)), ["is not a loraforge lock"]),
+    "inputs is a list": (lambda root: (root / "recipe.lock").write_text(json.dumps({**_valid(root), "inputs": []})),
+                         ['"inputs" is an array, not an object']),
+    "numeric_policy is a list": (lambda root: (root / "recipe.lock").write_text(json.dumps({**_valid(root), "numeric_policy": [1]})),
+                                 ['"numeric_policy" is an array, not an object']),
+    "a sha256 that is a number": (
+        lambda root: (root / "recipe.lock").write_text(json.dumps(
+            {**_valid(root), "inputs": {**_valid(root)["inputs"], "style": {**_valid(root)["inputs"]["style"], "sha256": 5}}})),
+        ["inputs.style.sha256 is a number, not a string"]),
+    "a target entry that is a string": (
+        lambda root: (root / "recipe.lock").write_text(json.dumps({**_valid(root), "targets": {"baked": "x"}})),
+        ["targets.baked is a string, not an object"]),
+    "an action key that is an object": (
+        lambda root: (root / "recipe.lock").write_text(json.dumps(
+            {**_valid(root), "targets": {"baked": {**_valid(root)["targets"]["baked"], "action_key": {}}}})),
+        ["targets.baked.action_key is an object, not a string"]),
+    "a size that is a boolean": (
+        lambda root: (root / "recipe.lock").write_text(json.dumps(
+            {**_valid(root), "targets": {"baked": {**_valid(root)["targets"]["baked"], "size": True}}})),
+        ["targets.baked.size is a boolean, not a number"]),
+    "a link to /dev/zero": (lambda root: ((root / "recipe.lock").unlink(), (root / "recipe.lock").symlink_to("/dev/zero")),
+                            ["is not a regular file"]),
+    "a FIFO": (lambda root: ((root / "recipe.lock").unlink(), os.mkfifo(root / "recipe.lock")), ["is not a regular file"]),
+    "a folder": (lambda root: ((root / "recipe.lock").unlink(), (root / "recipe.lock").mkdir()), ["is not a regular file"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED))
+@pytest.mark.parametrize("command", ["build", "plan"])
+def test_a_damaged_lock_is_one_paragraph(built, case, command):
+    damage, fragments = DAMAGED[case]
+    damage(built)
+    before = snapshot(built)
+    code, output = run_cli(command, built / "recipe.yaml", *(["-q", "--force"] if command == "build" else []))
+    assert_clear_refusal(code, output, [str(built / "recipe.lock"), *fragments])
+    _one_paragraph(output)
+    assert snapshot(built) == before
+
+
+@pytest.mark.parametrize("budget", ["nanG", "NaN", "infG", "-1G", "0", "12X"])
+def test_a_memory_budget_that_is_not_a_size_is_refused_before_anything_runs(tmp_path, models, budget):
+    root = make_project(tmp_path / "project", models)
+    code, output = run_cli("build", root / "recipe.yaml", "-q", "--memory-budget", budget)
+    assert_clear_refusal(code, output, [f"--memory-budget {budget!r} is not a size", "12G"])
+    _one_paragraph(output)
+    assert not (root / OUTPUT).exists() and not (root / "recipe.lock").exists()
+
+
+# --- SIGTERM while waiting on the network ----------------------------------------
+
+
+@pytest.mark.parametrize("command", ["plan", "fetch", "lock"])
+def test_sigterm_during_plan_fetch_or_lock_exits_143(tmp_path, fast_http, server, models, command):  # noqa: F811
+    data = (models / "style.safetensors").read_bytes()
+    server.routes["/slow.safetensors"] = Blob(data, delay=60)  # the answer never comes in time
+    server.routes["/start"] = Redirect(server.url("/slow.safetensors"))  # logged at once: the command is waiting now
+    root = make_project(tmp_path / "project", models)
+    recipe = root / "recipe.yaml"
+    pin = "" if command == "lock" else f", sha256: {hashlib.sha256(data).hexdigest()}"
+    recipe.write_text(recipe.read_text().replace("{source: models/style.safetensors}", f"{{source: '{server.url('/start')}'{pin}}}"))
+    env = {**os.environ, "LORAFORGE_HTTP_TIMEOUT": "120"}
+    process = subprocess.Popen([sys.executable, "-m", "loraforge.cli", command, str(recipe), *([] if command == "plan" else ["-q"])],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not server.requests("/start") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.requests("/start"), "the command never asked the server"
+        time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 143, (process.returncode, stderr)
+    assert "Traceback" not in stderr and stderr.startswith("interrupted:") and stderr.strip().count("\n") == 0, stderr
+    if command == "lock":
+        assert f"{root / 'recipe.lock'} is unchanged" in stderr
+    assert not (root / "recipe.lock").exists()
