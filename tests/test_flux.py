@@ -496,6 +496,7 @@ def test_extraction_on_flux_writes_fused_kohya_modules(tmp_path, base_path):
     with open_safetensors(tmp_path / "out" / "ex.safetensors") as f:
         assert f.metadata["modelspec.architecture"] == "flux-1-dev/lora"
         assert f.metadata["ss_base_model_version"] == "flux1"
+        assert f.metadata["ss_network_module"] == "networks.lora_flux"
 
 
 # --------------------------------------------------------------------------- LyCORIS kinds on Flux layers

@@ -36,7 +36,7 @@ from loraforge.formats.hashing import modelspec_hash
 from loraforge.formats.metadata import HASH_KEY, checkpoint_metadata
 from loraforge.formats.safetensors_writer import SafetensorsWriter, TensorPlan, WriteResult
 
-NETWORK_MODULE = "networks.lora"
+NETWORK_MODULE = "networks.lora"  # the default; a family may name its own (Flux: networks.lora_flux)
 SSHS_KEY = "sshs_model_hash"
 SSHS_PLACEHOLDER = "0" * 64
 DYNAMIC = "Dynamic"  # what kohya's resize script writes for ss_network_dim/alpha when ranks differ
@@ -114,7 +114,7 @@ def lora_metadata(
     dim = _dim_text(linear or conv) if ranks else "0"
     metadata.update(
         {
-            "ss_network_module": NETWORK_MODULE,
+            "ss_network_module": arch.ss_network_module,
             "ss_network_dim": dim,
             "ss_network_alpha": dim,
             "ss_base_model_version": arch.ss_base_model_version,

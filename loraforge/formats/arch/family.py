@@ -93,6 +93,7 @@ class Family:
     variant_dimensions: tuple[str, ...] = ()
     # Adapter module-name prefixes -> component, besides the text encoders' own (flux.py: transformer dialects).
     adapter_prefixes: tuple[tuple[str, str], ...] = ()
+    ss_network_module: str = "networks.lora"  # kohya ``ss_network_module`` its LoRAs carry (Flux: networks.lora_flux)
 
     def dimensions(self, values: Mapping[str, int] | None = None) -> Dimensions:
         """The full dimensions with ``values`` put in; unknown names are a ValueError."""
@@ -154,4 +155,5 @@ def assemble(config: ArchitectureConfig) -> Architecture:
         ss_v2=family.ss_v2,
         dimensions=config.dimensions,
         variant=config.variant,
+        ss_network_module=family.ss_network_module,
     )

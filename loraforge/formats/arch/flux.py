@@ -237,6 +237,7 @@ FAMILY = Family(
     modelspec_architecture="flux-1-dev",  # kohya sai_model_spec ARCH_FLUX_1_DEV; schnell: ARCH_FLUX_1_SCHNELL
     modelspec_implementation="https://github.com/black-forest-labs/flux",  # kohya IMPL_FLUX
     ss_base_model_version="flux1",  # kohya flux_utils.MODEL_VERSION_FLUX_V1
+    ss_network_module="networks.lora_flux",  # kohya networks/lora_flux.py, as its training and extraction write it
     ss_v2=False,
     full=(
         ("hidden", 3072),

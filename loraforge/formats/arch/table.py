@@ -70,6 +70,7 @@ class Architecture:
     ss_v2: bool = False  # kohya metadata ``ss_v2``
     dimensions: tuple[tuple[str, int], ...] = ()  # (name, value), e.g. ("model_channels", 320)
     variant: str = ""  # a family's variant where it has several (Flux: "dev", "schnell", "fill", "control")
+    ss_network_module: str = "networks.lora"  # kohya ``ss_network_module`` of a LoRA for this family
 
     @property
     def dimensions_text(self) -> str:
