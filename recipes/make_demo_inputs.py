@@ -16,6 +16,7 @@ from pathlib import Path
 from loraforge.testing.adapters import write_synthetic_adapter
 from loraforge.testing.arch import tiny_architecture
 from loraforge.testing.checkpoints import write_synthetic_checkpoint
+from loraforge.testing.flux import write_flux_diffusers_lora
 
 MODELS = Path(__file__).resolve().parent / "models"
 
@@ -35,9 +36,19 @@ def make_sdxl_demo() -> None:
     write_synthetic_adapter(MODELS / "xl-detail-lokr.safetensors", arch, "lokr", rank=4, seed=13, text_encoder=False)
 
 
+def make_flux_demo() -> None:
+    arch = tiny_architecture("flux")  # Flux.1 dev, all-in-one layout (transformer, CLIP-L, T5, VAE)
+    write_synthetic_checkpoint(MODELS / "tiny-flux-dev.safetensors", arch, seed=21, dtype="BF16")
+    write_synthetic_adapter(MODELS / "flux-style-kohya.safetensors", arch, "lora", rank=4, alpha=2, seed=22,
+                            targets=[m.kohya for m in arch.modules if m.component == "unet"], text_encoder=False)
+    write_flux_diffusers_lora(MODELS / "flux-detail-diffusers.safetensors", arch, rank=4, seed=23,
+                              blocks=("D01", "S00", "S01", "S02", "OUT"))
+
+
 if __name__ == "__main__":
     MODELS.mkdir(parents=True, exist_ok=True)
     make_sd15_demo()
     make_sdxl_demo()
+    make_flux_demo()
     for path in sorted(MODELS.glob("*.safetensors")):
         print(f"{path.relative_to(MODELS.parent)}  {path.stat().st_size} bytes")

@@ -22,9 +22,10 @@ import pytest
 from loraforge.formats.hashing import file_hashes
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-MODELS = ("tiny-sd15-base", "neon-lora", "noir-locon", "grain-loha")
+MODELS = ("tiny-sd15-base", "neon-lora", "noir-locon", "grain-loha",
+          "tiny-flux-dev", "flux-style-kohya", "flux-detail-diffusers")
 # (recipe, target) pairs whose outputs are correctly rounded (no SVD step upstream).
-CERTIFIED = (("demo", "neon-noir"), ("merge-chain", "neon-noir-bundle"))
+CERTIFIED = (("demo", "neon-noir"), ("merge-chain", "neon-noir-bundle"), ("flux-demo", "flux-style"))
 
 
 def _cpu_flags() -> set[str]:
