@@ -129,3 +129,91 @@ def test_sigterm_during_plan_fetch_or_lock_exits_143(tmp_path, fast_http, server
     if command == "lock":
         assert f"{root / 'recipe.lock'} is unchanged" in stderr
     assert not (root / "recipe.lock").exists()
+
+
+# --- downloads stop at the pinned size ----------------------------------------------
+
+
+def test_a_download_larger_than_the_pinned_size_is_stopped_and_nothing_is_stored(tmp_path, fast_http, server, models, monkeypatch):  # noqa: F811
+    data = (models / "style.safetensors").read_bytes()
+    server.routes["/style.safetensors"] = Blob(data)
+    root = make_project(tmp_path / "project", models)
+    recipe = root / "recipe.yaml"
+    recipe.write_text(recipe.read_text().replace("{source: models/style.safetensors}", f"{{source: '{server.url('/style.safetensors')}'}}"))
+    code, output = run_cli("build", recipe, "-q")
+    assert code == 0, output
+    assert json.loads((root / "recipe.lock").read_text())["inputs"]["style"]["size"] == len(data)
+    # Another machine (an empty store) builds from the lock; the server now answers 4 MiB of something else.
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "other-cache"))
+    server.routes["/style.safetensors"] = Blob(b"x" * (4 << 20))
+    code, output = run_cli("build", recipe, "-q", "--force")
+    assert_clear_refusal(code, output, ["Input 'style'", "declares 4,194,304 bytes", f"the {len(data):,} bytes the lock pins",
+                                                  "nothing was stored"])
+    _one_paragraph(output)
+    store = tmp_path / "other-cache/store"
+    assert not [p for p in (store / "blobs").rglob("*") if p.is_file()]
+    assert not [p for p in (store / "partial").rglob("*") if p.is_file()]
+
+
+# --- files that are not files ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero"])
+def test_inspect_on_a_named_pipe_or_a_device_is_refused_without_waiting(tmp_path, kind):
+    if kind == "fifo":
+        path = tmp_path / "pipe.safetensors"
+        os.mkfifo(path)  # nobody writes: opening it for reading would wait for ever
+    else:
+        path = tmp_path / "zero.safetensors"
+        path.symlink_to("/dev/zero")  # never ends
+    code, output = run_cli("inspect", path)
+    assert_clear_refusal(code, output, [str(path), "is not a regular file"])
+    _one_paragraph(output)
+
+
+def _mkfifo(root):
+    os.mkfifo(root / "models/pipe.safetensors")
+    return "models/pipe.safetensors"
+
+
+SOURCES = {
+    "a FIFO": (_mkfifo, ["does not exist or is not a regular file"]),
+    "/proc/self/mem": (lambda root: "/proc/self/mem", ["a file the kernel makes up (under /proc)"]),
+    "/proc/kmsg": (lambda root: "/proc/kmsg", ["a file the kernel makes up (under /proc)"]),
+    "/sys": (lambda root: "/sys/kernel/mm/transparent_hugepage/enabled", ["a file the kernel makes up (under /sys)"]),
+    "file:// with %00": (lambda root: f"file://{root}/models/style%00.safetensors", ["NUL byte (%00)"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SOURCES))
+def test_a_source_that_is_not_a_model_file_is_refused(tmp_path, models, case):
+    root = make_project(tmp_path / "project", models)
+    make_source, fragments = SOURCES[case]
+    source = make_source(root)
+    recipe = root / "recipe.yaml"
+    recipe.write_text(recipe.read_text().replace("{source: models/style.safetensors}", f"{{source: '{source}'}}"))
+    before = snapshot(root)
+    code, output = run_cli("build", recipe, "-q")
+    assert_clear_refusal(code, output, ["inputs.style.source", *fragments])
+    _one_paragraph(output)
+    assert snapshot(root) == before
+
+
+# --- strength: 1e-3 ---------------------------------------------------------------------
+
+
+def test_strength_in_e_notation_is_a_number(tmp_path, models):
+    """YAML 1.1 reads an unquoted 1e-3 as text, and the recipe answered "remove the quotes" for a value
+    without quotes; the recipe loader reads it as the number it is (recipe/yaml_source.py)."""
+    plain = make_project(tmp_path / "plain", models)
+    (plain / "recipe.yaml").write_text((plain / "recipe.yaml").read_text().replace("strength: 0.7", "strength: 0.001"))
+    e_form = make_project(tmp_path / "e-form", models)
+    (e_form / "recipe.yaml").write_text((e_form / "recipe.yaml").read_text().replace("strength: 0.7", "strength: 1e-3"))
+    for root in (plain, e_form):
+        code, output = run_cli("build", root / "recipe.yaml", "-q")
+        assert code == 0, output
+    assert (plain / OUTPUT).read_bytes() == (e_form / OUTPUT).read_bytes()
+    quoted = make_project(tmp_path / "quoted", models)
+    (quoted / "recipe.yaml").write_text((quoted / "recipe.yaml").read_text().replace("strength: 0.7", "strength: '1e-3'"))
+    code, output = run_cli("build", quoted / "recipe.yaml", "-q")
+    assert_clear_refusal(code, output, ["strength", "remove the quotes: write 1e-3 instead of '1e-3'"])

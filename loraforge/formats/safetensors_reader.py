@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import sys
 import threading
 from dataclasses import dataclass
@@ -77,12 +78,7 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
-        try:
-            self._handle = open(self.path, "rb", buffering=0)
-        except FileNotFoundError:
-            raise FormatError(f"{self.path}: no such file; check the path.") from None
-        except IsADirectoryError:
-            raise FormatError(f"{self.path} is a directory, not a .safetensors file; check the path.") from None
+        self._handle = _open_regular(self.path)
         self._lock = threading.Lock()
         try:
             self.file_size = os.fstat(self._handle.fileno()).st_size
@@ -314,6 +310,28 @@ class SafetensorsFile:
 def _data_order(info: TensorInfo) -> tuple[int, int, str]:
     # Zero-length tensors can share an offset; the name makes the order total.
     return (info.start, info.end, info.name)
+
+
+def _open_regular(path: Path):
+    """``path`` open for reading, if it is a regular file (a named pipe would block, a device never end)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # O_NONBLOCK: opening a FIFO must not wait
+    except FileNotFoundError:
+        raise FormatError(f"{path}: no such file; check the path.") from None
+    except IsADirectoryError:
+        raise FormatError(f"{path} is a directory, not a .safetensors file; check the path.") from None
+    except OSError as error:
+        raise FormatError(f"{path} cannot be opened ({error.strerror or error}); check its permissions.") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise FormatError(f"{path} is a directory, not a .safetensors file; check the path.")
+        raise FormatError(
+            f"{path} is not a regular file (a named pipe, a device or a socket); loraforge reads only "
+            ".safetensors files stored on disk."
+        )
+    return os.fdopen(fd, "rb", buffering=0)
 
 
 def open_safetensors(path: str | os.PathLike[str]) -> SafetensorsFile:

@@ -21,6 +21,7 @@ them into ``RecipeError``.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -75,6 +76,15 @@ class _RecipeYamlLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
+
+
+# YAML 1.1 (PyYAML) reads 1e-3 as text: its floats need a dot ("1.0e-3"). YAML 1.2 and every other reader
+# say float, and so does whoever writes `strength: 1e-3`; only plain (unquoted) scalars are affected.
+_RecipeYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 def parse_yaml(text: str) -> tuple[Any, Positions]:

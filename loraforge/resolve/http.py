@@ -119,8 +119,12 @@ def download(
     auth: Auth,
     progress: FetchProgress,
     settings: HttpSettings | None = None,
+    max_bytes: int | None = None,
 ) -> Downloaded:
-    """Download ``url`` into ``part`` (resuming what is there); returns the hashes of the whole file."""
+    """Download ``url`` into ``part`` (resuming what is there); returns the hashes of the whole file.
+
+    ``max_bytes`` (the size a lock pins): an answer that declares more, or sends more, is cut off there
+    and refused with nothing stored, instead of filling the disk with what cannot be the pinned file."""
     settings = settings or HttpSettings.from_env()
     what = f"Input '{name}'"
     meta_path = part.with_suffix(".json")
@@ -131,7 +135,7 @@ def download(
             attempt = 0
             while True:
                 try:
-                    final = _one_try(client, url, part, meta_path, hashes, auth, name, progress)
+                    final = _one_try(client, url, part, meta_path, hashes, auth, name, progress, max_bytes)
                     return Downloaded(hashes, safe_url(final))
                 except _Restart:
                     _drop_partial(part, meta_path)
@@ -142,6 +146,13 @@ def download(
                     attempt += 1
     except httpx.TooManyRedirects:
         raise _redirect_error(what, url) from None
+    except _TooLarge as large:
+        _drop_partial(part, meta_path)
+        raise ResolveError(
+            f"{what}: {safe_url(url)} {large.args[0]}, more than the {max_bytes:,} bytes the lock pins; the download "
+            "was stopped there and nothing was stored. The file at the source is not the pinned one: check the "
+            "source, then `loraforge lock` to pin what it serves now."
+        ) from None
     except OSError as error:  # the store's disk: full, read-only, gone
         _drop_partial(part, meta_path)
         raise ResolveError(
@@ -161,7 +172,11 @@ def _redirect_error(what: str, url: str) -> ResolveError:
     )
 
 
-def _one_try(client, url, part, meta_path, hashes, auth: Auth, name, progress) -> str:
+class _TooLarge(Exception):
+    """The answer is larger than the pinned size (args[0]: what it declared or sent)."""
+
+
+def _one_try(client, url, part, meta_path, hashes, auth: Auth, name, progress, max_bytes: int | None = None) -> str:
     request_headers = dict(auth.headers)
     validator = _read_meta(meta_path).get("validator")
     if hashes.size:
@@ -188,10 +203,14 @@ def _one_try(client, url, part, meta_path, hashes, auth: Auth, name, progress) -
             total = None if match[3] == "*" else int(match[3])
         elif status == 206:
             raise _Restart()  # a range we did not ask for: distrust it
+        if max_bytes is not None and total is not None and total > max_bytes:
+            raise _TooLarge(f"declares {total:,} bytes")
         _write_meta(meta_path, url, response)
         progress.start(name, total, hashes.size)
         with open(part, "ab") as out:
             for chunk in response.iter_bytes():  # as received: a buffered chunk would be lost on a drop
+                if max_bytes is not None and hashes.size + len(chunk) > max_bytes:
+                    raise _TooLarge(f"sent more than {max_bytes:,} bytes")
                 out.write(chunk)
                 hashes.update(chunk)
                 progress.advance(name, len(chunk))

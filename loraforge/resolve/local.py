@@ -49,7 +49,18 @@ def locate_input(name: str, source: str, expected_sha256: str | None, root: Path
     path = local_path(source, root)
     if path is None:
         raise ResolveError(f"Input '{name}': '{source}' is a remote source; it is fetched by the resolver, not located.")
+    if "\0" in str(path):
+        raise ResolveError(
+            f"Input '{name}': the source '{source}' names a path with a NUL byte (%00), which no file can have. "
+            "Check the path."
+        )
     written, path = path, path.resolve()
+    if path.parts[1:2] in (("proc",), ("sys",)):
+        # Kernel pseudo-files: /proc/self/mem fails to read, /proc/kmsg blocks, and none is a model.
+        raise ResolveError(
+            f"Input '{name}': the source '{source}' is {path}, a file the kernel makes up (under /{path.parts[1]}), "
+            "not a model file; loraforge does not read it. Name the model's own file."
+        )
     if not path.is_file():
         raise ResolveError(
             f"Input '{name}': the file {path} (from source '{source}') does not exist or is not a "
@@ -69,7 +80,13 @@ def verify_input(resolved: ResolvedInput) -> str:
 
 def verified_local(resolved: ResolvedInput) -> ResolvedInput:
     """``resolved`` with its hashes filled in; a mismatch with the recipe's pin is an error."""
-    actual, data = cached_file_hashes(resolved.path)
+    try:
+        actual, data = cached_file_hashes(resolved.path)
+    except OSError as error:
+        raise ResolveError(
+            f"Input '{resolved.name}': the file {resolved.path} cannot be read ({error.strerror or error}); "
+            "check that it is a readable model file."
+        ) from None
     if resolved.expected_sha256 is not None and actual != resolved.expected_sha256:
         raise ResolveError(
             f"Input '{resolved.name}' ({resolved.path}) does not have the sha256 the recipe pins: "

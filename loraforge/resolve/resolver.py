@@ -20,7 +20,7 @@ describes (sha256, size) without downloading it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
 
 from loraforge import __version__
@@ -168,6 +168,9 @@ def _resolve_remote(name, spec, ref, entry, locked_sha, store: Store, options: R
     if not options.download and expected:
         return ResolvedInput(name, redact_url(spec.source), None, resolution.size, spec.sha256, sha256=expected,
                              location=dict(resolution.location), origin="remote")
+    size = entry.get("size") if entry and trust_pins and entry.get("sha256") == expected else None
+    if isinstance(size, int) and size > 0:
+        resolution = replace(resolution, max_bytes=size)  # never download more than the pinned file holds
     return _fetch(name, spec, source, resolution, expected, store, options)
 
 

@@ -27,6 +27,7 @@ class Resolution:
     sha256: str | None = None  # as the source reports it (HF LFS oid, Civitai SHA256)
     download_key: str = ""  # identifies the bytes for partial downloads and store locks
     extra: Mapping[str, str] = field(default_factory=dict)  # source-private data (never in the lock)
+    max_bytes: int | None = None  # the lock's pinned size: a download stops past it (resolver.py)
 
 
 @dataclass(frozen=True)

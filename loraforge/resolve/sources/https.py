@@ -34,7 +34,7 @@ def download_to_store(name, url, auth: Auth, resolution: Resolution, store: Stor
 
     key = source_key(resolution.download_key)
     part = store.partial_path(key)
-    done = download(url, part, name=name, auth=auth, progress=progress)
+    done = download(url, part, name=name, auth=auth, progress=progress, max_bytes=resolution.max_bytes)
     try:
         blob = store.commit(part, done.hashes, expected, name)  # removes the partial on a wrong hash
     finally:
