@@ -217,3 +217,26 @@ def test_strength_in_e_notation_is_a_number(tmp_path, models):
     (quoted / "recipe.yaml").write_text((quoted / "recipe.yaml").read_text().replace("strength: 0.7", "strength: '1e-3'"))
     code, output = run_cli("build", quoted / "recipe.yaml", "-q")
     assert_clear_refusal(code, output, ["strength", "remove the quotes: write 1e-3 instead of '1e-3'"])
+
+
+# --- recipes: a NUL byte; recipe.yaml and recipe.yml side by side ----------------------------
+
+
+def test_a_nul_byte_in_a_recipe_is_one_positioned_paragraph(tmp_path, models):
+    root = make_project(tmp_path / "project", models)
+    recipe = root / "recipe.yaml"
+    recipe.write_bytes(recipe.read_bytes().replace(b"name: hostile", b"name: hos\x00tile"))
+    code, output = run_cli("plan", recipe)
+    assert_clear_refusal(code, output, [f"{recipe}:2:10", "U+0000", "which YAML does not allow"])
+    _one_paragraph(output)
+
+
+def test_recipe_yaml_and_recipe_yml_do_not_share_one_lock(tmp_path, models):
+    root = make_project(tmp_path / "project", models)
+    (root / "recipe.yml").write_text((root / "recipe.yaml").read_text().replace("strength: 0.7", "strength: 0.2"))
+    before = snapshot(root)
+    for name in ("recipe.yaml", "recipe.yml"):
+        code, output = run_cli("build", root / name, "-q")
+        assert_clear_refusal(code, output, ["recipe.yaml and recipe.yml", "would share the lock file recipe.lock", "Rename one"])
+        _one_paragraph(output)
+    assert snapshot(root) == before

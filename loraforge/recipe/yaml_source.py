@@ -89,7 +89,15 @@ _RecipeYamlLoader.add_implicit_resolver(
 
 def parse_yaml(text: str) -> tuple[Any, Positions]:
     """Parse one YAML document into plain data plus the position of each key/item."""
-    loader = _RecipeYamlLoader(text)
+    try:
+        loader = _RecipeYamlLoader(text)
+    except yaml.reader.ReaderError as error:  # a NUL byte or another character YAML does not allow
+        before = text[: error.position]
+        raise YamlProblem(
+            before.count("\n") + 1, len(before) - (before.rfind("\n") + 1) + 1,
+            f"the recipe contains the character U+{error.character:04X}, which YAML does not allow",
+            "remove it (a NUL byte or another control character usually comes from a binary file or a bad paste)",
+        ) from None
     try:
         root = loader.get_single_node()
         if root is None:

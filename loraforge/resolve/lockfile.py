@@ -71,6 +71,7 @@ def read_lock(path: Path) -> Lock | None:
     MAX_LOCK_BYTES, not UTF-8, not JSON (or nested too deep for the parser),
     not a loraforge lock, or a known field of the wrong type.
     """
+    _refuse_shared(Path(path))
     text = _read_lock_text(Path(path))
     if text is None:
         return None
@@ -90,6 +91,17 @@ def read_lock(path: Path) -> Lock | None:
         numeric_policy={str(k): str(v) for k, v in (document.get("numeric_policy") or {}).items()},
         extra={k: v for k, v in document.items() if k not in known},
     )
+
+
+def _refuse_shared(path: Path) -> None:
+    """``recipe.yaml`` and ``recipe.yml`` side by side would both use ``recipe.lock``, each dropping the other's entries."""
+    recipes = [candidate for candidate in (path.with_suffix(".yaml"), path.with_suffix(".yml")) if candidate.is_file()]
+    if len(recipes) == 2:
+        raise ResolveError(
+            f"{recipes[0].name} and {recipes[1].name} in {path.parent} would share the lock file {path.name}, each "
+            "overwriting the other's entries (a recipe's lock is its file name with .lock). Rename one of them, or "
+            "delete the one you do not use."
+        )
 
 
 def _read_lock_text(path: Path) -> str | None:
