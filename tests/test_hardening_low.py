@@ -240,3 +240,16 @@ def test_recipe_yaml_and_recipe_yml_do_not_share_one_lock(tmp_path, models):
         assert_clear_refusal(code, output, ["recipe.yaml and recipe.yml", "would share the lock file recipe.lock", "Rename one"])
         _one_paragraph(output)
     assert snapshot(root) == before
+
+
+def test_an_empty_lora_is_refused_instead_of_baking_nothing(tmp_path, models):
+    root = make_project(tmp_path / "project", models)
+    from safetensors.torch import save_file
+
+    save_file({}, root / "models/style.safetensors", metadata={"ss_network_module": "networks.lora"})
+    before = snapshot(root)
+    code, output = run_cli("build", root / "recipe.yaml", "-q")
+    assert_clear_refusal(code, output, ["targets.baked.loras[0].use", "'style' (style.safetensors) holds no adapter tensors",
+                                        "would change nothing"])
+    _one_paragraph(output)
+    assert snapshot(root) == before

@@ -114,6 +114,12 @@ def plan_ingredient(
     lora = loaded.recipe.targets[target].loras[index]
     where = ("targets", target, "loras", index)
     adapter = source.adapter
+    if not adapter.modules and not adapter.unclaimed:  # never a bake or merge that silently changes nothing
+        raise loaded.error(
+            (*where, "use"),
+            f"'{lora.use}' ({source.path.name}) holds no adapter tensors at all, so applying it would change nothing.",
+            "Check that the file is the LoRA you meant (a failed export can leave an empty file), or remove this entry.",
+        )
     match = match_adapter(adapter, arch)
     if adapter.modules and not match.matched:
         raise loaded.error((*where, "use"), _architecture_mismatch(adapter, lora.use, arch, base_label))
