@@ -76,6 +76,7 @@ class MergedBase:
         if all(item == stored[plan.primary] for item in stored) and method.keeps_equal_inputs(values):
             return self._primary.read(name)  # the method gives its input back: the bytes are the answer
         tensors = [_tensor(raw, code, self._primary.info(name).shape) for code, raw in stored]
+        del stored  # one copy of each model's tensor in memory, not two
         n_models = len(tensors) - plan.has_base
         if method.linear:
             terms, divisor = method.linear_terms(values, n_models)
