@@ -548,3 +548,40 @@ def test_sdxl_block_weighted_merges_against_references(tmp_path):
         total = total + 1.0 * np.where(masks[1], (x["b"] - x["c"]) / density, 0.0)
         want = (x["c"] + 1.0 * total).astype(np.float32)
         assert np.array_equal(dare[key].view(np.uint32), want.view(np.uint32)), key
+
+
+def _nearest(value: Fraction, dtype) -> np.ndarray:
+    """RN(value) in a numpy float dtype, ties to even, by comparing the neighbours of its float64 image."""
+    bits = np.uint16 if dtype == np.float16 else np.uint32
+    first = np.array(float(value)).astype(dtype)
+    candidates = [first, np.nextafter(first, dtype(np.inf)), np.nextafter(first, dtype(-np.inf))]
+    return min(candidates, key=lambda c: (abs(Fraction(float(c)) - value), int(np.array(c).view(bits)) & 1))
+
+
+@pytest.mark.parametrize("out_dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("case", ["decimal", "normalize", "task_arithmetic", "float64_inputs"])
+def test_linear_combination_is_correctly_rounded_next_to_midpoints(monkeypatch, case, out_dtype):
+    """Short (quantized) inputs and decimal weights put many exact values within 1e-17 of a midpoint."""
+    import torch
+
+    import loraforge.ops.checkpoint_merge as ops
+
+    monkeypatch.setattr(ops, "LINEAR_CHUNK", 500)  # several chunks
+    rng = np.random.default_rng(3)
+    source_dtype = torch.float64 if case == "float64_inputs" else torch.float16
+    sources = [torch.from_numpy(rng.integers(-64, 64, 1700) * 2.0**-9).to(source_dtype) for _ in range(3)]
+    divisor = None
+    if case == "normalize":
+        terms, divisor = [((0.3,), 0), ((0.7,), 1), ((-0.2,), 2)], (0.3, 0.7, -0.2)
+    elif case == "task_arithmetic":
+        terms = [((1.0,), 2), ((1.3, 0.3), 0), ((-1.3, 0.3), 2), ((1.3, 0.2), 1), ((-1.3, 0.2), 2)]
+    else:
+        terms = [((0.5,), 0), ((0.3,), 1), ((0.2,), 2)]
+    out = ops.linear_combination(sources, terms, divisor, torch.float16 if out_dtype == np.float16 else torch.float32).numpy()
+    values = [s.double().numpy() for s in sources]
+    total = sum((Fraction(d) for d in divisor), Fraction(0)) if divisor else Fraction(1)
+    for i in range(out.size):
+        exact = sum(math.prod((Fraction(f) for f in factors), start=Fraction(1)) * Fraction(float(values[s][i])) for factors, s in terms)
+        want = _nearest(exact / total, out_dtype)
+        sign = exact < 0 if exact != 0 else False  # an exact zero is +0; a tiny value keeps its sign (IEEE)
+        assert out[i] == want and (want != 0 or bool(np.signbit(out[i])) == sign), (i, out[i], want, exact / total)
