@@ -13,7 +13,7 @@ from pathlib import Path
 from loraforge.errors import FormatError
 from loraforge.formats.adapters import AdapterFile, flux_names, parse_adapter
 from loraforge.formats.adapters.matching import detect_adapter_architecture, match_adapter
-from loraforge.formats.arch import detect_architecture
+from loraforge.formats.arch import detect_architecture, loaders
 from loraforge.formats.hashing import autov2, data_sha256, file_sha256
 from loraforge.formats.safetensors_reader import SafetensorsFile, open_safetensors
 
@@ -101,7 +101,19 @@ def _describe_adapter(adapter: AdapterFile) -> dict:
         "unmatched_modules": sorted(m.name for m in match.unmatched),
         "shape_mismatches": sorted(m.name for m, _ in match.shape_mismatches),
         "unclaimed_keys": list(adapter.unclaimed),
+        "loader_skips": _loader_skips(arch.name, match.matched),  # {loader: [modules]}; null where not known
     }
+
+
+def _loader_skips(family: str, matched) -> dict[str, list[str]] | None:
+    """The file's modules (as the file names them) that common loaders are known to skip (formats/arch/loaders.py)."""
+    return loaders.loader_skips(family, (
+        (module.name, loaders.skipped_by(
+            family, spec, module.name, naming=module.naming,
+            kohya_factors=module.kind == "lora" and str(module.keys.get("down", "")).endswith(".lora_down.weight"),
+        ))
+        for module, spec in matched
+    ))
 
 
 def _dialect(adapter: AdapterFile, arch) -> str | None:

@@ -15,6 +15,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.tree import Tree
 
+from loraforge.formats.arch.loaders import skips_text
 from loraforge.text import counts as _counts
 from loraforge.text import human_bytes
 from loraforge.text import listing as _listing
@@ -82,6 +83,10 @@ def _adapter_rows(table: Table, report: dict) -> None:
                        ("unclaimed keys", "unclaimed_keys")):
         if report[key]:
             table.add_row(label, f"[red]{_listing(report[key])}[/]")
+    if "loader_skips" in report:
+        skips = report["loader_skips"]
+        colour = "yellow" if skips and any(skips.values()) else "dim"
+        table.add_row("loaders", f"[{colour}]{skips_text(skips)}[/]")
 
 
 # --- plan ----------------------------------------------------------------------

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from loraforge.errors import FormatError
 from loraforge.formats.arch import Detection, detect_architecture
+from loraforge.formats.arch import loaders
 from loraforge.formats.arch.table import ModuleSpec
 from loraforge.formats.dtypes import itemsize, precision_code
 from loraforge.formats.adapters import AdapterFile
@@ -72,6 +73,13 @@ class ExtractionTarget(PlannedTarget):
     compute: str  # "float32" | "float64"
     save: str  # "same" or a dtype code ("F16", "BF16", "F32")
     seed: int
+    module_set: str = "all"  # "all" | "kohya": only the modules every common loader applies
+    left_out_for_loaders: tuple[str, ...] = ()  # candidates ``modules: kohya`` left out (kohya names)
+
+    def loader_skips(self) -> dict[str, list[str]] | None:
+        """{loader: candidate modules it is known to skip}; None where the family's loaders are not known."""
+        family = self.architecture.name
+        return loaders.loader_skips(family, ((m.kohya, loaders.skipped_by(family, m)) for m in self.modules))
 
     def module_rank(self, module: ModuleSpec) -> RankSpec:
         return self.conv_rank if is_conv3x3(module) else self.rank
@@ -128,6 +136,7 @@ def plan_extract(context: PlanContext, name: str) -> ExtractionTarget:
     base = _checkpoint_source(context, name, "base")
     _check_same_model(loaded, name, tuned, base)
     modules, missing_te = _candidate_modules(loaded, name, tuned, base)
+    modules, left_out = _loader_modules(loaded, name, base.detection.architecture, modules)
     precision = recipe.effective_precision(name)
     output = context.output_path(name)
     device = context.device_of(name)
@@ -149,6 +158,8 @@ def plan_extract(context: PlanContext, name: str) -> ExtractionTarget:
         compute=precision.compute,
         save="same" if precision.save == "same" else precision_code(precision.save),
         seed=recipe.seed,
+        module_set=spec.modules or "all",
+        left_out_for_loaders=left_out,
         device=device,
         dependencies=tuple(d for d in spec.dependencies() if d in recipe.targets),
         action_key=action_key(
@@ -236,6 +247,26 @@ def _check_same_model(loaded, target: str, tuned: CheckpointSource, base: Checkp
             f"the tuned and base checkpoints are both {a.title} but {len(mismatched)} tensor(s) differ in shape: "
             f"{shown}{more} (an inpainting model against a plain base, say).",
             "Extract against the base of the same variant (inpainting with inpainting).",
+        )
+
+
+def _loader_modules(loaded, target: str, arch, modules: tuple[ModuleSpec, ...]):
+    """``modules: kohya``: the candidates every common loader applies, and the kohya names of the others."""
+    if (loaded.recipe.targets[target].modules or "all") == "all":
+        return modules, ()
+    check_module_set(loaded, target, arch)
+    kept = tuple(m for m in modules if loaders.kohya_applies(m))
+    return kept, tuple(m.kohya for m in modules if not loaders.kohya_applies(m))
+
+
+def check_module_set(loaded, target: str, arch) -> None:
+    """``modules: kohya`` needs a family whose loaders' module lists are known (formats/arch/loaders.py)."""
+    if not loaders.known(arch.name):
+        raise loaded.error(
+            ("targets", target, "modules"),
+            f"modules: kohya keeps the layers every common loader applies, but which layers the loaders apply "
+            f"is not known for {arch.title}.",
+            "Remove modules: (or write modules: all) for this model family.",
         )
 
 

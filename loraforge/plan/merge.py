@@ -20,6 +20,7 @@ from pathlib import Path
 
 from loraforge.formats.adapters import AdapterFile, adapter_kind
 from loraforge.formats.adapters.matching import detect_adapter_architecture, match_adapter
+from loraforge.formats.arch import loaders
 from loraforge.formats.arch.table import Architecture, ModuleSpec
 from loraforge.formats.dtypes import precision_code
 from loraforge.formats.lora_output import estimated_lora_bytes, is_conv_shape, lora_save_dtype, planned_lora_adapter
@@ -29,6 +30,7 @@ from loraforge.ops.svd import RankPolicy
 from loraforge.plan.action_key import action_key
 from loraforge.plan.device_class import device_class
 from loraforge.plan.context import PlanContext
+from loraforge.plan.extract import check_module_set
 from loraforge.plan.ingredients import AdapterSource, adapter_source, listing, plan_ingredient
 from loraforge.plan.model import LoraIngredient, ModuleApplication
 from loraforge.plan.target import PlannedTarget, Produces
@@ -91,6 +93,13 @@ class MergeTarget(PlannedTarget):
     clamp_quantile: float | None
     seed: int
     save: str  # the output dtype code ("F16", "BF16", "F32")
+    module_set: str = "all"  # "all" | "kohya": only the modules every common loader applies
+    left_out_for_loaders: tuple[str, ...] = ()  # output modules ``modules: kohya`` left out (kohya names)
+
+    def loader_skips(self) -> dict[str, list[str]] | None:
+        """{loader: output modules it is known to skip}; None where the family's loaders are not known."""
+        family = self.architecture.name
+        return loaders.loader_skips(family, ((m.name, loaders.skipped_by(family, m.spec)) for m in self.modules))
 
     @property
     def lora_dtype(self) -> str:
@@ -142,6 +151,18 @@ def plan_merge(context: PlanContext, name: str) -> MergeTarget:
         ingredients.append(ingredient)
         for application in applications:  # a row slice (Flux's split q/k/v) merges into its whole weight's module
             by_module.setdefault(arch.whole_module(application.spec).kohya, []).append(application)
+    left_out: tuple[str, ...] = ()
+    if (spec.modules or "all") == "kohya":
+        check_module_set(loaded, name, arch)
+        left_out = tuple(sorted(k for k, apps in by_module.items() if not loaders.kohya_applies(arch.whole_module(apps[0].spec))))
+        by_module = {k: apps for k, apps in by_module.items() if k not in left_out}
+        if not by_module:
+            raise loaded.error(
+                ("targets", name, "modules"),
+                f"modules: kohya leaves nothing to merge: every module of the LoRAs is one that kohya's merge_lora "
+                f"skips ({listing(list(left_out))}).",
+                "Remove modules: kohya, or merge LoRAs that adapt attention, resnet or text-encoder layers.",
+            )
     modules = tuple(_merge_module(spec, tuple(by_module[key]), arch) for key in sorted(by_module))
     precision = recipe.effective_precision(name)
     save = lora_save_dtype(
@@ -163,6 +184,8 @@ def plan_merge(context: PlanContext, name: str) -> MergeTarget:
         clamp_quantile=spec.clamp_quantile,
         seed=recipe.seed,
         save=save,
+        module_set=spec.modules or "all",
+        left_out_for_loaders=left_out,
         device=device,
         dependencies=tuple(d for d in spec.dependencies() if d in recipe.targets),
         action_key=merge_action_key(loaded, name, spec.method, context.input_hashes(name), device),

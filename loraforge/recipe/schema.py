@@ -563,6 +563,16 @@ def _check_min_diff(value: Any) -> float:
 
 PositiveRank = Annotated[RankSpec, BeforeValidator(_check_positive_rank)]
 OptionalRank = Annotated[Union[RankSpec, None], BeforeValidator(_check_rank)]
+# Which modules a LoRA output keeps: all, or those every common loader applies (kohya: docs/adapters.md,
+# "What loaders skip"). Unset and "all" are the same and leave the field out of the canonical form.
+ModuleSet = Annotated[Literal["all", "kohya"], BeforeValidator(_choice_checker(("all", "kohya"), "module set"))] | None
+
+
+def _without_default_modules(data: dict) -> dict:
+    """``modules: all`` is the default: recipes without the field (or with ``all``) keep their canonical bytes."""
+    if data.get("modules", "all") in (None, "all"):
+        data.pop("modules", None)
+    return data
 
 
 class ExtractTarget(_TargetBase):
@@ -578,6 +588,11 @@ class ExtractTarget(_TargetBase):
     svd: Annotated[Literal["randomized", "exact"], BeforeValidator(_choice_checker(("randomized", "exact"), "svd method"))] = "randomized"
     clamp_quantile: Annotated[float, BeforeValidator(_check_quantile)] | None = None
     min_diff: Annotated[float, BeforeValidator(_check_min_diff)] = 1e-4  # skip modules with max|dW| <= this
+    modules: ModuleSet = None  # None = all (formats/arch/loaders.py)
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        return _without_default_modules(handler(self))
 
     def dependencies(self) -> tuple[str, ...]:
         return _unique((self.tuned, self.base))
@@ -599,6 +614,11 @@ class LoraTarget(_TargetBase):
     dense_svd: Annotated[Literal["exact", "randomized"], BeforeValidator(_choice_checker(("exact", "randomized"), "dense SVD method"))] = "exact"
     clamp_quantile: Annotated[float, BeforeValidator(_check_quantile)] | None = None
     allow_unmatched: StrictFlag = False
+    modules: ModuleSet = None  # None = all (formats/arch/loaders.py)
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        return _without_default_modules(handler(self))
 
     @model_validator(mode="after")
     def _fields_fit_the_method(self) -> LoraTarget:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from loraforge.formats.arch.loaders import skips_text
 from loraforge.text import human_bytes, listing
 
 
@@ -32,3 +33,15 @@ def summarised_result_lines(result) -> list[str]:
 
 def output_line(report: dict) -> str:
     return f"output: {report['output']}  save dtype: {report['save_dtype']}  device: {report['device']}"
+
+
+def loader_lines(report) -> list[str]:
+    """What ``modules: kohya`` left out, and which modules common loaders are known to skip (plan output)."""
+    lines = []
+    if report["left_out_for_loaders"]:
+        left = report["left_out_for_loaders"]
+        lines.append(f"modules: kohya left out {len(left)} module(s) some loaders skip: {listing(left)}")
+    text = skips_text(report["loader_skips"])
+    colour = "yellow" if report["loader_skips"] and any(report["loader_skips"].values()) else "dim"
+    lines.append(f"[{colour}]loaders: {text}[/]")
+    return lines

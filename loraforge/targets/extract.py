@@ -8,7 +8,7 @@ from loraforge.plan.extract import EXTRACT_NUMERIC_POLICY, ExtractionTarget, pla
 from loraforge.plan.kinds import TargetKind
 from loraforge.plan.report import model_fields
 from loraforge.recipe.schema import ExtractTarget
-from loraforge.targets.describe import output_line, summarised_result_lines
+from loraforge.targets.describe import loader_lines, output_line, summarised_result_lines
 from loraforge.text import counts, human_bytes, listing
 
 
@@ -40,6 +40,9 @@ class ExtractKind(TargetKind):
             "candidate_modules": len(target.modules),
             "modules_per_block": target.modules_per_block(),
             "text_encoder_modules_missing": list(target.missing_text_encoder),
+            "modules_kept": target.module_set,  # "all" | "kohya"
+            "left_out_for_loaders": list(target.left_out_for_loaders),
+            "loader_skips": target.loader_skips(),  # {loader: [modules]}; null where not known
         }
 
     def describe(self, report) -> list:
@@ -53,6 +56,7 @@ class ExtractKind(TargetKind):
             f"reads {human_bytes(report['read_bytes'])}, writes at most {human_bytes(report['write_bytes'])}; "
             f"{report['candidate_modules']} candidate modules (unchanged ones are skipped at build time)",
             f"modules per block: {counts(report['modules_per_block'])}",
+            *loader_lines(report),
         ]
         if report["text_encoder_modules_missing"]:
             lines.append(f"[yellow]text-encoder modules missing from a checkpoint: {listing(report['text_encoder_modules_missing'])}[/]")
@@ -60,3 +64,4 @@ class ExtractKind(TargetKind):
 
     def built_lines(self, result) -> list[str]:
         return summarised_result_lines(result)
+

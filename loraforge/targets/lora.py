@@ -9,7 +9,7 @@ from loraforge.plan.kinds import TargetKind
 from loraforge.plan.merge import MERGE_NUMERIC_POLICY, MergeTarget, plan_merge
 from loraforge.plan.report import ingredient_report, model_fields
 from loraforge.recipe.schema import LoraTarget
-from loraforge.targets.describe import lora_entry_lines, output_line, summarised_result_lines
+from loraforge.targets.describe import loader_lines, lora_entry_lines, output_line, summarised_result_lines
 from loraforge.text import counts, human_bytes, rank_text
 
 
@@ -41,6 +41,9 @@ class LoraKind(TargetKind):
             "dense_modules": sum(1 for m in target.modules if m.dense),
             "modules_per_block": target.modules_per_block(),
             "loras": [ingredient_report(ingredient) for ingredient in target.ingredients],
+            "modules_kept": target.module_set,  # "all" | "kohya"
+            "left_out_for_loaders": list(target.left_out_for_loaders),
+            "loader_skips": target.loader_skips(),  # {loader: [modules]}; null where not known
         }
 
     def heading(self, report) -> str:
@@ -58,6 +61,7 @@ class LoraKind(TargetKind):
             f"reads {human_bytes(report['read_bytes'])}, writes at most {human_bytes(report['write_bytes'])}; "
             f"{report['modules']} modules ({report['conv_modules']} conv, {report['dense_modules']} via dense ΔW)",
             f"modules per block: {counts(report['modules_per_block'])}",
+            *loader_lines(report),
             *lora_entry_lines(report["loras"]),
         ]
 
@@ -66,3 +70,4 @@ class LoraKind(TargetKind):
 
     def operation_label(self, target: MergeTarget) -> str:
         return f"merge ({target.method})"
+
