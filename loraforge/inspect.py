@@ -102,6 +102,11 @@ def _describe_adapter(adapter: AdapterFile) -> dict:
         "shape_mismatches": sorted(m.name for m, _ in match.shape_mismatches),
         "unclaimed_keys": list(adapter.unclaimed),
         "loader_skips": _loader_skips(arch.name, match.matched),  # {loader: [modules]}; null where not known
+        # ComfyUI's load_lora reads alpha only from <module>.alpha tensors: a PEFT alpha kept in
+        # lora_adapter_metadata (scale != 1) is applied there at alpha = rank (docs/adapters.md).
+        "alpha_ignored_by_comfyui": sorted(
+            m.name for m in adapter.modules if m.kind == "lora" and "alpha" not in m.keys and m.scale != 1.0
+        ),
     }
 
 

@@ -87,6 +87,9 @@ def _adapter_rows(table: Table, report: dict) -> None:
         skips = report["loader_skips"]
         colour = "yellow" if skips and any(skips.values()) else "dim"
         table.add_row("loaders", f"[{colour}]{skips_text(skips)}[/]")
+    if report.get("alpha_ignored_by_comfyui"):
+        table.add_row("alpha", f"[yellow]{len(report['alpha_ignored_by_comfyui'])} module(s) take their alpha from "
+                      "lora_adapter_metadata, which ComfyUI does not read (it applies them at alpha = rank)[/]")
 
 
 # --- plan ----------------------------------------------------------------------

@@ -212,6 +212,13 @@ def test_inspect_lists_what_comfyui_and_kohya_skip_in_a_peft_file(tmp_path, fami
     projections = (".to_q", ".to_k", ".to_v", ".to_out.0")
     assert report["loader_skips"]["comfyui"] == [n for n in written if n.startswith("unet.") and n.endswith(projections)]
     assert report["loader_skips"]["comfyui"] and report["loader_skips"]["a1111"] == report["loader_skips"]["diffusers"] == []
+    # alpha 1 at rank 2 lives only in lora_adapter_metadata, which ComfyUI's load_lora does not read
+    assert report["alpha_ignored_by_comfyui"] == written
+    plain = tmp_path / "peft-no-alpha.safetensors"
+    write_synthetic_adapter(plain, arch, "peft", targets="attn", rank=2)
+    assert json.loads(CliRunner().invoke(app, ["inspect", "--json", str(plain)]).output)["alpha_ignored_by_comfyui"] == []
+    shown = CliRunner().invoke(app, ["inspect", str(path)])
+    assert shown.exit_code == 0 and "ComfyUI does not read" in shown.output, shown.output
 
 
 def test_a_bad_module_set_is_a_positioned_error(tmp_path):
@@ -232,3 +239,14 @@ def test_modules_kohya_is_refused_where_the_loaders_are_not_known(tmp_path):
         plan_build(load_recipe(tmp_path / "recipe.yaml"))
     text = str(raised.value)
     assert "recipe.yaml:16:" in text and "not known for" in text, text
+
+
+def test_transformers_5_text_encoder_spellings_are_skipped_by_comfyui_and_kohya():
+    arch = tiny_architecture("sd1")
+    spec = next(m for m in arch.modules if m.is_text_encoder)
+    assert loaders.skipped_by("sd1", spec) == ()
+    kohya_v5 = spec.kohya.replace("lora_te_text_model_", "lora_te_")
+    peft_v5 = spec.diffusers.replace("text_encoder.text_model.", "text_encoder.")
+    assert loaders.skipped_by("sd1", spec, kohya_v5, naming="kohya") == ("kohya", "comfyui")
+    assert loaders.skipped_by("sd1", spec, peft_v5, naming="diffusers", kohya_factors=False) == ("kohya", "comfyui")
+    assert loaders.skipped_by("sd1", spec, spec.diffusers, naming="diffusers", kohya_factors=False) == ("kohya",)

@@ -73,16 +73,16 @@ def skipped_by(
     skips = []
     if not (kohya_applies(spec) and naming == "kohya" and written == spec.kohya and kohya_factors):
         skips.append("kohya")
-    if naming != "kohya" and _comfyui_misses(spec, written):
+    if _comfyui_misses(spec, written, naming):
         skips.append("comfyui")
     return tuple(skips)
 
 
-def _comfyui_misses(spec: ModuleSpec, written: str) -> bool:
-    """ComfyUI's key maps lack this diffusers/PEFT spelling (comfy/lora.py)."""
-    if spec.is_text_encoder:  # mapped only as text_encoder(_2).text_model.encoder.layers.N.…
-        return ".text_model." not in written
-    return written.endswith(_ATTENTION_PROJECTIONS) and ".processor." not in written
+def _comfyui_misses(spec: ModuleSpec, written: str, naming: str) -> bool:
+    """ComfyUI's key maps lack this spelling (comfy/lora.py model_lora_keys_unet / model_lora_keys_clip)."""
+    if spec.is_text_encoder:  # mapped only as lora_te*_text_model_… and text_encoder(_2).text_model.…
+        return "text_model" not in written
+    return naming != "kohya" and written.endswith(_ATTENTION_PROJECTIONS) and ".processor." not in written
 
 
 def loader_skips(family: str, modules: Iterable[tuple[str, tuple[str, ...]]]) -> dict[str, list[str]] | None:
