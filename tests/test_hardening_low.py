@@ -253,3 +253,23 @@ def test_an_empty_lora_is_refused_instead_of_baking_nothing(tmp_path, models):
                                         "would change nothing"])
     _one_paragraph(output)
     assert snapshot(root) == before
+
+
+def test_a_base_without_a_text_encoder_is_named_as_such_at_plan_time(tmp_path, models):
+    """Was: the bake failed with "the base changed since planning" (the TE modules matched the family's table)."""
+    from safetensors.torch import load_file, save_file
+
+    root = make_project(tmp_path / "project", models)
+    base = load_file(root / "models/base.safetensors")
+    save_file({k: v for k, v in base.items() if not k.startswith("cond_stage_model.")}, root / "models/base.safetensors")
+    before = snapshot(root)
+    code, output = run_cli("build", root / "recipe.yaml", "-q")
+    assert_clear_refusal(code, output, ["targets.baked.base", "that 'style' adapt are not in the base file (the base has no text encoder)",
+                                        "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight", "`te: 0`"])
+    _one_paragraph(output)
+    assert "changed since planning" not in output
+    assert snapshot(root) == before
+    recipe = root / "recipe.yaml"
+    recipe.write_text(recipe.read_text().replace("{use: style, strength: 0.7}", "{use: style, strength: 0.7, te: 0}"))
+    code, output = run_cli("build", recipe, "-q")
+    assert code == 0, output

@@ -21,7 +21,7 @@ from loraforge.plan.checkpoint_merge import merge_action_key, merge_memory_bytes
 from loraforge.plan.context import PlanContext
 from loraforge.plan.target import PRODUCT_WORDS
 from loraforge.plan.ingredients import adapter_source, input_file, plan_ingredient
-from loraforge.plan.layout import check_narrow_bake, output_layout
+from loraforge.plan.layout import check_baked_keys, check_narrow_bake, output_layout
 from loraforge.plan.model import BakeTarget
 
 BAKE_MEMORY_FLOOR = 256 << 20  # torch, the reader and writer threads, buffers
@@ -54,6 +54,7 @@ def plan_bake(context: PlanContext, name: str) -> BakeTarget:
     precision = recipe.effective_precision(name)
     save = "same" if precision.save == "same" else precision_code(precision.save)
     with open_safetensors(structure_path) as structure:
+        check_baked_keys(loaded, name, structure, applications)  # a module aimed at a weight the file lacks
         check_narrow_bake(loaded, name, structure, save, applications)  # never a LoRA rounded away in float8
     ordered = {key: tuple(applications[key]) for key in sorted(applications)}
     largest = _largest_baked_tensor(structure_path, ordered)

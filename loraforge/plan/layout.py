@@ -15,6 +15,7 @@ from typing import Collection
 
 from loraforge.formats.dtypes import itemsize
 from loraforge.formats.safetensors_reader import SafetensorsFile
+from loraforge.text import listing
 
 CONVERTIBLE = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")
 NARROW = ("F8_E4M3", "F8_E5M2")  # 3 and 2 mantissa bits: most of a LoRA's change rounds away in them
@@ -92,4 +93,28 @@ def _refuse_scaled_weights(loaded, name: str, base: SafetensorsFile, baked: Coll
         "scale their change by the per-tensor scale.",
         "Use a bf16 (or plain fp8) release of the base, or convert the base to bf16 first (each weight times its "
         "scale_weight, the scale tensors dropped).",
+    )
+
+
+def check_baked_keys(loaded, name: str, base: SafetensorsFile, applications) -> None:
+    """Refuse, at plan time, adapter modules aimed at weights the base file does not hold.
+
+    Matching uses the family's full table, so a base without a text encoder (a
+    UNet-only file) still "matches" a LoRA's text-encoder modules; the bake then
+    found the tensor missing and blamed a base "changed since planning".
+    """
+    missing = sorted(key for key in applications if key not in base)
+    if not missing:
+        return
+    spec = loaded.recipe.targets[name]
+    users = sorted({spec.loras[a.ingredient].use for key in missing for a in applications[key]})
+    text_encoder = all(a.spec.is_text_encoder for key in missing for a in applications[key])
+    why = " (the base has no text encoder)" if text_encoder else ""
+    hint = ("set `te: 0` on those LoRA uses to skip their text-encoder modules, or use a base that has a text encoder"
+            if text_encoder else "check that the base is the full checkpoint the LoRAs were made for")
+    raise loaded.error(
+        ("targets", name, "base"),
+        f"{len(missing)} weight(s) that {', '.join(repr(u) for u in users)} adapt are not in the base file{why}: "
+        f"{listing(missing)}.",
+        hint[0].upper() + hint[1:] + ".",
     )
