@@ -232,8 +232,9 @@ def test_dora_diff_and_peft_bake_match_reference(tmp_path):
         # dora_scale [1, in, ...]: one magnitude per input channel, norm over everything else.
         norm = directed.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1)
         shape = (1, w.shape[1]) + (1,) * (w.dim() - 2)
-        w_dora = directed * (factors["dora_scale"].reshape(shape) / (norm.reshape(shape) + torch.finfo(torch.float32).eps))
-        expected[spec.key] += 0.6 * (w_dora - w)
+        ratio = factors["dora_scale"].reshape(shape) / (norm.reshape(shape) + torch.finfo(torch.float32).eps)
+        # At strength 0.6, LyCORIS's multiplier (a dora_scale file's own convention): (W + ΔW)·(s·(ratio − 1) + 1).
+        expected[spec.key] += directed * (0.6 * (ratio - 1) + 1) - w
     for module, factors in group_modules(read_all(tmp_path / "diff.safetensors")).items():
         spec = arch.module_by_kohya[module]
         expected[spec.key] += -1.5 * factors["diff"]
