@@ -250,3 +250,23 @@ def test_transformers_5_text_encoder_spellings_are_skipped_by_comfyui_and_kohya(
     assert loaders.skipped_by("sd1", spec, kohya_v5, naming="kohya") == ("kohya", "comfyui")
     assert loaders.skipped_by("sd1", spec, peft_v5, naming="diffusers", kohya_factors=False) == ("kohya", "comfyui")
     assert loaders.skipped_by("sd1", spec, spec.diffusers, naming="diffusers", kohya_factors=False) == ("kohya",)
+
+
+def test_diffusers_converts_every_module_of_an_extraction_onto_its_unet(planted):
+    """diffusers' own kohya converter maps conv_in, conv_out and the embeddings too (no known diffusers skip)."""
+    loaders_module = pytest.importorskip("diffusers.loaders")
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    family, folder, arch = planted
+    build_in(folder, "all", recipe_text())
+    tensors = read_all(folder / "all" / "dist" / "ex.safetensors")
+    unet = diffusers_unet(family)
+    # what load_lora_weights does with a kohya file: lora_state_dict (SGM block names mapped with the UNet's
+    # config, kohya names converted, alphas folded in), then PEFT names for injection
+    converted, _ = loaders_module.StableDiffusionLoraLoaderMixin.lora_state_dict(dict(tensors), unet_config=unet.config)
+    assert len(converted) == 2 * len(module_names(tensors))  # up and down of every module
+    peft = convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in converted.items() if k.startswith("unet.")})
+    landed = {"unet." + k.rsplit(".lora_", 1)[0] for k in peft}
+    unet_layers, _ = kohya_walk(unet)
+    assert landed == {m.diffusers for m in arch.modules if m.component == "unet"} <= unet_layers
+    assert {"unet.conv_in", "unet.conv_out", "unet.time_embedding.linear_1"} <= landed
