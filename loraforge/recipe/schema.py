@@ -74,6 +74,35 @@ def describe_value(value: Any) -> str:
 # --- field validators (run before pydantic's own type check) ---------------
 
 
+# Names Windows reserves for devices, with any extension ("con", "nul.safetensors", "com1.txt"): a file so
+# named cannot be created or copied there, so a recipe that would write one is refused (docs/security.md).
+WINDOWS_RESERVED = frozenset(
+    ("con", "prn", "aux", "nul", *(f"com{digit}" for digit in "123456789"), *(f"lpt{digit}" for digit in "123456789"))
+)
+
+
+def windows_reserved(component: str) -> bool:
+    """Whether a file or folder name is a Windows device name (the part before the first '.', any case)."""
+    return component.split(".", 1)[0].rstrip(" ").casefold() in WINDOWS_RESERVED
+
+
+def _path_problem(value: str) -> tuple[str, str] | None:
+    """Why an output path would break on another system (a control character, a Windows device name), or None."""
+    control = next((char for char in value if ord(char) < 32 or ord(char) == 127), None)
+    if control is not None:
+        return (
+            f"the output {value!r} contains the control character U+{ord(control):04X}",
+            "file names with newlines or control characters break shells, listings and other systems; write a path of printable characters",
+        )
+    reserved = next((part for part in re.split(r"[/\\]", value) if part and windows_reserved(part)), None)
+    if reserved is not None:
+        return (
+            f"the output {value!r} uses {reserved!r}, a device name Windows reserves (con, prn, aux, nul, com1-com9, lpt1-lpt9, with any extension)",
+            "such a file cannot be created or copied on Windows; choose another name for that part of the path",
+        )
+    return None
+
+
 def _check_name(value: Any) -> str:
     if not isinstance(value, str):
         raise custom_error(
@@ -86,6 +115,11 @@ def _check_name(value: Any) -> str:
             f"the name {value!r} is not allowed",
             f"names start with a lowercase letter or digit and contain only a-z, 0-9, '-', '_' and '.' "
             f"(at most {NAME_MAX_LENGTH} characters); for example {suggestion!r}",
+        )
+    if windows_reserved(value):
+        raise custom_error(
+            f"the name {value!r} is a device name Windows reserves (con, prn, aux, nul, com1-com9, lpt1-lpt9, with any extension)",
+            f"names become file names (a target's default output is dist/<name>.safetensors), which cannot be created or copied on Windows; choose another name, e.g. {value.split('.', 1)[0] + '-1'!r}",
         )
     return value
 
@@ -193,6 +227,8 @@ def _check_output(value: Any) -> str:
         raise custom_error(f"the output must be a file path, got {describe_value(value)}", "write e.g. output: dist/model.safetensors")
     if not value.endswith(".safetensors"):
         raise custom_error(f"the output {value!r} does not end in .safetensors", "loraforge writes safetensors only; name the file <something>.safetensors")
+    if problem := _path_problem(value):
+        raise custom_error(*problem)
     return value
 
 
@@ -645,6 +681,8 @@ def _check_folder(value: Any) -> str:
         raise custom_error(f"the output must be a folder path, got {describe_value(value)}", "write e.g. output: dist/my-release/")
     if value.endswith(".safetensors"):
         raise custom_error(f"a release is a folder, but {value!r} names a .safetensors file", "write a folder path such as dist/my-release/")
+    if problem := _path_problem(value):
+        raise custom_error(*problem)
     return value
 
 
@@ -782,17 +820,22 @@ class Recipe(_Strict):
         problems = []
         for name in self.targets:
             output = self.default_output(name)
-            normalised = os.path.normpath(output)
+            # casefolded: paths differing only by case are one file on Windows and macOS filesystems
+            normalised = os.path.normpath(output).casefold()
             if normalised in first_writer:
+                earlier, earlier_output = first_writer[normalised]
+                same = os.path.normpath(earlier_output) == os.path.normpath(output)
                 problems.append(
                     (
                         ("targets", name, "output") if self.targets[name].output else ("targets", name),
-                        f"targets {first_writer[normalised]!r} and {name!r} both write {output!r}",
-                        "give each target its own output path",
+                        f"targets {earlier!r} and {name!r} both write {output!r}" if same else
+                        f"targets {earlier!r} and {name!r} write {earlier_output!r} and {output!r}, which differ only by case "
+                        "and are one file on case-insensitive filesystems (Windows, macOS)",
+                        "give each target its own output path" + ("" if same else ", differing in more than case"),
                     )
                 )
             else:
-                first_writer[normalised] = name
+                first_writer[normalised] = (name, output)
         return problems
 
     # --- helpers for later stages ---------------------------------------
