@@ -76,3 +76,69 @@ def test_ordinary_names_near_the_reserved_ones_still_build(tmp_path, models):
     code, output = run_cli("build", recipe, "-q")
     assert code == 0, output
     assert (root / "dist/com10/nul-free.safetensors").is_file()
+
+
+# --- two recipes in one folder writing one output ----------------------------------------------------
+
+
+def _second_recipe(root, strength: str = "0.2", output: str = "    output: dist/baked.safetensors\n"):
+    text = (root / "recipe.yaml").read_text().replace("strength: 0.7", f"strength: {strength}")
+    (root / "other.yaml").write_text(text.replace(BAKED, BAKED + output))
+    return root / "other.yaml"
+
+
+def test_a_recipe_does_not_overwrite_another_recipes_output(tmp_path, models):
+    root = make_project(tmp_path / "project", models)
+    other = _second_recipe(root)
+    code, output = run_cli("build", root / "recipe.yaml", "-q")
+    assert code == 0, output
+    before = snapshot(root)
+    code, output = run_cli("build", other, "-q")
+    assert_clear_refusal(code, output, [
+        f"{other}:11", "targets.baked.output", "would replace dist/baked.safetensors, which the recipe recipe.yaml in the same folder wrote",
+        "give each recipe its own output path (output: in other.yaml or in recipe.yaml)",
+        "loraforge build --force other.yaml baked"])
+    _one_paragraph(output)
+    assert snapshot(root) == before  # the output, recipe.lock untouched; no other.lock
+    # --force replaces it; now recipe.yaml's build is refused the same way, naming other.yaml
+    code, output = run_cli("build", other, "--force", "-q")
+    assert code == 0, output
+    assert (root / "other.lock").is_file()
+    before = snapshot(root)
+    code, output = run_cli("build", root / "recipe.yaml", "-q")
+    assert_clear_refusal(code, output, [f"{root / 'recipe.yaml'}:9", "targets.baked", "which the recipe other.yaml in the same folder wrote",
+                                        "loraforge build --force recipe.yaml baked"])
+    assert snapshot(root) == before
+
+
+def test_recipes_with_their_own_outputs_and_rebuilds_of_ones_own_output_go_on(tmp_path, models):
+    root = make_project(tmp_path / "project", models)
+    other = _second_recipe(root, output="    output: dist/other.safetensors\n")
+    for recipe in (root / "recipe.yaml", other, root / "recipe.yaml", other):
+        code, output = run_cli("build", recipe, "-q")
+        assert code == 0, output
+    (root / OUTPUT).write_bytes(b"damaged")  # a rebuild of one's own output is not refused
+    code, output = run_cli("build", root / "recipe.yaml", "-q")
+    assert code == 0, output
+
+
+RELEASE = "  bundle:\n    kind: release\n    include: [baked]\n"
+
+
+def test_a_recipe_does_not_overwrite_another_recipes_bundle(tmp_path, models):
+    root = make_project(tmp_path / "project", models)
+    recipe = root / "recipe.yaml"
+    recipe.write_text(recipe.read_text() + RELEASE + "    output: dist/bundle\n")
+    other = root / "other.yaml"
+    other.write_text(recipe.read_text().replace("strength: 0.7", "strength: 0.2").replace(BAKED, BAKED + "    output: dist/other.safetensors\n"))
+    code, output = run_cli("build", recipe, "-q")
+    assert code == 0, output
+    (root / "recipe.lock").unlink()  # the manifest alone names the recipe that wrote the bundle
+    before = snapshot(root)
+    code, output = run_cli("build", other, "-q")
+    assert_clear_refusal(code, output, ["targets.bundle.output", "would replace dist/bundle, which the recipe recipe.yaml",
+                                        "loraforge build --force other.yaml bundle"])
+    after = snapshot(root)
+    changed = {k for k in after.keys() | before.keys() if after.get(k) != before.get(k)}
+    assert changed <= {"project/dist/other.safetensors", "project/other.lock"}, changed  # its own target, built first
+

@@ -10,7 +10,9 @@ how many run at once; each target's bytes do not depend on it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Collection
 
 from loraforge.execute.executor import Executor, LocalExecutor
@@ -19,6 +21,7 @@ from loraforge.execute.resources import Resources
 from loraforge.execute.run import ProgressCallback, TargetRun
 from loraforge.execute.state import BuildState
 from loraforge.plan.model import BuildPlan
+from loraforge.plan.outputs import other_recipe_writer
 from loraforge.plan.status import UP_TO_DATE
 from loraforge.plan.target import PlannedTarget
 
@@ -32,6 +35,22 @@ class BuildSummary:
     up_to_date: list[str] = field(default_factory=list)  # targets skipped, in plan order
     targets: dict[str, PlannedTarget] = field(default_factory=dict)  # every target as it was finally planned
     kinds: object = None  # the plan's TargetKinds, to describe the results
+
+
+def refuse_other_recipes_output(plan: BuildPlan, target: PlannedTarget) -> None:
+    """BuildError when ``target`` would replace an output another recipe of the folder wrote (plan/outputs.py)."""
+    other = other_recipe_writer(plan.loaded, Path(target.output))
+    if other is not None:
+        loaded, ours = plan.loaded, plan.loaded.path.name
+        written = os.path.relpath(target.output, loaded.root)
+        field = ("targets", target.name, "output") if loaded.recipe.targets[target.name].output else ("targets", target.name)
+        raise loaded.error(
+            field,
+            f"target {target.name!r} would replace {written}, which the recipe {other} in the same folder wrote; "
+            f"each build would overwrite the other's output and leave the other's lock out of date",
+            f"give each recipe its own output path (output: in {ours} or in {other}); to replace it anyway, "
+            f"loraforge build --force {ours} {target.name}",
+        )
 
 
 def run_build(
@@ -66,6 +85,8 @@ def run_build(
         if status == UP_TO_DATE and name not in force:
             summary.up_to_date.append(name)
             return None
+        if name not in force:
+            refuse_other_recipes_output(plan, target)
         return target
 
     def run(target: PlannedTarget, resources: Resources, cancelled: Callable[[], bool]):

@@ -11,6 +11,7 @@ copy the built file.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -38,3 +39,45 @@ def checked_output_path(loaded: LoadedRecipe, target: str) -> Path:
             hint + "; a symlinked output folder is refused because a shared recipe could use one to overwrite files",
         )
     return output
+
+
+RECIPE_SUFFIXES = (".yaml", ".yml")
+
+
+def other_recipe_writer(loaded: LoadedRecipe, output: Path) -> str | None:
+    """Which other recipe wrote ``output`` (a file, or a bundle folder), as 'b.yaml', or None.
+
+    Two recipes in one folder can name the same output (both ``dist/x.safetensors``), and each build would
+    silently replace the other's file and leave the other's lock describing bytes it no longer matches.
+    Another recipe counts as the writer when its lock (``<recipe>.lock`` next to a ``<recipe>.yaml`` or
+    ``.yml`` in this folder) records the output, or when the bundle's manifest.json names another recipe file.
+    Only an output that exists counts; damaged sibling locks are left to their own recipe to report.
+    """
+    from loraforge.errors import LoraforgeError
+    from loraforge.resolve.lockfile import lock_path, read_lock
+
+    if not output.exists():
+        return None
+    root = loaded.root
+    own = loaded.path.resolve()
+    manifest = output / "manifest.json" if output.is_dir() else None
+    if manifest is not None and manifest.is_file() and not manifest.is_symlink():
+        try:
+            recorded = json.loads(manifest.read_text(encoding="utf-8"))["recipe"]["file"]
+        except (OSError, ValueError, KeyError, TypeError):
+            recorded = None
+        if isinstance(recorded, str) and recorded != loaded.path.name and (root / recorded).resolve() != own:
+            return recorded
+    written = output.resolve()
+    for recipe in sorted(p for p in root.iterdir() if p.suffix in RECIPE_SUFFIXES and p.is_file()):
+        if recipe.resolve() == own or lock_path(recipe) == lock_path(loaded.path):
+            continue
+        try:
+            lock = read_lock(lock_path(recipe))
+        except LoraforgeError:
+            continue
+        for entry in (lock.targets.values() if lock else ()):
+            recorded = entry.get("output") if isinstance(entry, dict) else None
+            if isinstance(recorded, str) and written in (resolved := (root / recorded).resolve(), resolved.parent):
+                return recipe.name
+    return None
