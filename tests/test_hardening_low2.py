@@ -142,3 +142,30 @@ def test_a_recipe_does_not_overwrite_another_recipes_bundle(tmp_path, models):
     changed = {k for k in after.keys() | before.keys() if after.get(k) != before.get(k)}
     assert changed <= {"project/dist/other.safetensors", "project/other.lock"}, changed  # its own target, built first
 
+
+# --- a recipe file named like a bundle's own files ----------------------------------------------------
+
+
+@pytest.mark.parametrize("file_name", ["README.md", "manifest.json", "readme.md"])
+@pytest.mark.parametrize("command", ["plan", "build"])
+def test_a_recipe_named_like_a_bundles_own_file_is_refused(tmp_path, models, file_name, command):
+    root = make_project(tmp_path / "project", models)
+    recipe = root / file_name
+    recipe.write_text((root / "recipe.yaml").read_text() + RELEASE)
+    (root / "recipe.yaml").unlink()
+    before = snapshot(root)
+    code, output = run_cli(command, recipe)
+    reserved = "README.md" if file_name.casefold() == "readme.md" else file_name
+    assert_clear_refusal(code, output, [f"{recipe}:14", "targets.bundle", f"would copy the recipe file {file_name} into the bundle",
+                                        f"the bundle's own {reserved}", "rename the recipe file, e.g. to recipe.yaml"])
+    _one_paragraph(output)
+    assert snapshot(root) == before
+
+
+def test_a_recipe_with_another_name_bundles_itself(tmp_path, models):
+    root = make_project(tmp_path / "project", models)
+    recipe = root / "README.yaml"
+    recipe.write_text((root / "recipe.yaml").read_text() + RELEASE)
+    code, output = run_cli("build", recipe, "-q")
+    assert code == 0, output
+    assert (root / "dist/bundle/README.yaml").read_bytes() == recipe.read_bytes()

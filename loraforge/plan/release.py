@@ -187,6 +187,18 @@ def _field(loaded, name: str) -> tuple:
 def _check_file_names(context: PlanContext, name: str, included: tuple[IncludedOutput, ...]) -> None:
     """Bundle files are named after the outputs, so two outputs with one file name cannot share a bundle."""
     loaded = context.loaded
+    # the recipe is copied under its own name (its lock ends in .lock, never a reserved name); compared casefolded,
+    # as readme.md and README.md are one file on case-insensitive filesystems
+    own = loaded.path.name
+    reserved = next((r for r in RESERVED_NAMES if r.casefold() == own.casefold()), None)
+    if reserved is not None:
+        raise loaded.error(
+            _field(loaded, name),
+            f"release '{name}' would copy the recipe file {own} into the bundle under its own name, which is the "
+            f"bundle's own {reserved} (loraforge writes it); one would overwrite the other",
+            f"rename the recipe file, e.g. to recipe.yaml (its lock follows: recipe.lock); {' and '.join(RESERVED_NAMES)} "
+            "are reserved in a bundle",
+        )
     owner: dict[str, str] = {loaded.path.name: "the recipe", lock_path(loaded.path).name: "the lock"}
     owner.update({reserved: "loraforge" for reserved in RESERVED_NAMES})
     for entry in included:
