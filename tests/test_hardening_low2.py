@@ -169,3 +169,55 @@ def test_a_recipe_with_another_name_bundles_itself(tmp_path, models):
     code, output = run_cli("build", recipe, "-q")
     assert code == 0, output
     assert (root / "dist/bundle/README.yaml").read_bytes() == recipe.read_bytes()
+
+
+# --- EMA copies left unbaked ----------------------------------------------------------------------
+
+
+def _with_ema_copies(path, count: int) -> list[str]:
+    """The base with SD 1.x-style EMA copies (model_ema.<key without model. and dots>) of its first ``count`` UNet weights."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(path, "pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+        metadata = f.metadata()
+    unet = sorted(key for key in tensors if key.startswith("model.diffusion_model."))[:count]
+    ema = {"model_ema." + key[len("model."):].replace(".", ""): tensors[key].clone() for key in unet}
+    save_file({**tensors, **ema}, path, metadata=metadata)
+    return sorted(ema)
+
+
+def test_plan_warns_about_ema_copies_a_bake_leaves_as_they_are(tmp_path, models):
+    import json
+
+    from safetensors import safe_open
+
+    root = make_project(tmp_path / "project", models)
+    ema = _with_ema_copies(root / "models/base.safetensors", 5)
+    before = snapshot(root)
+    code, output = run_cli("plan", root / "recipe.yaml")
+    assert code == 0, output
+    assert "Traceback" not in output
+    message = " ".join(output.split())
+    assert "warning: 5 EMA tensors (model_ema.*) left as they are: the LoRA is baked into model.diffusion_model.* only" in message, output
+    code, output = run_cli("plan", root / "recipe.yaml", "--json")
+    assert code == 0, output
+    assert json.loads(output)["targets"][0]["ema_tensors_left"] == 5
+    assert snapshot(root) == before  # plan writes nothing
+    code, output = run_cli("build", root / "recipe.yaml", "-q")
+    assert code == 0, output  # a warning, not an error
+    with safe_open(root / "models/base.safetensors", "pt") as base, safe_open(root / OUTPUT, "pt") as out:
+        for key in ema:  # left as they are (converted to the save dtype like every tensor)
+            assert out.get_tensor(key).equal(base.get_tensor(key).to(out.get_tensor(key).dtype)), key
+
+
+def test_plan_says_nothing_about_ema_for_a_base_without_copies(tmp_path, models):
+    import json
+
+    root = make_project(tmp_path / "project", models)
+    code, output = run_cli("plan", root / "recipe.yaml")
+    assert code == 0, output
+    assert "EMA" not in output
+    code, output = run_cli("plan", root / "recipe.yaml", "--json")
+    assert "ema_tensors_left" not in json.loads(output)["targets"][0]

@@ -140,3 +140,24 @@ def _estimated_output_bytes(structure_path: Path, save: str) -> int:
     with open_safetensors(structure_path) as base_file:
         layout = output_layout(base_file, save)
     return sum(entry.nbytes for entry in layout)
+
+
+EMA_PREFIX = "model_ema."
+EMA_SCALAR_KEYS = ("model_ema.decay", "model_ema.num_updates")
+UNET_PREFIX = "model.diffusion_model."
+
+
+def ema_tensors_left(target: BakeTarget) -> int:
+    """How many EMA copies of weights (SD 1.x ``model_ema.*``, the decay and update count aside) the bake leaves
+    as they are while it changes UNet weights (``model.diffusion_model.*``); 0 when it changes none.
+
+    A bake writes the LoRA into the weights loaders use by default; the EMA copies keep the base's values, so a
+    loader that swaps them in (``use_ema``, some training scripts) sees the base. `plan` says so; not an error.
+    """
+    if not any(key.startswith(UNET_PREFIX) for key in target.applications):
+        return 0
+    try:
+        with open_safetensors(target.structure_path) as structure:
+            return sum(1 for key in structure.names() if key.startswith(EMA_PREFIX) and key not in EMA_SCALAR_KEYS)
+    except (OSError, FormatError):  # a warning never stops a plan; the bake reports an unreadable base itself
+        return 0

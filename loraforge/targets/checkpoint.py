@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from loraforge.execute.bake import run_bake
 from loraforge.plan.action_key import BAKE_NUMERIC_POLICY
-from loraforge.plan.bake import plan_bake
+from loraforge.plan.bake import ema_tensors_left, plan_bake
 from loraforge.plan.kinds import TargetKind
 from loraforge.plan.model import BakeTarget
 from loraforge.plan.report import ingredient_report, model_fields
@@ -35,6 +35,7 @@ class CheckpointKind(TargetKind):
             "modules_per_block": target.modules_per_block(),
             "loras": [ingredient_report(ingredient) for ingredient in target.ingredients],
             **({"merge": merge_report(target.merge)} if target.merge is not None else {}),
+            **({"ema_tensors_left": ema} if (ema := ema_tensors_left(target)) else {}),
         }
 
     def describe(self, report) -> list:
@@ -46,6 +47,9 @@ class CheckpointKind(TargetKind):
             f"{report['weights_baked']} weights change",
             f"modules per block: {counts(report['modules_per_block'])}",
             *lora_entry_lines(report["loras"]),
+            *([f"[yellow]warning: {report['ema_tensors_left']} EMA tensors (model_ema.*) left as they are: the LoRA is "
+               "baked into model.diffusion_model.* only, so loaders that use the EMA weights (use_ema) see the base[/]"]
+              if report.get("ema_tensors_left") else []),
         ]
 
     def built_lines(self, result) -> list[str]:
