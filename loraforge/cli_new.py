@@ -22,6 +22,7 @@ def register(app: typer.Typer) -> None:
 def new(
     path: Optional[Path] = typer.Argument(None, help="Recipe file to write (default: recipe.yaml here; a folder gets recipe.yaml inside)."),
     arch: str = typer.Option("sd1", "--arch", help="Base model architecture: sd1 (SD 1.5), sd2 (SD 2.1) or sdxl (SDXL 1.0)."),
+    example: str = typer.Option("bake", "--example", help="Which starter: bake (LoRAs baked into a checkpoint, a merged LoRA, a release bundle) or merge (checkpoints merged: weighted sum and TIES, a LoRA on top)."),
     force: bool = typer.Option(False, "--force", help="Replace the file if it exists."),
 ) -> None:
     """Write a commented starter recipe; edit the lines marked CHANGE ME, then plan and build it."""
@@ -30,10 +31,11 @@ def new(
     from loraforge.recipe.starters import write_starter
 
     try:
-        written, chosen = write_starter(path, arch, force)
+        written, chosen = write_starter(path, arch, force, example)
     except LoraforgeError as error:
         _fail(error)
-    stdout.print(f"Wrote {written}: a starter recipe for {chosen.label}.", markup=False, soft_wrap=True)
+    what = "a checkpoint-merge starter recipe" if chosen.example == "merge" else "a starter recipe"
+    stdout.print(f"Wrote {written}: {what} for {chosen.label}.", markup=False, soft_wrap=True)
     stdout.print(next_steps(written), markup=False, soft_wrap=True)
 
 

@@ -29,6 +29,14 @@ def make_sd15_demo() -> None:
     write_synthetic_adapter(MODELS / "grain-loha.safetensors", arch, "loha", rank=4, seed=4, text_encoder=False)
 
 
+def make_merge_demo() -> None:
+    # Two more SD 1.5 checkpoints at the base's dimensions for recipes/merge-checkpoints.yaml
+    # (stand-ins for two fine-tunes of the base; other seeds, same generator).
+    arch = tiny_architecture("sd1")
+    write_synthetic_checkpoint(MODELS / "tiny-sd15-anime.safetensors", arch, seed=5, dtype="F16")
+    write_synthetic_checkpoint(MODELS / "tiny-sd15-photo.safetensors", arch, seed=6, dtype="F16")
+
+
 def make_sdxl_demo() -> None:
     arch = tiny_architecture("sdxl")
     write_synthetic_checkpoint(MODELS / "tiny-sdxl-base.safetensors", arch, seed=11, dtype="F16")
@@ -48,6 +56,7 @@ def make_flux_demo() -> None:
 if __name__ == "__main__":
     MODELS.mkdir(parents=True, exist_ok=True)
     make_sd15_demo()
+    make_merge_demo()
     make_sdxl_demo()
     make_flux_demo()
     for path in sorted(MODELS.glob("*.safetensors")):

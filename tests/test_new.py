@@ -22,7 +22,7 @@ from loraforge.cli import app
 from loraforge.testing.arch import tiny_architecture
 from loraforge.formats.safetensors_reader import open_safetensors
 from loraforge.recipe.loader import load_recipe
-from loraforge.recipe.starters import ARCHES, STARTERS
+from loraforge.recipe.starters import ARCHES, MERGE_STARTERS, STARTERS
 from loraforge.testing.adapters import is_attention_target, write_synthetic_adapter
 from loraforge.testing.checkpoints import write_synthetic_checkpoint
 
@@ -244,4 +244,115 @@ def test_a_path_that_is_not_yaml_is_refused(tmp_path):
     result = invoke("new", tmp_path / "recipe.txt")
     assert result.exit_code == 2
     assert "does not end in .yaml or .yml" in result.output and "recipe.yaml" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- the checkpoint-merge starter (`loraforge new --example merge`) ---------------------------------
+
+def _merge_expected(arch_name: str) -> dict:
+    """The merge starter's block-weighted parameters, expanded by hand (docs/merging-checkpoints.md)."""
+    if arch_name == "sdxl":
+        full, last, anime = XL_FULL, ("OUT06", "OUT07", "OUT08"), (0.5, 1, 1, 1, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.5, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 1, 1, 1)
+    else:
+        full, last = SD12_FULL, ("OUT08", "OUT09", "OUT10", "OUT11")
+        anime = (0.5, 1, 1, 1, 1, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.5, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1, 1, 1, 1)
+    photo = {block: 0.0 if block in ("IN00", "IN01", "IN02", "IN03") + last else 0.5 for block in full}
+    ties_photo = {block: 0.5 if block.startswith("OUT") else 1.0 for block in full}
+    return {
+        "my-blend": {"weights": [dict(zip(full, map(float, anime))), photo], "normalize": True},
+        "my-model": {"density": dict.fromkeys(full, 0.2), "weights": [dict.fromkeys(full, 1.0), ties_photo], "lambda": 1.0, "normalize": True},
+    }
+
+
+def _as_blocks(value, blocks) -> dict:
+    return value if isinstance(value, dict) else dict.fromkeys(blocks, float(value))
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_merge_starter_loads_and_marks_what_to_change(arch, tmp_path):
+    starter = MERGE_STARTERS[arch]
+    assert starter.example == "merge" and starter.arch == arch
+    path = tmp_path / "recipe.yaml"
+    path.write_text(starter.text)
+    recipe = load_recipe(path).recipe
+    assert {name: spec.source for name, spec in recipe.inputs.items()} == dict(starter.sources)
+    assert set(starter.sources) == {"base", "anime", "photo", "style"}
+    assert recipe.inputs["base"].source == STARTERS[arch].sources["base"] and recipe.inputs["base"].sha256
+    assert {name: t.kind for name, t in recipe.targets.items()} == {"my-blend": "checkpoint", "my-model": "checkpoint"}
+    assert f"--arch {arch} --example merge" in starter.text
+    marked = [line.split("#")[0].strip() for line in starter.text.splitlines() if "CHANGE ME" in line and not line.lstrip().startswith("#")]
+    for field in ("name:", "title:", "description:", "date:", "density:", "strength:", "output: dist/my-blend.", "output: dist/my-model."):
+        assert any(line.startswith(field) for line in marked), field
+    assert sum(line.startswith("source:") for line in marked) == 3
+    # the commented-out methods are valid recipe text once uncommented
+    extra = "\n".join(line.replace("  # ", "  ", 1) for line in starter.text.splitlines()[starter.text.splitlines().index("  # Other methods, same shape (docs/merging-checkpoints.md):") + 1:])
+    path.write_text(starter.text + "\n" + extra.replace("kind: checkpoint", "kind: checkpoint\n    output: dist/x.safetensors").replace("x.safetensors", "{}.safetensors") + "\n")
+    text = path.read_text()
+    for name in ("my-difference", "my-slerp", "my-dare"):
+        text = text.replace("{}.safetensors", f"{name}.safetensors", 1)
+    path.write_text(text)
+    methods = {name: t.merge.method for name, t in load_recipe(path).recipe.targets.items()}
+    assert methods == {"my-blend": "weighted_sum", "my-model": "ties", "my-difference": "add_difference", "my-slerp": "slerp", "my-dare": "dare_ties"}
+
+
+@pytest.fixture(scope="module", params=ARCHES)
+def merge_models(request, tmp_path_factory):
+    """A tiny base, two other checkpoints of the same architecture and size, and an attention LoRA."""
+    arch = tiny_architecture(request.param)
+    folder = tmp_path_factory.mktemp(f"merge-models-{request.param}")
+    for name, seed in (("base", 1), ("anime", 5), ("photo", 6)):
+        write_synthetic_checkpoint(folder / f"{name}.safetensors", arch, seed=seed, dtype="F16")
+    style = _per_block([m for m in arch.modules if is_attention_target(m)], 1)
+    write_synthetic_adapter(folder / "style.safetensors", arch, "lora", rank=4, alpha=2, seed=2, targets=style)
+    return request.param, arch, folder
+
+
+def test_merge_starter_plans_once_its_sources_are_real_files(merge_models, tmp_path):
+    arch_name, arch, models = merge_models
+    folder = tmp_path / "project"
+    folder.mkdir()
+    result = invoke("new", folder / "recipe.yaml", "--arch", arch_name, "--example", "merge")
+    assert result.exit_code == 0, result.output
+    assert "checkpoint-merge starter" in result.output and "loraforge plan" in result.output
+    starter = MERGE_STARTERS[arch_name]
+    text = (folder / "recipe.yaml").read_text()
+    assert text == starter.text
+    for name, source in starter.sources.items():
+        assert text.count(f"source: {source}") == 1
+        text = text.replace(f"source: {source}", f"source: models/{name}.safetensors")
+    text, pins = re.subn(r"(?m)^ +sha256: .*\n", "", text)
+    assert pins == 1
+    (folder / "recipe.yaml").write_text(text)
+    (folder / "models").symlink_to(models, target_is_directory=True)
+
+    planned = invoke("plan", folder / "recipe.yaml", "--json")
+    assert planned.exit_code == 0, planned.output
+    report = json.loads(planned.output)
+    expected = _merge_expected(arch_name)
+    blocks = list(expected["my-blend"]["weights"][1])
+    assert [t["name"] for t in report["targets"]] == ["my-blend", "my-model"]
+    for target in report["targets"]:
+        assert target["architecture"] == arch_name
+        merge = target["merge"]
+        assert merge["models"] == ["anime", "photo"]
+        for parameter, value in expected[target["name"]].items():
+            got = merge["parameters"][parameter]
+            if isinstance(value, list):
+                assert [_as_blocks(v, blocks) for v in got] == value, parameter
+            elif isinstance(value, dict):
+                assert _as_blocks(got, blocks) == value, parameter
+            else:
+                assert got == value, parameter
+    assert report["targets"][0]["merge"]["method"] == "weighted_sum" and report["targets"][1]["merge"]["method"] == "ties"
+    assert report["targets"][1]["merge"]["base"] == "base"
+    [lora] = report["targets"][1]["loras"]
+    assert lora["use"] == "style" and lora["matched"] == lora["modules"] > 0
+
+
+@pytest.mark.parametrize("example", ["merges", "ties"])
+def test_unknown_example_is_one_clear_error_and_writes_nothing(tmp_path, example):
+    result = invoke("new", tmp_path / "r.yaml", "--example", example)
+    assert result.exit_code == 2
+    assert f"unknown example {example!r}" in result.output and "bake, merge" in result.output
+    assert "Traceback" not in result.output
     assert list(tmp_path.iterdir()) == []

@@ -23,9 +23,13 @@ from loraforge.formats.hashing import file_hashes
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 MODELS = ("tiny-sd15-base", "neon-lora", "noir-locon", "grain-loha",
-          "tiny-flux-dev", "flux-style-kohya", "flux-detail-diffusers")
+          "tiny-flux-dev", "flux-style-kohya", "flux-detail-diffusers",
+          "tiny-sd15-anime", "tiny-sd15-photo")
 # (recipe, target) pairs whose outputs are correctly rounded (no SVD step upstream).
-CERTIFIED = (("demo", "neon-noir"), ("merge-chain", "neon-noir-bundle"), ("flux-demo", "flux-style"))
+# The TIES target is fixed-order float64 rounded once (not certified), so on CPUs its bytes too are
+# independent of BLAS and threads; its weighted-sum target is correctly rounded.
+CERTIFIED = (("demo", "neon-noir"), ("merge-chain", "neon-noir-bundle"), ("flux-demo", "flux-style"),
+             ("merge-checkpoints", "anime-photo-blend"), ("merge-checkpoints", "anime-photo-ties"))
 
 
 def _cpu_flags() -> set[str]:
@@ -65,7 +69,7 @@ def workspace(tmp_path_factory):
 @pytest.mark.parametrize("overrides", ENVIRONMENTS)
 def test_certified_outputs_equal_the_committed_lock_under_every_code_path(workspace, tmp_path, overrides):
     for recipe, target in CERTIFIED:
-        folder = tmp_path / recipe
+        folder = tmp_path / f"{recipe}-{target}"
         shutil.copytree(workspace, folder)
         shutil.copy(RECIPES / f"{recipe}.yaml", folder / f"{recipe}.yaml")
         env = {key: value for key, value in os.environ.items() if not key.startswith(("MKL_", "OMP_"))}

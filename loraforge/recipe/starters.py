@@ -7,6 +7,10 @@ and a mapping, each valid for the architecture), an SVD LoRA merge with a rank
 policy, a release bundle of both, and a commented-out extract target. Every
 value a user must replace is marked ``# CHANGE ME``.
 
+``--example merge`` writes the other kind of starter: two checkpoints blended
+block by block with a weighted sum, and a TIES merge of the same two against
+the base with a LoRA baked on top (docs/merging-checkpoints.md).
+
 The three starters share one skeleton; what differs per architecture (the base
 checkpoint, the block-weight forms and presets) is filled in from
 :data:`_ARCH_PARTS`. The text is fixed: no date, name or path is taken from
@@ -53,6 +57,12 @@ _ARCH_ALIASES = {
 # The two adapter inputs are the same for every architecture.
 STYLE_SOURCE = "civitai:123456"
 DETAIL_SOURCE = "loras/detail.safetensors"
+# The merge starter's inputs besides the base: two checkpoints and a LoRA.
+ANIME_SOURCE = "civitai:234567"
+PHOTO_SOURCE = "checkpoints/photo.safetensors"
+MERGE_LORA_SOURCE = "loras/style.safetensors"
+EXAMPLES = ("bake", "merge")  # `loraforge new --example`: the bake/LoRA-merge/release starter, or the checkpoint merge one
+DEFAULT_EXAMPLE = "bake"
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,7 @@ class Starter:
     label: str  # e.g. "Stable Diffusion 1.5"
     text: str
     sources: Mapping[str, str]  # input name -> source exactly as written in ``text``
+    example: str = DEFAULT_EXAMPLE  # one of EXAMPLES
 
 
 _SKELETON = Template('''\
@@ -163,6 +174,90 @@ $merge_style_blocks
     output: dist/my-model-release   # CHANGE ME: a folder
 ''')
 
+_MERGE_SKELETON = Template('''\
+# A loraforge recipe: a checkpoint-merge starter for $label.
+# Written by `loraforge new --arch $arch --example merge`. Replace every value
+# marked CHANGE ME, then check the recipe with `loraforge plan <this file>`.
+# Every field: docs/recipes.md. Merge methods, their parameters and formulas:
+# docs/merging-checkpoints.md. Block ids: docs/architectures.md. What is
+# reproducible and how to check a release: docs/reproducibility.md.
+
+loraforge: 1                 # recipe schema version; leave it at 1
+
+# --- the release -------------------------------------------------------------
+name: my-merge               # CHANGE ME: short id: a-z, 0-9, '-', '_', '.'
+title: My Merge v1.0         # CHANGE ME: written into every output (modelspec.title)
+description: What this merge is for and how to prompt it.   # CHANGE ME
+date: "2026-01-01"           # CHANGE ME: release date written into the outputs (loraforge never reads the clock)
+seed: 0                      # seeds the random masks of dare / dare_ties / della, with each tensor's name
+device: auto                 # auto (a usable CUDA GPU, else the CPU) | cpu | cuda | cuda:N
+precision:
+  save: float16              # float16 | bfloat16 | float32 | same (keep each tensor's dtype)
+
+# --- inputs: every file the recipe reads ---------------------------------------
+# A source is a local path (relative to this file's folder), hf://org/repo@revision/file,
+# civitai:<model version id>, urn:air:..., or https://... . `sha256:` pins the exact
+# bytes; `loraforge build` records every input's sha256 in the lock file.
+# All merged checkpoints must be the same architecture at the same size.
+inputs:
+  base:
+$base_comment
+    source: $base_source
+    sha256: "$base_sha256"
+  anime:
+    # A fine-tune of the base: a Civitai model *version* id (the number in the
+    # file's download link, .../api/download/models/<id>).
+    source: $anime_source       # CHANGE ME
+  photo:
+    # Another fine-tune of the base, as a local file (relative to this recipe's folder).
+    source: $photo_source   # CHANGE ME
+  style:
+    source: $lora_source   # CHANGE ME: a LoRA for this architecture
+
+# --- targets: what to build ----------------------------------------------------
+targets:
+
+  # A weighted sum, block by block (SuperMerger's "MBW"): each weight is a number
+  # or a block-weight spec (a vector of every block, or a mapping with ranges).
+  my-blend:                  # CHANGE ME: the target's name
+    kind: checkpoint
+    merge:
+      method: weighted_sum   # sum of w_i x W_i, correctly rounded: the same bytes everywhere
+      models: [anime, photo] # inputs or other checkpoint targets, in this order
+      weights:
+$blend_weights
+      normalize: true        # divide by the weights' sum at each block
+    output: dist/my-blend.safetensors   # CHANGE ME
+
+  # TIES: task vectors (model - base) trimmed to the largest `density` share,
+  # signs elected by total mass, agreeing values averaged; then a LoRA baked on
+  # top in the same pass, exactly as on a `base:`.
+  my-model:                  # CHANGE ME: the target's name
+    kind: checkpoint
+    merge:
+      method: ties
+      base: base             # the model the task vectors are taken against
+      models: [anime, photo]
+      density: 0.2           # CHANGE ME: share of each task vector kept, in (0, 1]; a number or a block-weight spec
+      weights: [1, {default: 1, $ties_range: 0.5}]
+      # components: {te: merge, vae: first}   # text encoders merged (the default) or taken from one model
+    loras:
+      - use: style
+        strength: 0.8        # CHANGE ME
+    output: dist/my-model.safetensors   # CHANGE ME
+
+  # Other methods, same shape (docs/merging-checkpoints.md):
+  # my-difference:
+  #   kind: checkpoint
+  #   merge: {method: add_difference, models: [photo, anime, base], alpha: 0.5}   # photo + 0.5 (anime - base)
+  # my-slerp:
+  #   kind: checkpoint
+  #   merge: {method: slerp, models: [anime, photo], t: 0.3}
+  # my-dare:
+  #   kind: checkpoint
+  #   merge: {method: dare_ties, base: base, models: [anime, photo], density: 0.3}   # random masks from `seed:`
+''')
+
 _SD12_PARTS = {
     "bake_style_blocks": (
         "        # A LoRA Block Weight preset: ALL, NONE, INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL,\n"
@@ -177,6 +272,14 @@ _SD12_PARTS = {
         "        #        BASE  IN00 .. IN11 (12 values)               M00  OUT00 .. OUT11 (12 values)\n"
         "        blocks: [1,    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,  0,   1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"
     ),
+    "blend_weights": (
+        "        # anime: the 26-value form, one weight per block (BASE is the text encoder):\n"
+        "        #  BASE IN00 .. IN11 (12 values)                                M00  OUT00 .. OUT11 (12 values)\n"
+        "        - [0.5, 1, 1, 1, 1, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2,  0.5, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1, 1, 1, 1]\n"
+        "        # photo: a mapping, `default` for every block not named\n"
+        "        - {default: 0.5, IN00-IN03: 0, OUT08-OUT11: 0}"
+    ),
+    "ties_range": "OUT00-OUT11",
 }
 
 _ARCH_PARTS = {
@@ -222,6 +325,14 @@ _ARCH_PARTS = {
             "        blocks: ALL0.5       # a preset; for SDXL only ALL, NONE and ALL0.5 exist (the others\n"
             "                             # describe SD 1.x positions): use a vector or a mapping instead"
         ),
+        "blend_weights": (
+            "        # anime: the 20-value SDXL form, one weight per block (BASE: both text encoders):\n"
+            "        #  BASE IN00 .. IN08 (9 values)                    M00  OUT00 .. OUT08 (9 values)\n"
+            "        - [0.5, 1, 1, 1, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4,  0.5, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 1, 1, 1]\n"
+            "        # photo: a mapping, `default` for every block not named\n"
+            "        - {default: 0.5, IN00-IN03: 0, OUT06-OUT08: 0}"
+        ),
+        "ties_range": "OUT00-OUT08",
     },
 }
 
@@ -237,13 +348,33 @@ def _build(arch: str) -> Starter:
     return Starter(arch, parts["label"], _SKELETON.substitute(parts), MappingProxyType(sources))
 
 
+def _build_merge(arch: str) -> Starter:
+    parts = {
+        "arch": arch,
+        "anime_source": ANIME_SOURCE,
+        "photo_source": PHOTO_SOURCE,
+        "lora_source": MERGE_LORA_SOURCE,
+        **_ARCH_PARTS[arch],
+    }
+    sources = {"base": parts["base_source"], "anime": ANIME_SOURCE, "photo": PHOTO_SOURCE, "style": MERGE_LORA_SOURCE}
+    return Starter(arch, parts["label"], _MERGE_SKELETON.substitute(parts), MappingProxyType(sources), "merge")
+
+
 STARTERS: Mapping[str, Starter] = MappingProxyType({arch: _build(arch) for arch in ARCHES})
+MERGE_STARTERS: Mapping[str, Starter] = MappingProxyType({arch: _build_merge(arch) for arch in ARCHES})
 
 
-def starter(arch: str) -> Starter:
-    """The starter for ``arch`` (sd1, sd2 or sdxl); UsageError naming the choices otherwise."""
-    if arch in STARTERS:
-        return STARTERS[arch]
+def starter(arch: str, example: str = DEFAULT_EXAMPLE) -> Starter:
+    """The starter for ``arch`` (sd1, sd2 or sdxl) and ``example`` (bake or merge); UsageError naming the choices otherwise."""
+    if example not in EXAMPLES:
+        raise UsageError(
+            f"unknown example {example!r} for a starter recipe. Fix: use one of: {', '.join(EXAMPLES)} "
+            f"(bake = LoRAs baked into a checkpoint, a merged LoRA and a release bundle; merge = checkpoints merged, "
+            f"docs/merging-checkpoints.md)."
+        )
+    chosen = STARTERS if example == "bake" else MERGE_STARTERS
+    if arch in chosen:
+        return chosen[arch]
     hint = f"use one of: {', '.join(ARCHES)} (sd1 = SD 1.x/1.5, sd2 = SD 2.x, sdxl = SDXL 1.0)"
     alias = _ARCH_ALIASES.get(arch.strip().lower())
     if alias:
@@ -265,15 +396,15 @@ def starter_path(path: Path | None) -> Path:
     return path
 
 
-def write_starter(path: Path | None, arch: str, force: bool = False) -> tuple[Path, Starter]:
-    """Write the starter recipe for ``arch`` and return where it went and which starter it was.
+def write_starter(path: Path | None, arch: str, force: bool = False, example: str = DEFAULT_EXAMPLE) -> tuple[Path, Starter]:
+    """Write the starter recipe for ``arch`` (and ``example``) and return where it went and which starter it was.
 
     An existing file is replaced only with ``force``. The text is written to a
     temporary file beside the target and renamed over it, so an interrupted
     write leaves either the old file or the whole new one. Missing parent
     folders are created.
     """
-    chosen = starter(arch)
+    chosen = starter(arch, example)
     target = starter_path(path)
     if target.exists() and not force:
         raise UsageError(
