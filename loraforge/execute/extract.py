@@ -221,7 +221,8 @@ def _write_lora(plan: BuildPlan, target: ExtractionTarget, extracted: Sequence[M
 
     refuse_overflowing_factors(target.name, target.output, modules, target.lora_dtype,
                                "The two checkpoints differ by more than the save dtype holds; check that they are of one family.")
-    return write_lora(target.output, modules, _metadata(plan, target, ranks), target.lora_dtype)
+    return write_lora(target.output, modules, _metadata(plan, target, ranks), target.lora_dtype,
+                      format=target.format, arch=target.architecture)
 
 
 def _metadata(plan: BuildPlan, target: ExtractionTarget, ranks) -> dict[str, str]:

@@ -96,7 +96,8 @@ def run_merge(
     factors = [f for f, _ in merged]
     outcomes = [o for _, o in merged]
     refuse_overflowing_factors(target.name, target.output, factors, target.save, OVERFLOW_HINT)
-    written = write_lora(target.output, factors, _metadata(plan, target, factors), target.save)
+    written = write_lora(target.output, factors, _metadata(plan, target, factors), target.save,
+                         format=target.format, arch=target.architecture)
     _write_json(target.report_path, _report(plan, target, outcomes, written))
     return MergeResult(target.name, written, target.report_path, tuple(outcomes))
 

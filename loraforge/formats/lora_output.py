@@ -9,6 +9,18 @@ layer's whole ΔW. Output tensors, by the names A1111, ComfyUI and kohya read:
 * ``<name>.lora_down.weight``: [k, in] or [k, in, kh, kw];
 * ``<name>.alpha``: 0-d, equal to k, so the reader's scale alpha/k is exactly 1.
 
+``format: diffusers`` (:data:`FORMATS`) writes the same factors by diffusers/PEFT
+names instead: ``<module>.lora_A.weight`` (down) and ``<module>.lora_B.weight``
+(up), ``<module>`` being the diffusers module with its component prefix
+(``unet.``, ``text_encoder.``, ``text_encoder_2.``; Flux ``transformer.`` +
+the diffusers path). A fused BFL weight is written as the diffusers modules it
+is split into (:func:`diffusers_parts`): each gets the same lora_A and the
+fused lora_B's rows of its slice (``norm_out.linear`` its halves swapped). No
+alpha is written, neither as a tensor nor in ``lora_adapter_metadata``: alpha
+= rank everywhere, i.e. scale 1, which is what PEFT readers assume without a
+config (diffusers 0.42.1 ``get_peft_kwargs`` mirrors mixed ranks into
+``alpha_pattern``; ComfyUI applies alpha = rank when a module has no alpha).
+
 Tensors are sorted by name (all of one dtype, so this is also the order
 ``safetensors.save_file`` would use) and metadata keys are sorted; nothing
 depends on the clock, so the same factors give the same bytes. The hashes that
@@ -41,6 +53,58 @@ SSHS_KEY = "sshs_model_hash"
 SSHS_PLACEHOLDER = "0" * 64
 DYNAMIC = "Dynamic"  # what kohya's resize script writes for ss_network_dim/alpha when ranks differ
 SUFFIXES = {"up": "lora_up.weight", "down": "lora_down.weight", "alpha": "alpha"}
+PEFT_SUFFIXES = {"down": "lora_A.weight", "up": "lora_B.weight"}
+FORMATS = ("kohya", "diffusers")  # the recipe's ``format:`` on kind lora / extract; kohya is the default
+
+
+@dataclass(frozen=True)
+class OutputPart:
+    """One diffusers module a kohya module is written as: its name, its rows of the up factor, swapped halves."""
+
+    name: str
+    rows: tuple[int, int] | None
+    swap_halves: bool = False
+
+
+_PARTS: dict[tuple, dict[str, tuple[OutputPart, ...]]] = {}
+
+
+def diffusers_parts(arch: Architecture, kohya_name: str) -> tuple[OutputPart, ...]:
+    """The diffusers modules that hold the kohya module ``kohya_name`` of ``arch``, in row order."""
+    key = (arch.name, arch.dimensions, len(arch.modules))
+    table = _PARTS.get(key)
+    if table is None:
+        table = _PARTS[key] = _parts_table(arch)
+    try:
+        return table[kohya_name]
+    except KeyError:
+        raise ValueError(f"{kohya_name} is not a module of the {arch.title} table") from None
+
+
+def _parts_table(arch: Architecture) -> dict[str, tuple[OutputPart, ...]]:
+    table = {spec.kohya: (OutputPart(spec.diffusers, None),) for spec in arch.modules}
+    if arch.name != "flux":
+        return table
+    from loraforge.formats.adapters import flux_names  # the Flux dialect table (BFL weight -> diffusers layers)
+
+    by_bfl: dict[str, list[OutputPart]] = {}
+    hidden = dict(arch.dimensions)["hidden"]
+    for path, bfl, part in flux_names.diffusers_layers(arch):
+        rows = None if part in (None, "swap") else flux_names._fused_rows(hidden, part)
+        by_bfl.setdefault(bfl, []).append(OutputPart(flux_names.DIFFUSERS_PREFIX + path, rows, part == "swap"))
+    prefix = flux_names.COMFY_PREFIX
+    for spec in arch.modules:
+        if spec.component == "unet" and spec.diffusers.startswith(prefix):
+            parts = by_bfl.get(spec.diffusers[len(prefix):])
+            if parts:
+                table[spec.kohya] = tuple(parts)
+    return table
+
+
+def _part_shape(weight_shape: Sequence[int], part: OutputPart) -> tuple[int, ...]:
+    if part.rows is None:
+        return tuple(weight_shape)
+    return (part.rows[1] - part.rows[0], *weight_shape[1:])
 
 
 @dataclass(frozen=True)
@@ -83,6 +147,22 @@ def module_tensors(module: LoraModuleFactors, dtype: torch.dtype) -> dict[str, T
         f"{module.name}.{SUFFIXES['down']}": module.down.to(dtype).reshape(shapes["down"]).contiguous(),
         f"{module.name}.{SUFFIXES['alpha']}": torch.tensor(float(module.rank), dtype=dtype),
     }
+
+
+def diffusers_module_tensors(module: LoraModuleFactors, dtype: torch.dtype, arch: Architecture) -> dict[str, Tensor]:
+    """The lora_A / lora_B tensors of one module's diffusers parts in ``dtype``, by full key."""
+    kohya = module_tensors(module, dtype)
+    up = kohya[f"{module.name}.{SUFFIXES['up']}"]
+    down = kohya[f"{module.name}.{SUFFIXES['down']}"]
+    tensors: dict[str, Tensor] = {}
+    for part in diffusers_parts(arch, module.name):
+        rows = up if part.rows is None else up[part.rows[0] : part.rows[1]]
+        if part.swap_halves:
+            half = rows.shape[0] // 2
+            rows = torch.cat((rows[half:], rows[:half]))
+        tensors[f"{part.name}.{PEFT_SUFFIXES['up']}"] = rows.contiguous()
+        tensors[f"{part.name}.{PEFT_SUFFIXES['down']}"] = down
+    return tensors
 
 
 # --------------------------------------------------------------------------- metadata
@@ -150,15 +230,22 @@ def write_lora(
     modules: Sequence[LoraModuleFactors],
     metadata: Mapping[str, str],
     dtype: str,
+    *,
+    format: str = "kohya",
+    arch: Architecture | None = None,
 ) -> WriteResult:
     """Write ``modules`` to ``path`` atomically; ``metadata`` comes from :func:`lora_metadata`.
 
-    Modules are written in name order whatever order they are given in.
+    Tensors are written in name order whatever order the modules are given in.
+    ``format`` "diffusers" writes PEFT names (needs ``arch``, the modules' table).
     """
     torch_dtype = dtypes.torch_dtype(dtype)
     tensors: dict[str, Tensor] = {}
     for module in sorted(modules, key=lambda m: m.name):
-        tensors.update(module_tensors(module, torch_dtype))
+        if format == "diffusers":
+            tensors.update(diffusers_module_tensors(module, torch_dtype, arch))
+        else:
+            tensors.update(module_tensors(module, torch_dtype))
     order = sorted(tensors)
     plan = [TensorPlan.of(name, tensors[name]) for name in order]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -172,15 +259,24 @@ def write_lora(
 # --------------------------------------------------------------------------- planning
 
 
-def planned_lora_adapter(path: str | os.PathLike[str], modules: Sequence[tuple[str, tuple[int, ...], int]]) -> AdapterFile:
+def planned_lora_adapter(
+    path: str | os.PathLike[str],
+    modules: Sequence[tuple[str, tuple[int, ...], int]],
+    *,
+    format: str = "kohya",
+    arch: Architecture | None = None,
+) -> AdapterFile:
     """What parse_adapter will find in a LoRA this module writes, known before it is written.
 
     ``modules``: (kohya name, weight shape, rank) per module. For a policy whose
     ranks depend on the data (energy, ratio) pass its upper bound: alpha = rank
     makes the scale 1 whatever the rank turns out to be, and the factors are
     read with the shapes of the finished file. Lets a target use another
-    target's LoRA output as an ingredient at plan time.
+    target's LoRA output as an ingredient at plan time. ``format`` "diffusers":
+    the PEFT modules :func:`write_lora` writes (no alpha: scale 1).
     """
+    if format == "diffusers":
+        return _planned_diffusers_adapter(path, modules, arch)
     parsed = []
     for name, weight_shape, rank in sorted(modules):
         shapes = factor_shapes(weight_shape, rank)
@@ -203,10 +299,43 @@ def planned_lora_adapter(path: str | os.PathLike[str], modules: Sequence[tuple[s
     return AdapterFile(path=str(path), modules=module_tuple, unclaimed=(), metadata={}, kind=describe_kind(module_tuple))
 
 
-def estimated_lora_bytes(modules: Sequence[tuple[str, tuple[int, ...], int]], dtype: str) -> int:
+def _planned_diffusers_adapter(path, modules, arch: Architecture) -> AdapterFile:
+    parsed = []
+    for kohya_name, weight_shape, rank in modules:
+        for part in diffusers_parts(arch, kohya_name):
+            shape = _part_shape(weight_shape, part)
+            shapes = factor_shapes(shape, rank)
+            parsed.append(
+                AdapterModule(
+                    name=part.name,
+                    naming="diffusers",
+                    kind="lora",
+                    tucker=False,
+                    dora=False,
+                    keys={role: f"{part.name}.{suffix}" for role, suffix in sorted(PEFT_SUFFIXES.items())},
+                    rank=rank,
+                    alpha=None,  # none written: PEFT's default, alpha = rank
+                    scale=1.0,
+                    delta_shape=shape,
+                    shapes={role: shapes[role] for role in sorted(PEFT_SUFFIXES)},
+                )
+            )
+    module_tuple = tuple(sorted(parsed, key=lambda m: m.name))
+    return AdapterFile(path=str(path), modules=module_tuple, unclaimed=(), metadata={}, kind=describe_kind(module_tuple))
+
+
+def estimated_lora_bytes(
+    modules: Sequence[tuple[str, tuple[int, ...], int]], dtype: str, *, format: str = "kohya", arch: Architecture | None = None
+) -> int:
     """Data bytes of the LoRA planned_lora_adapter describes (header excluded)."""
     size = dtypes.itemsize(dtype)
     total = 0
+    if format == "diffusers":
+        for name, weight_shape, rank in modules:
+            for part in diffusers_parts(arch, name):
+                shapes = factor_shapes(_part_shape(weight_shape, part), rank)
+                total += (math.prod(shapes["up"]) + math.prod(shapes["down"])) * size
+        return total
     for _, weight_shape, rank in modules:
         total += sum(math.prod(shape) for shape in factor_shapes(weight_shape, rank).values()) * size
     return total

@@ -22,7 +22,7 @@ from loraforge.formats.arch import loaders
 from loraforge.formats.arch.table import ModuleSpec
 from loraforge.formats.dtypes import itemsize, precision_code
 from loraforge.formats.adapters import AdapterFile
-from loraforge.formats.lora_output import lora_save_dtype, planned_lora_adapter
+from loraforge.formats.lora_output import estimated_lora_bytes, lora_save_dtype, planned_lora_adapter
 from loraforge.formats.safetensors_reader import open_safetensors
 from loraforge.plan.action_key import action_key
 from loraforge.plan.device_class import device_class
@@ -75,6 +75,7 @@ class ExtractionTarget(PlannedTarget):
     seed: int
     module_set: str = "all"  # "all" | "kohya": only the modules every common loader applies
     left_out_for_loaders: tuple[str, ...] = ()  # candidates ``modules: kohya`` left out (kohya names)
+    format: str = "kohya"  # "kohya" | "diffusers": the names the output is written by (formats/lora_output.py)
 
     def loader_skips(self) -> dict[str, list[str]] | None:
         """{loader: candidate modules it is known to skip}; None where the family's loaders are not known."""
@@ -97,7 +98,9 @@ class ExtractionTarget(PlannedTarget):
     def lora_adapter(self) -> AdapterFile:
         """The output as a bake that uses it will see it, before it is built: every candidate module at its
         rank bound. The modules that really differ are known after the build, which plans its users again."""
-        return planned_lora_adapter(self.output, [(m.kohya, m.shape, self.module_bound(m)) for m in self.modules])
+        return planned_lora_adapter(
+            self.output, [(m.kohya, m.shape, self.module_bound(m)) for m in self.modules], format=self.format, arch=self.architecture
+        )
 
     def module_bound(self, module: ModuleSpec) -> int:
         """The most ranks the module's factors can have."""
@@ -109,6 +112,9 @@ class ExtractionTarget(PlannedTarget):
     def module_bytes(self, module: ModuleSpec) -> int:
         """Upper bound of the module's output bytes (up, down and alpha)."""
         out, flat_in = module.shape[0], math.prod(module.shape[1:])
+        if self.format != "kohya":  # the diffusers parts: each its rows of up and the whole down, no alpha
+            return estimated_lora_bytes([(module.kohya, module.shape, self.module_bound(module))], self.lora_dtype,
+                                        format=self.format, arch=self.architecture)
         return (self.module_bound(module) * (out + flat_in) + 1) * itemsize(self.lora_dtype)
 
     def modules_per_block(self) -> dict[str, int]:
@@ -159,6 +165,7 @@ def plan_extract(context: PlanContext, name: str) -> ExtractionTarget:
         save="same" if precision.save == "same" else precision_code(precision.save),
         seed=recipe.seed,
         module_set=spec.modules or "all",
+        format=spec.format or "kohya",
         left_out_for_loaders=left_out,
         device=device,
         dependencies=tuple(d for d in spec.dependencies() if d in recipe.targets),

@@ -95,6 +95,7 @@ class MergeTarget(PlannedTarget):
     save: str  # the output dtype code ("F16", "BF16", "F32")
     module_set: str = "all"  # "all" | "kohya": only the modules every common loader applies
     left_out_for_loaders: tuple[str, ...] = ()  # output modules ``modules: kohya`` left out (kohya names)
+    format: str = "kohya"  # "kohya" | "diffusers": the names the output is written by (formats/lora_output.py)
 
     def loader_skips(self) -> dict[str, list[str]] | None:
         """{loader: output modules it is known to skip}; None where the family's loaders are not known."""
@@ -116,7 +117,9 @@ class MergeTarget(PlannedTarget):
 
     def lora_adapter(self) -> AdapterFile:
         """The output as parse_adapter will see it, for targets that use this one (ranks at their bounds)."""
-        return planned_lora_adapter(self.output, [(m.name, m.spec.shape, m.bound) for m in self.modules])
+        return planned_lora_adapter(
+            self.output, [(m.name, m.spec.shape, m.bound) for m in self.modules], format=self.format, arch=self.architecture
+        )
 
     def modules_per_block(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -185,12 +188,15 @@ def plan_merge(context: PlanContext, name: str) -> MergeTarget:
         seed=recipe.seed,
         save=save,
         module_set=spec.modules or "all",
+        format=spec.format or "kohya",
         left_out_for_loaders=left_out,
         device=device,
         dependencies=tuple(d for d in spec.dependencies() if d in recipe.targets),
         action_key=merge_action_key(loaded, name, spec.method, context.input_hashes(name), device),
         read_bytes=sum(s.size for s in sources),
-        write_bytes=estimated_lora_bytes([(m.name, m.spec.shape, m.bound) for m in modules], save),
+        write_bytes=estimated_lora_bytes(
+            [(m.name, m.spec.shape, m.bound) for m in modules], save, format=spec.format or "kohya", arch=arch
+        ),
         memory_bytes=_memory_bytes(sources, modules),
     )
 

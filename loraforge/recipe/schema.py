@@ -604,10 +604,18 @@ OptionalRank = Annotated[Union[RankSpec, None], BeforeValidator(_check_rank)]
 ModuleSet = Annotated[Literal["all", "kohya"], BeforeValidator(_choice_checker(("all", "kohya"), "module set"))] | None
 
 
+# The names a LoRA output is written by (formats/lora_output.py): kohya (the default; unset and "kohya" are
+# the same and leave the field out of the canonical form) or diffusers/PEFT (docs/adapters.md).
+LoraFormat = Annotated[Literal["kohya", "diffusers"], BeforeValidator(_choice_checker(("kohya", "diffusers"), "LoRA format"))] | None
+
+
 def _without_default_modules(data: dict) -> dict:
-    """``modules: all`` is the default: recipes without the field (or with ``all``) keep their canonical bytes."""
+    """``modules: all`` and ``format: kohya`` are the defaults: recipes without the fields (or with the
+    defaults) keep their canonical bytes."""
     if data.get("modules", "all") in (None, "all"):
         data.pop("modules", None)
+    if data.get("format", "kohya") in (None, "kohya"):
+        data.pop("format", None)
     return data
 
 
@@ -625,6 +633,7 @@ class ExtractTarget(_TargetBase):
     clamp_quantile: Annotated[float, BeforeValidator(_check_quantile)] | None = None
     min_diff: Annotated[float, BeforeValidator(_check_min_diff)] = 1e-4  # skip modules with max|dW| <= this
     modules: ModuleSet = None  # None = all (formats/arch/loaders.py)
+    format: LoraFormat = None  # None = kohya
 
     @model_serializer(mode="wrap")
     def _dump(self, handler):
@@ -651,6 +660,7 @@ class LoraTarget(_TargetBase):
     clamp_quantile: Annotated[float, BeforeValidator(_check_quantile)] | None = None
     allow_unmatched: StrictFlag = False
     modules: ModuleSet = None  # None = all (formats/arch/loaders.py)
+    format: LoraFormat = None  # None = kohya
 
     @model_serializer(mode="wrap")
     def _dump(self, handler):

@@ -41,6 +41,7 @@ class ExtractKind(TargetKind):
             "modules_per_block": target.modules_per_block(),
             "text_encoder_modules_missing": list(target.missing_text_encoder),
             "modules_kept": target.module_set,  # "all" | "kohya"
+            "format": target.format,  # "kohya" | "diffusers": the names the output is written by
             "left_out_for_loaders": list(target.left_out_for_loaders),
             "loader_skips": target.loader_skips(),  # {loader: [modules]}; null where not known
         }

@@ -42,6 +42,7 @@ class LoraKind(TargetKind):
             "modules_per_block": target.modules_per_block(),
             "loras": [ingredient_report(ingredient) for ingredient in target.ingredients],
             "modules_kept": target.module_set,  # "all" | "kohya"
+            "format": target.format,  # "kohya" | "diffusers": the names the output is written by
             "left_out_for_loaders": list(target.left_out_for_loaders),
             "loader_skips": target.loader_skips(),  # {loader: [modules]}; null where not known
         }
