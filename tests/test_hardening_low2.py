@@ -221,3 +221,57 @@ def test_plan_says_nothing_about_ema_for_a_base_without_copies(tmp_path, models)
     assert "EMA" not in output
     code, output = run_cli("plan", root / "recipe.yaml", "--json")
     assert "ema_tensors_left" not in json.loads(output)["targets"][0]
+
+
+# --- planning speed: a header is validated once per process ------------------------------------------
+
+
+def test_planning_many_targets_validates_each_header_once(tmp_path, models, monkeypatch):
+    """Planning opened the base and the adapter about six times per target, parsing and checking every tensor
+    entry each time (the largest cost of `plan`, ~60% of 60 targets); a header seen before is now taken from a
+    memo keyed by its bytes and the file's size. The plan is the same."""
+    import json
+
+    from loraforge.formats import safetensors_reader
+
+    root = make_project(tmp_path / "project", models)
+    recipe = root / "recipe.yaml"
+    recipe.write_text(recipe.read_text() + "".join(
+        f"  t{i}:\n    kind: checkpoint\n    base: base\n    loras:\n      - {{use: style, strength: 0.{i + 1}}}\n" for i in range(8)))
+    checked = []
+    original = safetensors_reader.SafetensorsFile._check_entry
+    monkeypatch.setattr(safetensors_reader.SafetensorsFile, "_check_entry",
+                        lambda self, name, entry, size: checked.append(self.path.name) or original(self, name, entry, size))
+    safetensors_reader._VALIDATED_HEADERS.clear()
+    code, output = run_cli("plan", recipe, "--json")
+    assert code == 0, output
+    plan = json.loads(output)
+    assert len(plan["targets"]) == 9
+    from safetensors import safe_open
+
+    sizes = {}
+    for name in ("base.safetensors", "style.safetensors"):
+        with safe_open(root / "models" / name, "np") as f:
+            sizes[name] = len(list(f.keys()))
+    assert {name: checked.count(name) for name in sizes} == sizes  # each entry checked once, not once per open
+    checked.clear()
+    safetensors_reader._VALIDATED_HEADERS.clear()
+    monkeypatch.setattr(safetensors_reader, "MEMO_HEADERS", 0)  # no memo: the same plan, the same bytes
+    code, again = run_cli("plan", recipe, "--json")
+    assert code == 0 and again == output
+    assert checked.count("base.safetensors") > 9 * sizes["base.safetensors"]
+
+
+def test_a_file_changed_under_the_memo_is_validated_again(tmp_path, models):
+    """The memo is keyed by the header's bytes as read now: a damaged header of the same size is refused."""
+    root = make_project(tmp_path / "project", models)
+    code, output = run_cli("plan", root / "recipe.yaml")
+    assert code == 0, output
+    base = root / "models/base.safetensors"
+    data = bytearray(base.read_bytes())
+    at = data.index(b'"data_offsets":[') + len(b'"data_offsets":[')
+    data[at] = ord("9") if data[at] != ord("9") else ord("8")  # same length, offsets now wrong
+    base.write_bytes(bytes(data))
+    code, output = run_cli("inspect", base)
+    assert code != 0 and "is not a valid safetensors file" in " ".join(output.split()), output
+    assert "Traceback" not in output

@@ -15,6 +15,7 @@ import os
 import stat
 import sys
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,13 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# Validated headers by (file size, header bytes): at most MEMO_HEADERS of at most MEMO_HEADER_BYTES each.
+MEMO_HEADERS = 16
+MEMO_HEADER_BYTES = 8 << 20
+_VALIDATED_HEADERS: OrderedDict[tuple[int, bytes], tuple[dict[str, str], dict[str, TensorInfo]]] = OrderedDict()
+_VALIDATED_LOCK = threading.Lock()
+
+
 class SafetensorsFile:
     """An open, validated .safetensors file. Use :func:`open_safetensors`."""
 
@@ -103,11 +111,26 @@ class SafetensorsFile:
     def _load_header(self) -> tuple[int, dict[str, str], dict[str, TensorInfo]]:
         header_length = self._read_header_length()
         header_bytes = self._read_exact_at(LENGTH_PREFIX, header_length)
-        header = self._parse_header_json(header_bytes)
         header_size = LENGTH_PREFIX + header_length
+        # Validation is a pure function of the header's bytes and the file's size, so a header seen before (planning
+        # opens each base and adapter several times per target) is not parsed and checked again; the bytes are
+        # always read from this file, so a changed file is never answered from the memo.
+        key = (self.file_size, header_bytes)
+        with _VALIDATED_LOCK:
+            known = _VALIDATED_HEADERS.get(key)
+            if known is not None:
+                _VALIDATED_HEADERS.move_to_end(key)
+        if known is not None:
+            return header_size, dict(known[0]), dict(known[1])
+        header = self._parse_header_json(header_bytes)
         metadata = self._check_metadata(header.pop(METADATA_KEY, {}))
         infos = {name: self._check_entry(name, entry, header_size) for name, entry in header.items()}
         self._check_tiling(infos, header_size)
+        if header_length <= MEMO_HEADER_BYTES:
+            with _VALIDATED_LOCK:
+                _VALIDATED_HEADERS[key] = (dict(metadata), dict(infos))
+                while len(_VALIDATED_HEADERS) > MEMO_HEADERS:
+                    _VALIDATED_HEADERS.popitem(last=False)
         return header_size, metadata, infos
 
     def _read_header_length(self) -> int:
