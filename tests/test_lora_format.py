@@ -88,7 +88,17 @@ def test_default_output_bytes_are_kohya_and_the_field_leaves_the_canonical_form(
     targets = {t.name: t for t in plan.targets}
     assert targets["ex"].format == "kohya" and targets["ex-d"].format == "diffusers"
     assert all(k.endswith((".lora_up.weight", ".lora_down.weight", ".alpha")) for k in read_all(dist / "ex.safetensors"))
+    written = sorted({k.rsplit(".lora_", 1)[0] for k in read_all(dist / "ex-d.safetensors")})
     assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in read_all(dist / "ex-d.safetensors"))
+    skips = targets["ex-d"].loader_skips()
+    if family == "sd1":  # the plan names what each loader skips, by the names the file has
+        # kohya's merge_lora reads lora_down/lora_up only; ComfyUI maps SD attention projections as .processor.to_*
+        projections = (".to_q", ".to_k", ".to_v", ".to_out.0")
+        assert skips["kohya"] == sorted(n for n in written if n in {m.diffusers for m in targets["ex-d"].modules})
+        assert skips["comfyui"] == [n for n in written if n.startswith("unet.") and n.endswith(projections)] != []
+        assert targets["ex"].loader_skips()["comfyui"] == []
+    else:
+        assert skips is None  # loader coverage is not known for Flux
 
 
 @pytest.mark.parametrize("pair", [("ex", "ex-d"), ("m", "m-d")])

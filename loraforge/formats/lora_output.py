@@ -101,6 +101,22 @@ def _parts_table(arch: Architecture) -> dict[str, tuple[OutputPart, ...]]:
     return table
 
 
+def written_skips(arch: Architecture, modules, format: str):
+    """(name as written, loaders known to skip it) for each (kohya name, table row) of an output in ``format``.
+
+    In diffusers names kohya's merge_lora reads nothing, and ComfyUI lacks the PEFT spelling of SD
+    attention projections (formats/arch/loaders.py; docs/adapters.md, "What loaders skip").
+    """
+    from loraforge.formats.arch import loaders
+
+    for kohya_name, spec in modules:
+        if format != "diffusers":
+            yield kohya_name, loaders.skipped_by(arch.name, spec)
+            continue
+        for part in diffusers_parts(arch, kohya_name):
+            yield part.name, loaders.skipped_by(arch.name, spec, part.name, naming="diffusers", kohya_factors=False)
+
+
 def _part_shape(weight_shape: Sequence[int], part: OutputPart) -> tuple[int, ...]:
     if part.rows is None:
         return tuple(weight_shape)

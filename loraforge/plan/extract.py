@@ -22,7 +22,7 @@ from loraforge.formats.arch import loaders
 from loraforge.formats.arch.table import ModuleSpec
 from loraforge.formats.dtypes import itemsize, precision_code
 from loraforge.formats.adapters import AdapterFile
-from loraforge.formats.lora_output import estimated_lora_bytes, lora_save_dtype, planned_lora_adapter
+from loraforge.formats.lora_output import estimated_lora_bytes, lora_save_dtype, planned_lora_adapter, written_skips
 from loraforge.formats.safetensors_reader import open_safetensors
 from loraforge.plan.action_key import action_key
 from loraforge.plan.device_class import device_class
@@ -80,7 +80,7 @@ class ExtractionTarget(PlannedTarget):
     def loader_skips(self) -> dict[str, list[str]] | None:
         """{loader: candidate modules it is known to skip}; None where the family's loaders are not known."""
         family = self.architecture.name
-        return loaders.loader_skips(family, ((m.kohya, loaders.skipped_by(family, m)) for m in self.modules))
+        return loaders.loader_skips(family, written_skips(self.architecture, ((m.kohya, m) for m in self.modules), self.format))
 
     def module_rank(self, module: ModuleSpec) -> RankSpec:
         return self.conv_rank if is_conv3x3(module) else self.rank

@@ -23,7 +23,7 @@ from loraforge.formats.adapters.matching import detect_adapter_architecture, mat
 from loraforge.formats.arch import loaders
 from loraforge.formats.arch.table import Architecture, ModuleSpec
 from loraforge.formats.dtypes import precision_code
-from loraforge.formats.lora_output import estimated_lora_bytes, is_conv_shape, lora_save_dtype, planned_lora_adapter
+from loraforge.formats.lora_output import estimated_lora_bytes, is_conv_shape, lora_save_dtype, planned_lora_adapter, written_skips
 from loraforge.errors import FormatError
 from loraforge.methods.lora import LoraMergeMethod, lora_method
 from loraforge.ops.svd import RankPolicy
@@ -100,7 +100,7 @@ class MergeTarget(PlannedTarget):
     def loader_skips(self) -> dict[str, list[str]] | None:
         """{loader: output modules it is known to skip}; None where the family's loaders are not known."""
         family = self.architecture.name
-        return loaders.loader_skips(family, ((m.name, loaders.skipped_by(family, m.spec)) for m in self.modules))
+        return loaders.loader_skips(family, written_skips(self.architecture, ((m.name, m.spec) for m in self.modules), self.format))
 
     @property
     def lora_dtype(self) -> str:
