@@ -8,6 +8,8 @@ without a traceback and exit with status 2.
 from __future__ import annotations
 
 import json
+import os
+import resource
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -20,7 +22,33 @@ from loraforge.cli_common import fail as _fail
 from loraforge.errors import LoraforgeError
 from loraforge.interrupts import interruptions_kept
 
-app = typer.Typer(
+class _Loraforge(typer.Typer):
+    """The app, with running out of memory (a low ``ulimit -v``, a container's limit) as one paragraph, not a traceback."""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except (MemoryError, ImportError, OSError) as error:
+            if not isinstance(error, MemoryError) and "failed to map segment" not in str(error):
+                raise
+            # os.write, not the rich console: printing must not need memory or a module not loaded yet
+            os.write(2, (out_of_memory_message() + "\n").encode())
+            raise SystemExit(2) from None
+
+
+def out_of_memory_message() -> str:
+    """What a user reads when the process could not get memory (also while loading a library)."""
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    limit = "no limit on address space" if soft == resource.RLIM_INFINITY else f"an address-space limit (ulimit -v) of {soft >> 20} MiB"
+    return (
+        f"error: loraforge ran out of memory (the system refused an allocation; this process has {limit}); nothing "
+        "half-written is kept, and the next run removes any temporary file left. Fix: raise the limit (ulimit -v "
+        "unlimited, or a larger container memory limit), or free memory; a bake needs about the largest tensor of the "
+        "base plus its LoRA factors, and torch alone maps several hundred MiB of address space."
+    )
+
+
+app = _Loraforge(
     name="loraforge",
     help="Declarative, reproducible builds of Stable Diffusion model releases.",
     add_completion=False,

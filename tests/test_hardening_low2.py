@@ -275,3 +275,36 @@ def test_a_file_changed_under_the_memo_is_validated_again(tmp_path, models):
     code, output = run_cli("inspect", base)
     assert code != 0 and "is not a valid safetensors file" in " ".join(output.split()), output
     assert "Traceback" not in output
+
+
+# --- a low ulimit -v --------------------------------------------------------------------------------
+
+OUT_OF_MEMORY = """
+import re, resource, sys
+from loraforge.cli import app
+size = int(re.search(r"VmSize:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + int(sys.argv[1]) * 2**20, resource.RLIM_INFINITY))
+sys.argv = ["loraforge", *sys.argv[2:]]
+app()
+"""
+
+
+@pytest.mark.parametrize(("command", "headroom_mib"), [("plan", 4), ("plan", 16), ("build", 4), ("build", 16), ("build", 64), ("build", 200)])
+def test_a_low_address_space_limit_is_one_paragraph(tmp_path, models, command, headroom_mib):
+    """`ulimit -v` a few MiB to a few hundred MiB above what the interpreter holds: a MemoryError (or a shared
+    library that cannot be mapped) wherever it strikes, loading torch included, ends in one paragraph, exit 2.
+    (An abort inside a native library, OpenBLAS or a C++ std::bad_alloc, is out of Python's reach: docs/security.md.)"""
+    import os
+    import subprocess
+    import sys
+
+    root = make_project(tmp_path / "project", models)
+    before = snapshot(root)
+    env = {**os.environ, "LORAFORGE_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY, str(headroom_mib), command, str(root / "recipe.yaml"), "-q"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    output = result.stdout + result.stderr
+    assert_clear_refusal(result.returncode, output, ["loraforge ran out of memory", "an address-space limit (ulimit -v) of",
+                                                     "Fix: raise the limit (ulimit -v unlimited"])
+    _one_paragraph(output)
+    assert snapshot(root) == before
