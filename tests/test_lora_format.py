@@ -230,3 +230,16 @@ def test_every_kohya_module_has_diffusers_parts_that_cover_its_rows():
                 assert all(a[1] == b[0] for a, b in zip(rows, rows[1:]))
             else:
                 assert len(parts) == 1
+
+
+def test_an_unknown_format_is_a_positioned_recipe_error(tmp_path):
+    from loraforge.errors import RecipeError
+
+    text = recipe_text("false").replace("    format: diffusers\n", "    format: peft\n", 1)
+    (tmp_path / "recipe.yaml").write_text(text)
+    with pytest.raises(RecipeError) as raised:
+        load_recipe(tmp_path / "recipe.yaml")
+    message = str(raised.value)
+    line = text.splitlines().index("    format: peft") + 1
+    assert f"recipe.yaml:{line}:" in message and "unknown LoRA format 'peft'" in message, message
+    assert "kohya" in message and "diffusers" in message, message
