@@ -63,6 +63,7 @@ class BakeResult:
     baked_tensors: int
     copied_tensors: int
     converted_tensors: int
+    merged_tensors: int = 0  # a checkpoint merge's tensors computed from several models (before any bake)
 
 
 def run_bake(
@@ -110,8 +111,13 @@ def run_bake(
         except _NonFiniteFactors as found:
             raise _nonfinite_error(target, adapters, found.ingredient) from None
         written = writer.commit(deferred_metadata={HASH_KEY: modelspec_hash})
-    counts = {action: sum(1 for t in layout if t.action == action) for action in ("bake", "copy", "convert")}
-    return BakeResult(target.name, written, counts["bake"], counts["copy"], counts["convert"])
+    # A merge's tensors computed from several models count as merged (then baked, if a LoRA touches them).
+    merged = {t.name for t in layout if target.merge.taken.get(t.name) is None} if target.merge is not None else set()
+    counts = {
+        action: sum(1 for t in layout if t.action == action and (action == "bake" or t.name not in merged))
+        for action in ("bake", "copy", "convert")
+    }
+    return BakeResult(target.name, written, counts["bake"], counts["copy"], counts["convert"], len(merged))
 
 
 def _workspace(layout: Sequence[OutputTensor], device: torch.device) -> torch.Tensor | None:

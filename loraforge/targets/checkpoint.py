@@ -55,8 +55,8 @@ class CheckpointKind(TargetKind):
     def built_lines(self, result) -> list[str]:
         written = result.written
         return [
-            f"{human_bytes(written.size)}; {result.baked_tensors} tensors baked, "
-            f"{result.copied_tensors} copied, {result.converted_tensors} converted",
+            f"{human_bytes(written.size)}; " + (f"{result.merged_tensors} tensors merged, " if result.merged_tensors else "")
+            + f"{result.baked_tensors} tensors baked, {result.copied_tensors} copied, {result.converted_tensors} converted",
             f"sha256 {written.sha256}",
             f"data sha256 {written.data_sha256}",
         ]
