@@ -196,6 +196,7 @@ _DENSITY = Parameter(
     hint="write a fraction in (0, 1], e.g. density: 0.2 (keep 20 %)",
 )
 _LAMBDA = Parameter("lambda", "scale of the merged task vector", default=1.0, hint="write e.g. lambda: 1")
+_TASK_WEIGHTS = Parameter("weights", "weight of each task vector", per_model=True, default=1.0, hint=_WEIGHTS_HINT)
 
 
 class WeightedSum(CheckpointMergeMethod):
@@ -245,7 +246,7 @@ class TaskArithmetic(CheckpointMergeMethod):
     min_models = 1
     base = "required"
     declared = (
-        Parameter("weights", "weight of each task vector", per_model=True, default=1.0, hint=_WEIGHTS_HINT),
+        _TASK_WEIGHTS,
         _LAMBDA,
     )
 
@@ -266,7 +267,7 @@ class Ties(CheckpointMergeMethod):
     linear = False
     declared = (
         _DENSITY,
-        Parameter("weights", "weight of each task vector", per_model=True, default=1.0, hint=_WEIGHTS_HINT),
+        _TASK_WEIGHTS,
         _LAMBDA,
         Parameter("normalize", "divide by the agreeing weights (disjoint mean)", kind="flag", default=True),
     )
@@ -288,7 +289,7 @@ class Dare(CheckpointMergeMethod):
     seeded = True
     declared = (
         _DENSITY,
-        Parameter("weights", "weight of each task vector", per_model=True, default=1.0, hint=_WEIGHTS_HINT),
+        _TASK_WEIGHTS,
         _LAMBDA,
     )
 
@@ -309,7 +310,7 @@ class DareTies(CheckpointMergeMethod):
     seeded = True
     declared = (
         _DENSITY,
-        Parameter("weights", "weight of each task vector", per_model=True, default=1.0, hint=_WEIGHTS_HINT),
+        _TASK_WEIGHTS,
         _LAMBDA,
         Parameter("normalize", "divide by the agreeing weights", kind="flag", default=False),
     )
@@ -350,7 +351,7 @@ class Della(CheckpointMergeMethod):
         _DENSITY,
         Parameter("epsilon", "half-width of the keep probabilities around density", default=0.1, low=0.0,
                   hint="write e.g. epsilon: 0.1, with density − epsilon > 0 and density + epsilon ≤ 1"),
-        Parameter("weights", "weight of each task vector", per_model=True, default=1.0, hint=_WEIGHTS_HINT),
+        _TASK_WEIGHTS,
         _LAMBDA,
         Parameter("normalize", "divide by the agreeing weights (the paper's fuse: a mean)", kind="flag", default=True),
     )
