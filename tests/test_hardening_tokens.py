@@ -139,7 +139,7 @@ def test_a_plain_http_base_elsewhere_gets_no_token(monkeypatch):
     monkeypatch.setenv("CIVITAI_API_TOKEN", TOKEN)
     assert civitai_auth("http://mirror.example/api/v1/models/1").headers == {}
     monkeypatch.setenv("HF_ENDPOINT", "http://hub.example")
-    from loraforge.resolve.sources.hf import _token
+    from loraforge.resolve.sources.hf import hub_token as _token
 
     assert _token() is False
     monkeypatch.setenv("HF_ENDPOINT", "https://hub.example")

@@ -20,22 +20,20 @@ is what the recipe builds; this proves the Hub holds what the lock records.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraforge.errors import ResolveError
+from loraforge.formats.hashing import file_sha256
 from loraforge.recipe.loader import load_recipe
 from loraforge.recipe.sources import SourceRef
 from loraforge.resolve.lockfile import lock_path, read_lock
-from loraforge.resolve.sources.auth import token_allowed
-from loraforge.resolve.sources.hf import HfSource, hf_endpoint
+from loraforge.resolve.sources.hf import HfSource, hf_endpoint, hub_token
 
 MANIFEST = "manifest.json"
 _REMOTE = re.compile(r"hf://(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<revision>[A-Za-z0-9._/-]+))?/?")
-HASH_CHUNK = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -144,7 +142,7 @@ def _download(repo: str, commit: str, path: str) -> tuple[Path | None, str | Non
     from huggingface_hub.errors import EntryNotFoundError
 
     try:
-        local = Path(hf_hub_download(repo, path, revision=commit, endpoint=hf_endpoint(), token=_token()))
+        local = Path(hf_hub_download(repo, path, revision=commit, endpoint=hf_endpoint(), token=hub_token()))
     except EntryNotFoundError:
         return None, None
     except Exception as error:  # noqa: BLE001  (one paragraph whatever the transport says)
@@ -152,11 +150,7 @@ def _download(repo: str, commit: str, path: str) -> tuple[Path | None, str | Non
             f"--remote hf://{repo}@{commit}: downloading {path} failed ({type(error).__name__}: {error}). "
             "Check the network and HF_ENDPOINT / HF_TOKEN, then run verify again."
         ) from None
-    digest = hashlib.sha256()
-    with open(local, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-    return local, digest.hexdigest()
+    return local, file_sha256(local)
 
 
 def _file_verdict(repo: str, commit: str, listed: dict, output: dict | None, locked: dict) -> FileVerdict:
@@ -175,16 +169,10 @@ def _file_verdict(repo: str, commit: str, listed: dict, output: dict | None, loc
     return FileVerdict(name, True, "identical")
 
 
-def _token():
-    """The token only where resolve/sources/auth.py allows it (https or loopback endpoints); False: none."""
-    endpoint = hf_endpoint()
-    return None if token_allowed(endpoint, endpoint) else False
-
-
 def _remote_files(repo: str, commit: str) -> list[str]:
     from huggingface_hub import HfApi
 
     try:
-        return HfApi(endpoint=hf_endpoint(), token=_token()).list_repo_files(repo, revision=commit)
+        return HfApi(endpoint=hf_endpoint(), token=hub_token()).list_repo_files(repo, revision=commit)
     except Exception:  # noqa: BLE001  (the listing only adds notes)
         return []

@@ -33,7 +33,7 @@ def hf_endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
 
 
-def _token():
+def hub_token():
     """huggingface_hub's ``token`` argument: its usual lookup (HF_TOKEN, `hf auth login`) only for an https
     (or loopback) endpoint; False, no token at all, for a plain-http endpoint elsewhere."""
     from loraforge.resolve.sources.auth import token_allowed
@@ -51,7 +51,7 @@ class HfSource(RemoteSource):
         revision = ref.revision or "main"
         url = hf_hub_url(ref.repo, ref.path, revision=revision, endpoint=hf_endpoint())
         with _hub_errors(name, ref):
-            meta = get_hf_file_metadata(url, token=_token(), endpoint=hf_endpoint(), retry_on_errors=True)
+            meta = get_hf_file_metadata(url, token=hub_token(), endpoint=hf_endpoint(), retry_on_errors=True)
         if not meta.commit_hash:
             raise ResolveError(
                 f"Input '{name}': {hf_endpoint()} did not say which commit '{revision}' of {ref.repo} is "
@@ -72,7 +72,7 @@ class HfSource(RemoteSource):
                 location["path"],
                 revision=location["commit"],
                 endpoint=hf_endpoint(),
-                token=_token(),
+                token=hub_token(),
                 cache_dir=os.environ.get("HF_HUB_CACHE") or None,
                 tqdm_class=_progress_bar_class(name, progress),
             )
