@@ -4,7 +4,8 @@ A spec is one of:
 
 * ``None``: every block at 1.0;
 * a preset name (``PRESETS``: the families' presets, the 17-value presets of
-  the LoRA Block Weight extension, defined in sd1.py / sd2.py);
+  the LoRA Block Weight extension, defined in sd1.py / sd2.py; ``GROUP_PRESETS``:
+  presets with one value per block-id prefix, flux.py's, which fit any block count);
 * a vector, as a list of numbers or a comma-separated string, whose length is
   one of the architecture's forms (SD 1.x/2.x: 17 or 26, SDXL: 12 or 20);
 * a mapping of block ids, inclusive ranges within one prefix (``OUT03-OUT06``)
@@ -43,6 +44,13 @@ for _family in FAMILIES.values():
 # architecture; the others describe positions in the SD 1.x/2.x UNet and have
 # no SDXL meaning (SDXL has other levels), so they are refused there.
 UNIFORM_PRESETS: tuple[str, ...] = tuple(name for name, values in PRESETS.items() if len(set(values)) == 1)
+
+# Presets given per block-id prefix (flux.py: FLUXALL, DOUBLES, SINGLES, NOTEXT): name -> (the family
+# that defines it, ((prefix, value), ...)). They mean something only in that family.
+GROUP_PRESETS: dict[str, tuple[str, tuple[tuple[str, float], ...]]] = {}
+for _family in FAMILIES.values():
+    for _name, _groups in _family.group_presets:
+        GROUP_PRESETS.setdefault(_name, (_family.name, _groups))
 
 DEFAULT_KEY = "default"
 _BLOCK_ID = re.compile(r"^(BASE|M|IN|OUT|CLIP|T5|D|S)(\d\d)?$")  # Flux: CLIP, T5, IN, D00-D18, S00-S37, OUT
@@ -88,7 +96,7 @@ def parse_block_weights(spec: object, arch: Architecture) -> BlockWeights:
     raise BlockWeightError(
         f"Block weights must be a preset name, a list of numbers, a comma-separated string of numbers or a "
         f"mapping of block ids to numbers; got {spec!r} ({type(spec).__name__}). "
-        f"Presets: {', '.join(PRESETS)}."
+        f"Presets: {', '.join(_presets_for(arch))}."
     )
 
 
@@ -101,13 +109,20 @@ def _valid_lengths(arch: Architecture) -> str:
     return " or ".join(str(n) for n in sorted(arch.block_forms, reverse=True))
 
 
+def _presets_for(arch: Architecture) -> list[str]:
+    """The preset names that mean something for ``arch``, in definition order."""
+    family = get_family(arch.name)
+    own = [name for name, _ in family.block_presets]
+    return [*own, *(name for name in UNIFORM_PRESETS if name not in own), *(name for name, _ in family.group_presets)]
+
+
 def _parse_string(text: str, arch: Architecture) -> BlockWeights:
-    preset = {name.upper(): name for name in PRESETS}.get(text.upper())
+    preset = {name.upper(): name for name in [*PRESETS, *GROUP_PRESETS]}.get(text.upper())
     if preset is not None:
         return _from_preset(preset, arch)
     if "," not in text:
         raise BlockWeightError(
-            f"Unknown block-weight preset {text!r}. Presets: {', '.join(PRESETS)}; or give a vector of "
+            f"Unknown block-weight preset {text!r}. Presets: {', '.join(_presets_for(arch))}; or give a vector of "
             f"{_valid_lengths(arch)} comma-separated numbers for {arch.title}, or a mapping such as "
             "{default: 0, IN04: 0.5, OUT03-OUT06: 1}."
         )
@@ -121,15 +136,46 @@ def _from_preset(name: str, arch: Architecture) -> BlockWeights:
     own = dict(family.block_presets).get(name)
     if own is not None:
         return _result(dict(zip(family.preset_form, own)), f"preset {name}", arch)
+    groups = dict(family.group_presets).get(name)
+    if groups is not None:
+        values = dict(groups)
+        return _result({block: values[_prefix(block)] for block in arch.full_block_form}, f"preset {name}", arch)
     if name in UNIFORM_PRESETS:
         short_form = arch.block_forms[min(arch.block_forms)]
         return _result(dict.fromkeys(short_form, PRESETS[name][0]), f"preset {name}", arch)
+    valid = ", ".join(_presets_for(arch))
+    if name in GROUP_PRESETS:
+        owner = FAMILIES[GROUP_PRESETS[name][0]]
+        raise BlockWeightError(
+            f"Block-weight preset {name} is defined for the blocks of {owner.title} and has no meaning for "
+            f"{arch.title}. Presets valid for {arch.title}: {valid}; otherwise give a vector of "
+            f"{_valid_lengths(arch)} numbers or a mapping such as {{default: 0, {arch.full_block_form[-1]}: 1}}."
+        )
+    if family.group_presets:  # an SD preset on Flux: no UNet levels at all
+        raise BlockWeightError(
+            f"Block-weight preset {name} is defined for the 17 blocks of SD 1.x/2.x and has no meaning for "
+            f"{arch.title}, which has no UNet levels (its blocks are {_form_ranges(arch)}). Presets valid for "
+            f"{arch.title}: {valid}; otherwise give a vector of {_valid_lengths(arch)} numbers or a mapping "
+            f"such as {{default: 1, {_group_range(arch, 'D')}: 0}}."
+        )
     raise BlockWeightError(
         f"Block-weight preset {name} is defined for the 17 blocks of SD 1.x/2.x and has no meaning for "
         f"{arch.title}, whose UNet has different levels. Presets valid for {arch.title}: "
-        f"{', '.join(UNIFORM_PRESETS)}; otherwise give a vector of {_valid_lengths(arch)} numbers or a mapping "
+        f"{valid}; otherwise give a vector of {_valid_lengths(arch)} numbers or a mapping "
         "such as {default: 0, IN04: 1, OUT00-OUT02: 0.5}."
     )
+
+
+def _group_range(arch: Architecture, prefix: str) -> str:
+    """'D00-D18' (or the one id) for the blocks with ``prefix``."""
+    same = [b for b in arch.full_block_form if _prefix(b) == prefix]
+    return same[0] if len(same) == 1 else f"{same[0]}-{same[-1]}"
+
+
+def _form_ranges(arch: Architecture) -> str:
+    """The full form, each run of one prefix as a range: 'CLIP, T5, IN, D00-D18, S00-S37, OUT'."""
+    prefixes = list(dict.fromkeys(_prefix(b) for b in arch.full_block_form))
+    return ", ".join(_group_range(arch, p) for p in prefixes)
 
 
 def _from_vector(values: list[float], arch: Architecture, description: str) -> BlockWeights:

@@ -86,6 +86,9 @@ class Family:
     # Named block-weight presets: (name, one value per block of ``preset_form``).
     block_presets: tuple[tuple[str, tuple[float, ...]], ...] = ()
     preset_form: tuple[str, ...] = ()
+    # Named presets given as one value per block-id prefix (flux.py: CLIP, T5, IN, D, S, OUT), so they
+    # fit any block count (a scaled model's): (name, ((prefix, value), ...)); every prefix is named.
+    group_presets: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = ()
     # Dimensions read by code rather than at one anchor (block counts, the presence of a tensor,
     # the key layout): shapes -> {name: value}; applied after the anchors.
     infer_extra: Callable[[Mapping[str, tuple[int, ...]]], Mapping[str, int]] | None = None

@@ -80,6 +80,27 @@ def block_form(depth: int, depth_single: int) -> tuple[str, ...]:
     )
 
 
+# Block-id prefixes of the Flux form, in its order: the groups a preset gives one value each.
+BLOCK_GROUPS = (BLOCK_CLIP, BLOCK_T5, BLOCK_IN, "D", "S", BLOCK_OUT)
+
+
+def _preset(name: str, **values: float) -> tuple[str, tuple[tuple[str, float], ...]]:
+    return name, tuple((group, float(values[group])) for group in BLOCK_GROUPS)
+
+
+# Named Flux presets, one value per block group so they fit any block count (docs/architectures.md,
+# "Flux block weights"). FLUXALL is the LoRA Block Weight extension's only Flux preset
+# (hako-mikan/sd-webui-lora-block-weight, scripts/lora_block_weight.py DEF_WEIGHT_PRESET: 61 ones);
+# DOUBLES, SINGLES and NOTEXT are loraforge's: only the double blocks, only the single blocks, every
+# block but the two text encoders.
+BLOCK_PRESETS = (
+    _preset("FLUXALL", CLIP=1, T5=1, IN=1, D=1, S=1, OUT=1),
+    _preset("DOUBLES", CLIP=0, T5=0, IN=0, D=1, S=0, OUT=0),
+    _preset("SINGLES", CLIP=0, T5=0, IN=0, D=0, S=1, OUT=0),
+    _preset("NOTEXT", CLIP=0, T5=0, IN=1, D=1, S=1, OUT=1),
+)
+
+
 def variant_of(dims: Mapping[str, int]) -> str:
     if not dims["guidance"]:
         return "schnell"
@@ -285,6 +306,7 @@ FAMILY = Family(
     inpaint_in_channels=0,
     infer_extra=infer_extra,
     variant_dimensions=("guidance", "all_in_one", "in_channels"),
+    group_presets=BLOCK_PRESETS,
     adapter_prefixes=(
         (KOHYA_PREFIX, "unet"),  # shared with SD: already "unet"
         (COMFY_PREFIX, "unet"),
