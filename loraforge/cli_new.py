@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
 
 def new(
     path: Optional[Path] = typer.Argument(None, help="Recipe file to write (default: recipe.yaml here; a folder gets recipe.yaml inside)."),
-    arch: str = typer.Option("sd1", "--arch", help="Base model architecture: sd1 (SD 1.5), sd2 (SD 2.1) or sdxl (SDXL 1.0)."),
+    arch: str = typer.Option("sd1", "--arch", help="Base model architecture: sd1 (SD 1.5), sd2 (SD 2.1), sdxl (SDXL 1.0) or flux (Flux.1 dev; bake starter only)."),
     example: str = typer.Option("bake", "--example", help="Which starter: bake (LoRAs baked into a checkpoint, a merged LoRA, a release bundle) or merge (checkpoints merged: weighted sum and TIES, a LoRA on top)."),
     force: bool = typer.Option(False, "--force", help="Replace the file if it exists."),
 ) -> None:

