@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from loraforge.errors import LoraforgeError
 
@@ -16,7 +17,8 @@ stderr = Console(stderr=True, highlight=False)
 
 
 def fail(error: LoraforgeError) -> None:
-    stderr.print(f"[bold red]error:[/] {error}", markup=True, soft_wrap=True)
+    # escaped: a message quotes file names and values, whose brackets rich would read as markup
+    stderr.print(f"[bold red]error:[/] {escape(str(error))}", markup=True, soft_wrap=True)
     raise typer.Exit(error.exit_code)
 
 

@@ -101,6 +101,9 @@ def render_plan(console: Console, report: dict, kinds) -> None:
     inputs = tree.add("inputs")
     for name, entry in report["inputs"].items():
         inputs.add(f"[bold]{name}[/]  {entry['source']}  {human_bytes(entry['size'])}  sha256 {entry['sha256'][:16]}…")
+    for matrix in report["matrices"]:
+        axes = " × ".join(f"{axis['label']} ({len(axis['values'])})" for axis in matrix["axes"])
+        tree.add(f"[bold]{matrix['target']}[/]: matrix of {axes}, {len(matrix['variants'])} variants planned")
     for target in report["targets"]:
         kind = kinds.get(target["kind"])
         style = {"up to date": "green", "stale": "yellow", "missing": "cyan", "waiting": "magenta"}[target["status"]]

@@ -100,6 +100,12 @@ def _dependency_order(loaded: LoadedRecipe) -> list[str]:
     recipe = loaded.recipe
     for name in recipe.targets:
         for dep in recipe.dependencies(name):
+            if dep in loaded.matrices:
+                raise loaded.error(
+                    _reference_path(loaded, name, dep),
+                    f"'{dep}' is a matrix of {len(loaded.matrices[dep].variants)} variants, not one target.",
+                    f"name the variant to read, e.g. {loaded.matrices[dep].variants[0]}",
+                )
             if dep not in recipe.inputs and dep not in recipe.targets:
                 raise loaded.error(
                     _reference_path(loaded, name, dep),
@@ -135,7 +141,8 @@ def _dependency_order(loaded: LoadedRecipe) -> list[str]:
 def _with_dependencies(loaded: LoadedRecipe, names: Iterable[str]) -> set[str]:
     recipe = loaded.recipe
     wanted: set[str] = set()
-    stack = list(names)
+    # A matrix target's name selects all its variants (recipe/matrix.py).
+    stack = [variant for name in names for variant in (loaded.matrices[name].variants if name in loaded.matrices else (name,))]
     while stack:
         name = stack.pop()
         if name not in recipe.targets:

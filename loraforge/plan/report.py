@@ -25,7 +25,22 @@ def plan_report(plan: BuildPlan) -> dict:
         },
         "targets": [_target_report(plan, target) for target in plan.targets],
         "not_selected": list(plan.skipped),
+        "matrices": _matrices_report(plan),
     }
+
+
+def _matrices_report(plan: BuildPlan) -> list[dict]:
+    """Each ``matrix:`` target's grid (recipe/matrix.py): its axes and its planned variants."""
+    planned = {target.name for target in plan.targets}
+    return [
+        {
+            "target": matrix.target,
+            "axes": [{"path": axis.key, "label": axis.label, "values": list(axis.values)} for axis in matrix.axes],
+            "variants": [name for name in matrix.variants if name in planned],
+        }
+        for matrix in plan.loaded.matrices.values()
+        if any(name in planned for name in matrix.variants)
+    ]
 
 
 def _target_report(plan: BuildPlan, target: PlannedTarget) -> dict:

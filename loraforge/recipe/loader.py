@@ -20,6 +20,7 @@ from types import MappingProxyType
 from pydantic import ValidationError
 
 from loraforge.errors import RecipeError
+from loraforge.recipe.matrix import Matrix, MatrixProblems, expand_matrices
 from loraforge.recipe.problems import Problem, format_path, problems_from_validation_error
 from loraforge.recipe.schema import Recipe
 from loraforge.recipe.yaml_source import YamlProblem, parse_yaml
@@ -69,6 +70,7 @@ class LoadedRecipe:
     root: Path  # the recipe's directory: relative paths in the recipe start here
     positions: Mapping[tuple, tuple[int, int]] = field(default_factory=dict)
     display_name: str = ""  # the file name as the user gave it, for messages
+    matrices: Mapping[str, Matrix] = field(default_factory=dict)  # target written with matrix: -> its grid
 
     def position(self, field_path: tuple) -> tuple[int, int]:
         """(line, column) of the field, or of its nearest parent that has one."""
@@ -95,15 +97,22 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
         data, positions = parse_yaml(text)
     except YamlProblem as problem:
         raise recipe_error([RecipeProblem(display_name, problem.line, problem.column, problem.path, problem.message, problem.hint)]) from None
-    frozen_positions = MappingProxyType(dict(positions))
     if data is None:
         raise recipe_error([RecipeProblem(display_name, 1, 1, None, "the recipe is empty", "start from an example in docs/recipes.md")])
+    try:
+        data, positions, matrices = expand_matrices(data, positions)
+    except MatrixProblems as error:
+        raise recipe_error(_problem_at(display_name, positions, problem) for problem in error.problems) from None
+    frozen_positions = MappingProxyType(dict(positions))
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as error:
         problems = problems_from_validation_error(error)
         raise recipe_error(_problem_at(display_name, positions, problem) for problem in problems) from None
-    return LoadedRecipe(recipe=recipe, path=absolute, root=absolute.parent, positions=frozen_positions, display_name=display_name)
+    return LoadedRecipe(
+        recipe=recipe, path=absolute, root=absolute.parent, positions=frozen_positions, display_name=display_name,
+        matrices=MappingProxyType(matrices),
+    )
 
 
 def position_of(positions: Mapping[tuple, tuple[int, int]], field_path: tuple) -> tuple[int, int]:

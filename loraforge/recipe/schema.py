@@ -35,6 +35,10 @@ CUSTOM_ERROR = "loraforge"
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
 NAME_MAX_LENGTH = 100
+# A matrix variant's name (recipe/matrix.py): the target's name, then @label=value,... It is also
+# the variant's file stem, so it avoids brackets (shell globs, rich markup) and needs no quoting.
+VARIANT_NAME = re.compile(r"(?P<target>[a-z0-9][a-z0-9._-]*)@(?P<values>[A-Za-z0-9._-]+=[A-Za-z0-9._+-]+(,[A-Za-z0-9._-]+=[A-Za-z0-9._+-]+)*)")
+VARIANT_NAME_MAX_LENGTH = 200
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda|cuda:[0-9]+")
 SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes a signed 64-bit seed
 
@@ -109,6 +113,16 @@ def _check_name(value: Any) -> str:
             f"a name must be text, got {describe_value(value)}",
             "use lowercase letters, digits, '-', '_' and '.', e.g. neon-noir; quote it if YAML reads it as a number or boolean",
         )
+    if VARIANT_NAME.fullmatch(value) and len(value) <= VARIANT_NAME_MAX_LENGTH:
+        value, variant = VARIANT_NAME.fullmatch(value)["target"], value  # a matrix variant (recipe/matrix.py)
+    else:
+        variant = None
+    if "=" in value and not variant:
+        raise custom_error(
+            f"the name {value!r} is not allowed; it looks like part of a matrix variant's name",
+            "a variant's name has commas (name@a=1,b=2): in a [..., ...] list YAML splits it there, so quote it "
+            "or write the list one '- item' per line",
+        )
     if len(value) > NAME_MAX_LENGTH or not NAME_PATTERN.fullmatch(value):
         suggestion = re.sub(r"[^a-z0-9._-]+", "-", value.lower()).strip("-._") or "my-name"
         raise custom_error(
@@ -121,7 +135,7 @@ def _check_name(value: Any) -> str:
             f"the name {value!r} is a device name Windows reserves (con, prn, aux, nul, com1-com9, lpt1-lpt9, with any extension)",
             f"names become file names (a target's default output is dist/<name>.safetensors), which cannot be created or copied on Windows; choose another name, e.g. {value.split('.', 1)[0] + '-1'!r}",
         )
-    return value
+    return variant or value
 
 
 def _check_real(value: Any) -> float:
