@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass
 
 DEFAULT_BRANCH = "main"
-_DESTINATION = re.compile(
+# hf://ORG/REPO[@REVISION]: also how `verify --remote` reads the published address (verify/remote.py).
+HUB_ADDRESS = re.compile(
     r"hf://(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<revision>[A-Za-z0-9._/-]+))?/?"
 )
 _OTHER_TYPES = ("datasets", "spaces", "buckets", "kernels")
@@ -51,7 +52,7 @@ def parse_destination(raw: str) -> HubDestination:
             f"{raw!r} names a {kind} repository; a release (model files, a model card) is published to a model repository",
             f"write the model repository as hf://ORG/REPO (no '{head}/' prefix), e.g. {EXAMPLE}",
         )
-    match = _DESTINATION.fullmatch(text)
+    match = HUB_ADDRESS.fullmatch(text)
     if match is None or ".." in text or match["repo"].endswith((".git", ".")):
         raise DestinationSyntaxError(
             f"the publishing destination {raw!r} is malformed",

@@ -21,19 +21,18 @@ is what the recipe builds; this proves the Hub holds what the lock records.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraforge.errors import ResolveError
 from loraforge.formats.hashing import file_sha256
+from loraforge.recipe.destination import HUB_ADDRESS
 from loraforge.recipe.loader import load_recipe
 from loraforge.recipe.sources import SourceRef
 from loraforge.resolve.lockfile import lock_path, read_lock
 from loraforge.resolve.sources.hf import HfSource, hf_endpoint, hub_token
 
 MANIFEST = "manifest.json"
-_REMOTE = re.compile(r"hf://(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<revision>[A-Za-z0-9._/-]+))?/?")
 
 
 @dataclass(frozen=True)
@@ -102,7 +101,7 @@ def verify_remote(recipe: str | Path, remote: str, release: str | None = None) -
 
 
 def _parse_remote(remote: str) -> tuple[str, str]:
-    match = _REMOTE.fullmatch(remote.strip())
+    match = HUB_ADDRESS.fullmatch(remote.strip())
     if match is None:
         raise ResolveError(
             f"--remote {remote!r} is not a Hub model repository address: write hf://ORG/REPO@REVISION, where "
