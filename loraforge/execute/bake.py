@@ -96,6 +96,8 @@ def run_bake(
         stack.enter_context(single_threaded_torch())
         resources = resources or Resources.local(device)  # what the executor lets this run use
         pool = stack.enter_context(resources.worker_pool(BAKE_WORKERS, "loraforge-block"))
+        if isinstance(base, MergedBase):
+            base.use_pool(pool)  # a merge's chunks run on the same threads (computed on the read-ahead thread)
         workers = min(BAKE_WORKERS, resources.cpu_threads)
         try:
             with _BackgroundWrites(writer, on_progress) as writes:

@@ -15,8 +15,11 @@ import torch
 from loraforge.errors import BuildError
 from loraforge.formats.dtypes import torch_dtype
 from loraforge.formats.safetensors_reader import open_safetensors
-from loraforge.ops.checkpoint_merge import linear_combination, mask_seed, rounded
+from loraforge.ops.checkpoint_merge import in_chunks, linear_combination, mask_seed, rounded
 from loraforge.plan.checkpoint_merge import CheckpointMergePlan
+
+
+MERGE_CHUNK = 1 << 18  # elements of an elementwise non-linear merge computed at once (2 MiB per float64 array)
 
 
 class MergedBase:
@@ -34,6 +37,12 @@ class MergedBase:
             raise
         self._primary = self._files[plan.primary]
         self.path = self._primary.path
+        self._pool = None
+
+    def use_pool(self, pool) -> None:
+        """Threads that may compute chunks of one merged tensor side by side (None: this thread only).
+        Chunks are elementwise and written into their own slice, so the bytes never depend on them."""
+        self._pool = pool
 
     # --- the SafetensorsFile surface a bake uses ---
     def names(self) -> list[str]:
@@ -80,7 +89,9 @@ class MergedBase:
         n_models = len(tensors) - plan.has_base
         if method.linear:
             terms, divisor = method.linear_terms(values, n_models)
-            result = linear_combination(tensors, terms, divisor, dtype)
+            result = linear_combination(tensors, terms, divisor, dtype, self._pool)
+        elif method.elementwise:
+            result = self._merged_in_chunks(name, tensors, values, n_models, dtype)
         else:
             wide = [t.to(torch.float64) for t in tensors]
             base = wide[-1] if plan.has_base else None
@@ -88,6 +99,24 @@ class MergedBase:
             result = rounded(method.merge(wide[:n_models], base, values, seeds), dtype)
         self._refuse_overflow(name, result, tensors)
         return result
+
+    def _merged_in_chunks(self, name: str, tensors, values, n_models: int, dtype: torch.dtype) -> torch.Tensor:
+        """An elementwise method's merge, MERGE_CHUNK elements at a time: float64 copies of one chunk
+        of each model in memory per thread, however large the tensor."""
+        plan, method = self._plan, self._plan.method_class
+        flat = [t.reshape(-1) for t in tensors]
+        base = flat[-1] if plan.has_base else None
+        seeds = [mask_seed(plan.seed, name, index) for index in range(n_models)]
+        state = method.prepare(flat[:n_models], base, values, self._pool)
+        out = torch.empty(flat[0].numel(), dtype=dtype)
+
+        def chunk(start: int) -> None:
+            wide = [t[start:start + MERGE_CHUNK].to(torch.float64) for t in flat]
+            merged = method.merge_part(wide[:n_models], wide[-1] if plan.has_base else None, values, seeds, state, start)
+            out[start:start + MERGE_CHUNK] = rounded(merged, dtype)
+
+        in_chunks(chunk, out.numel(), MERGE_CHUNK, self._pool)
+        return out.reshape(tensors[0].shape)
 
     def _refuse_overflow(self, name: str, result: torch.Tensor, tensors) -> None:
         if not result.is_floating_point() or bool(torch.isfinite(result).all()):

@@ -189,6 +189,20 @@ class CheckpointMergeMethod(MergeMethod):
         """Non-linear methods: float64 tensors in, float64 tensor out (fixed operation order)."""
         raise NotImplementedError
 
+    # Elementwise non-linear methods: once prepare() has the tensor's state (TIES: which elements the
+    # trim keeps), output element i depends on element i of the inputs only, so the executor computes
+    # the tensor in chunks (float64 copies of one chunk per model, not of whole tensors) on the run's
+    # threads; same bytes as merge() on the whole tensor.
+    elementwise: ClassVar[bool] = False
+
+    def prepare(self, models: list, base, values: Mapping[str, Any], pool=None):
+        """Per-tensor state from the stored (not widened) tensors."""
+        return None
+
+    def merge_part(self, tensors: list, base, values: Mapping[str, Any], seeds: list[int], state, start: int):
+        """merge() of the elements from flat index ``start`` on (float64 chunks of the flattened tensors)."""
+        return self.merge(tensors, base, values, seeds)
+
 
 _WEIGHTS_HINT = "write one number or block-weight spec per model, e.g. weights: [0.5, 0.5]"
 _DENSITY = Parameter(
@@ -272,10 +286,26 @@ class Ties(CheckpointMergeMethod):
         Parameter("normalize", "divide by the agreeing weights (disjoint mean)", kind="flag", default=True),
     )
 
+    elementwise = True
+
     def merge(self, tensors, base, values, seeds):
         from loraforge.ops.checkpoint_merge import ties_merge, trim_top
 
         deltas = [trim_top(t - base, values["density"]) for t in tensors]
+        return ties_merge(base, deltas, values["weights"], values["lambda"], values["normalize"])
+
+    def prepare(self, models, base, values, pool=None):
+        from loraforge.ops.checkpoint_merge import top_magnitudes
+
+        return top_magnitudes(models, base, values["density"], pool)
+
+    def merge_part(self, tensors, base, values, seeds, state, start):
+        import torch
+
+        from loraforge.ops.checkpoint_merge import ties_merge
+
+        part = slice(start, start + tensors[0].numel())
+        deltas = [torch.where(kept[part], t - base, torch.zeros_like(t)) for t, kept in zip(tensors, state)]
         return ties_merge(base, deltas, values["weights"], values["lambda"], values["normalize"])
 
 
@@ -293,10 +323,15 @@ class Dare(CheckpointMergeMethod):
         _LAMBDA,
     )
 
+    elementwise = True  # the masks of a chunk come from the generator advanced to its first element
+
     def merge(self, tensors, base, values, seeds):
+        return self.merge_part(tensors, base, values, seeds, None, 0)
+
+    def merge_part(self, tensors, base, values, seeds, state, start):
         from loraforge.ops.checkpoint_merge import dare_delta, weighted_delta_sum
 
-        deltas = [dare_delta(t - base, values["density"], seed) for t, seed in zip(tensors, seeds)]
+        deltas = [dare_delta(t - base, values["density"], seed, start) for t, seed in zip(tensors, seeds)]
         return weighted_delta_sum(base, deltas, values["weights"], values["lambda"])
 
 
@@ -315,10 +350,15 @@ class DareTies(CheckpointMergeMethod):
         Parameter("normalize", "divide by the agreeing weights", kind="flag", default=False),
     )
 
+    elementwise = True  # as dare
+
     def merge(self, tensors, base, values, seeds):
+        return self.merge_part(tensors, base, values, seeds, None, 0)
+
+    def merge_part(self, tensors, base, values, seeds, state, start):
         from loraforge.ops.checkpoint_merge import dare_delta, ties_merge
 
-        deltas = [dare_delta(t - base, values["density"], seed) for t, seed in zip(tensors, seeds)]
+        deltas = [dare_delta(t - base, values["density"], seed, start) for t, seed in zip(tensors, seeds)]
         return ties_merge(base, deltas, values["weights"], values["lambda"], values["normalize"])
 
 
@@ -390,6 +430,7 @@ class TrainDifference(CheckpointMergeMethod):
     min_models = max_models = 3
     linear = False
     declared = (Parameter("alpha", "scale of the trained difference", required=True, hint="write e.g. alpha: 1"),)
+    elementwise = True
 
     def merge(self, tensors, base, values, seeds):
         from loraforge.ops.checkpoint_merge import train_difference

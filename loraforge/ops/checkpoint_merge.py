@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from concurrent.futures import Executor
 from fractions import Fraction
 from typing import Sequence
 
@@ -44,13 +45,16 @@ def mask_seed(recipe_seed: int, tensor: str, model: int) -> int:
 LINEAR_CHUNK = 1 << 20  # elements computed at once: the float64 work arrays stay a few tens of MB per tensor
 
 
-def linear_combination(sources: Sequence[Tensor], terms: Terms, divisor: Sequence[float] | None, dtype: torch.dtype) -> Tensor:
+def linear_combination(
+    sources: Sequence[Tensor], terms: Terms, divisor: Sequence[float] | None, dtype: torch.dtype, pool: Executor | None = None
+) -> Tensor:
     """RN(Σ_k (Π factors_k)·sources[s_k] [/ Σ divisor]) element by element, in ``dtype``.
 
     ``sources`` hold the stored numbers (any float dtype, one shape); each
     term's coefficient is the exact product of its float64 factors. Computed
-    in chunks of LINEAR_CHUNK elements (elementwise, so the bytes do not
-    depend on the chunking).
+    in chunks of LINEAR_CHUNK elements, side by side on ``pool``'s threads
+    when given (elementwise, so the bytes depend neither on the chunking nor
+    on the threads).
     """
     shape = sources[0].shape
     flat = [s.reshape(-1) for s in sources]
@@ -58,9 +62,23 @@ def linear_combination(sources: Sequence[Tensor], terms: Terms, divisor: Sequenc
     if count <= LINEAR_CHUNK:
         return _linear_chunk(flat, terms, divisor, dtype).reshape(shape)
     out = torch.empty(count, dtype=dtype)
-    for start in range(0, count, LINEAR_CHUNK):
+
+    def chunk(start: int) -> None:
         out[start:start + LINEAR_CHUNK] = _linear_chunk([f[start:start + LINEAR_CHUNK] for f in flat], terms, divisor, dtype)
+
+    in_chunks(chunk, count, LINEAR_CHUNK, pool)
     return out.reshape(shape)
+
+
+def in_chunks(work, count: int, size: int, pool: Executor | None) -> None:
+    """``work(start)`` for each chunk start in range(0, count, size): on ``pool`` when given, else in order."""
+    starts = range(0, count, size)
+    if pool is None or len(starts) == 1:
+        for start in starts:
+            work(start)
+    else:
+        for _ in pool.map(work, starts):  # re-raises a worker's error here
+            pass
 
 
 def _linear_chunk(sources: Sequence[Tensor], terms: Terms, divisor: Sequence[float] | None, dtype: torch.dtype) -> Tensor:
@@ -102,6 +120,14 @@ def _linear_chunk(sources: Sequence[Tensor], terms: Terms, divisor: Sequence[flo
     rounded[zero] = 0
     todo = (~sure & ~zero & total.isfinite()).nonzero().reshape(-1)
     if todo.numel():
+        # Dyadic weights (0.5, 0.25) often give a float64 sum that is the exact value, and that value
+        # often lies exactly on a rounding midpoint (about 20 % of elements for 0.5·a + 0.25·b): where
+        # the sum provably held the exact value, RN of it is the answer, ties included.
+        held, value = _exact_in_float64(sources, [w[todo] for w in wide], terms, exact_divisor)
+        if held is not None and bool(held.any()):
+            rounded[todo[held]] = round_float64(value[held], dtype)
+            todo = todo[~held]
+    if todo.numel():
         # Decimal weights (0.3, 0.2) times short float16 numbers often land within 1e-17 of a rounding
         # midpoint (about 4 % of elements): decide those with exact float64 expansions, vectorized, and
         # leave only what that cannot decide to Fractions.
@@ -110,6 +136,57 @@ def _linear_chunk(sources: Sequence[Tensor], terms: Terms, divisor: Sequence[flo
         for index in todo[~decided].tolist():
             rounded[index] = exact_round(exact(index), dtype)
     return rounded.reshape(shape)
+
+
+_SIGNIFICANT_BITS = {torch.float16: 11, torch.bfloat16: 8, torch.float32: 24, torch.float64: 53}
+_SMALLEST_NORMAL = 2.0**-1022
+
+
+def _significant_bits(value: float) -> int:
+    """Bits from the leading to the last nonzero one of a finite float64."""
+    numerator, denominator = abs(value).as_integer_ratio()  # denominator a power of two
+    return (numerator.bit_length() - ((numerator & -numerator).bit_length() - 1)) if numerator else 0
+
+
+def _exact_in_float64(sources: Sequence[Tensor], wide: Sequence[Tensor], terms: Terms, divisor: Fraction | None):
+    """(mask, value): where float64 arithmetic provably holds the exact value (then ``value`` is it), or
+    (None, None) when the terms cannot give exact products.
+
+    Each product coefficient·x is exact when the coefficient is its exact factors' product, its
+    significant bits and the source format's add up to at most 53 and the product is normal or zero;
+    each sum is exact where TwoSum's error term is zero; dividing by a power of two is exact unless
+    the quotient is subnormal."""
+    coefficients = []
+    for factors, source in terms:
+        exact = math.prod((Fraction(f) for f in factors), start=Fraction(1))
+        coefficient = float(exact)
+        bits = _SIGNIFICANT_BITS.get(sources[source].dtype)
+        if Fraction(coefficient) != exact or bits is None or _significant_bits(coefficient) + bits > 53:
+            return None, None
+        coefficients.append((coefficient, source))
+    scale = None
+    if divisor is not None:
+        if divisor == 0 or any(part & (part - 1) for part in (abs(divisor.numerator), divisor.denominator)):
+            return None, None
+        scale = float(1 / divisor)  # a power of two: exact unless out of range
+        if Fraction(scale) != 1 / divisor:
+            return None, None
+    total = torch.zeros_like(wide[0])
+    held = torch.ones_like(total, dtype=torch.bool)
+    for coefficient, source in coefficients:
+        product = wide[source] * coefficient
+        if coefficient != 0:
+            held &= (product.abs() >= _SMALLEST_NORMAL) | (wide[source] == 0)
+        step = total + product  # TwoSum (Knuth): step + error == total + product exactly
+        back = step - total
+        held &= ((total - (step - back)) + (product - back)) == 0
+        total = step
+    if scale is not None:
+        quotient = total * scale
+        held &= (quotient.abs() >= _SMALLEST_NORMAL) | (total == 0)
+        total = quotient
+    held &= total.isfinite()
+    return held, total
 
 
 _DROPPED_BITS = {torch.float16: 13, torch.bfloat16: 16}  # float32 mantissa bits below the format's last one
@@ -171,7 +248,8 @@ def _round_by_expansion(candidate: Tensor, bound: Tensor, sources: list[Tensor],
     products) − midpoint·divisor, found with an error-free TwoSum chain and a rigorous bound on the
     rounding of its error term. Strictly between both: the candidate. Beyond one of them while the
     approximation's bound is under a quarter of that gap (so the exact value cannot reach the next
-    midpoint): that neighbour. Anything else (a tie, a zero, overflow, near underflow) is left undecided."""
+    midpoint): that neighbour. Exactly on a midpoint (the sum and every error term zero): the neighbour with
+    an even last bit. Anything else (a zero, overflow, near underflow) is left undecided."""
     below, above = _neighbours(candidate)
     value = candidate.to(torch.float64)
     low_mid, high_mid = (value + below) / 2, (value + above) / 2  # exact in float64
@@ -209,17 +287,25 @@ def _round_by_expansion(candidate: Tensor, bound: Tensor, sources: list[Tensor],
         sign[positive] = 1.0
         sign[negative] = -1.0
         sign[tiny | ~finite] = 0.0  # undecided
-        return sign, finite
+        # every TwoSum error zero and the sum zero: the exact value is the midpoint itself
+        on = (total == 0) & (error_size == 0) & ~tiny & finite
+        return sign, finite, on
 
-    above_low, low_finite = sign_against(low_mid)
-    below_high, high_finite = sign_against(high_mid)
+    above_low, low_finite, on_low = sign_against(low_mid)
+    below_high, high_finite, on_high = sign_against(high_mid)
     # a midpoint at infinity (next to the overflow threshold) is no boundary on that side
     inside = (above_low > 0) & (below_high < 0) & (value != 0)  # a zero's sign is the exact value's: undecided
     up = (below_high > 0) & (bound < (above - value) / 4) & (above != 0)
     down = (above_low < 0) & (bound < (value - below) / 4) & (below != 0)
+    # exactly on a midpoint: ties to even (neighbours of one sign alternate in the last bit)
+    even = (candidate.view(torch.int16 if candidate.element_size() == 2 else torch.int32) & 1) == 0
+    tie_low = on_low & (value != 0) & (below != 0)
+    tie_high = on_high & (value != 0) & (above != 0) & ~tie_low
+    up = up | (tie_high & ~even)
+    down = down | (tie_low & ~even)
     finite = low_finite & high_finite & value.isfinite()
     chosen = torch.where(up, above, torch.where(down, below, value))
-    return chosen, (inside | up | down) & finite
+    return chosen, (inside | up | down | tie_low | tie_high) & finite
 
 
 def _short(values: Tensor) -> bool:
@@ -233,26 +319,71 @@ def _short(values: Tensor) -> bool:
 def trim_top(delta: Tensor, density: float) -> Tensor:
     """``delta`` with all but its ⌊density·n⌋ largest magnitudes zeroed (ties: the lower flat index wins)."""
     flat = delta.reshape(-1)
-    keep = math.floor(Fraction(density) * flat.numel())
-    if keep >= flat.numel():
-        return delta.clone()
-    order = torch.sort(flat.abs(), descending=True, stable=True).indices[:keep]
-    trimmed = torch.zeros_like(flat)
-    trimmed[order] = flat[order]
-    return trimmed.reshape(delta.shape)
+    kept = trim_mask(flat, density)
+    return torch.where(kept, flat, torch.zeros_like(flat)).reshape(delta.shape)
 
 
-def bernoulli_mask(shape: Sequence[int], density: float, seed: int) -> Tensor:
-    """Keep each element with probability ``density``: PCG64(seed) uniforms in [0, 1) below density."""
+def trim_mask(delta: Tensor, density: float) -> Tensor:
+    """The elements :func:`trim_top` keeps (flat bool mask): the ⌊density·n⌋ largest magnitudes, ties by lower index.
+
+    The set a stable descending sort of the magnitudes would take first, found in linear time: every
+    magnitude above the ⌊density·n⌋-th largest (``kthvalue``, a selection), then as many of those equal
+    to it as are still missing, lowest flat index first. NaNs (which the sort puts first) take the sort.
+    """
+    return _top_mask(delta.reshape(-1).abs(), density)
+
+
+def _top_mask(magnitude: Tensor, density: float) -> Tensor:
+    count = magnitude.numel()
+    keep = math.floor(Fraction(density) * count)
+    if keep >= count:
+        return torch.ones(count, dtype=torch.bool)
+    if keep == 0:
+        return torch.zeros(count, dtype=torch.bool)
+    if bool(magnitude.isnan().any()):
+        kept = torch.zeros(count, dtype=torch.bool)
+        kept[torch.sort(magnitude, descending=True, stable=True).indices[:keep]] = True
+        return kept
+    threshold = torch.kthvalue(magnitude, count - keep + 1).values
+    kept = magnitude > threshold
+    missing = keep - int(kept.sum())
+    if missing:
+        kept[(magnitude == threshold).nonzero().reshape(-1)[:missing]] = True
+    return kept
+
+
+def bernoulli_mask(shape: Sequence[int], density: float, seed: int, start: int = 0) -> Tensor:
+    """Keep each element with probability ``density``: PCG64(seed) uniforms in [0, 1) below density.
+
+    ``start``: the mask of elements start, start+1, ... of the flattened tensor (``shape`` is the part's):
+    each uniform takes one 64-bit draw, so advancing the generator by ``start`` draws gives the same
+    numbers as drawing the whole tensor's and slicing them (a chunked merge has the same masks)."""
     count = math.prod(shape)
-    uniforms = np.random.Generator(np.random.PCG64(seed)).random(count)
+    generator = np.random.PCG64(seed)
+    if start:
+        generator.advance(start)
+    uniforms = np.random.Generator(generator).random(count)
     return torch.from_numpy(uniforms < density).reshape(tuple(shape))
 
 
-def dare_delta(delta: Tensor, density: float, seed: int) -> Tensor:
+def dare_delta(delta: Tensor, density: float, seed: int, start: int = 0) -> Tensor:
     """DARE: drop each element with probability 1 − density, divide the kept ones by density."""
-    mask = bernoulli_mask(delta.shape, density, seed)
+    mask = bernoulli_mask(delta.shape, density, seed, start)
     return torch.where(mask, delta / density, torch.zeros_like(delta))
+
+
+def top_magnitudes(models: Sequence[Tensor], base: Tensor, density: float, pool: Executor | None = None) -> list[Tensor]:
+    """TIES' trim of each model's task vector as a flat bool mask (:func:`trim_mask` of model − base).
+
+    Takes the stored tensors; one float64 magnitude array (and kthvalue's copy of it) per model at a
+    time on each thread, so a chunked merge never holds every model's float64 delta."""
+    flat_base = base.reshape(-1)
+
+    def mask(model: Tensor) -> Tensor:
+        magnitude = model.reshape(-1).to(torch.float64).sub_(flat_base).abs_()  # exact upcasts, one rounding
+        return _top_mask(magnitude, density)
+
+    return list(pool.map(mask, models)) if pool is not None else [mask(m) for m in models]
 
 
 def weighted_delta_sum(base: Tensor, deltas: Sequence[Tensor], weights: Sequence[float], scale: float) -> Tensor:
