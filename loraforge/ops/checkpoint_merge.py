@@ -189,6 +189,8 @@ def _exact_in_float64(sources: Sequence[Tensor], wide: Sequence[Tensor], terms: 
     return held, total
 
 
+DISTILL_PASSES = 4  # error-free TwoSum passes deciding which side of a midpoint an exact value lies
+
 _DROPPED_BITS = {torch.float16: 13, torch.bfloat16: 16}  # float32 mantissa bits below the format's last one
 
 
@@ -267,28 +269,38 @@ def _round_by_expansion(candidate: Tensor, bound: Tensor, sources: list[Tensor],
     def sign_against(midpoint: Tensor) -> Tensor:
         finite = midpoint.isfinite()
         midpoint = torch.where(finite, midpoint, torch.zeros_like(midpoint))
-        terms_here = products + [(-flip * piece) * midpoint for piece in denominator]  # midpoint: <= 25 bits
-        total = torch.zeros_like(midpoint)
-        error = torch.zeros_like(midpoint)
-        error_size = torch.zeros_like(midpoint)
+        parts = products + [(-flip * piece) * midpoint for piece in denominator]  # midpoint: <= 25 bits
         tiny = torch.zeros_like(midpoint, dtype=torch.bool)
-        for product in terms_here:
+        for product in parts:
             tiny |= (product != 0) & (product.abs() < 2.0**-960)  # near underflow: products may be inexact
-            step = total + product  # TwoSum (Knuth): step + err == total + product exactly
-            back = step - total
-            err = (total - (step - back)) + (product - back)
-            total = step
-            error = error + err
-            error_size = error_size + err.abs()
-        slack = error_size * gamma(len(terms_here) + 2) + error.abs() * (4 * UNIT_ROUNDOFF)
-        positive = torch.where(total != 0, (total > 0) & (total.abs() > error.abs() + slack), error > slack)
-        negative = torch.where(total != 0, (total < 0) & (total.abs() > error.abs() + slack), -error > slack)
+        # Distillation (Ogita, Rump & Oishi's VecSum): each pass replaces the parts by TwoSum's error terms
+        # and their float sum, last; the exact sum never changes. Where the last part outweighs all the
+        # others (their magnitudes summed with a rounding margin), its sign is the exact sum's. Decimal
+        # weights put exact values within 1e-19 of a midpoint after heavy cancellation; one pass leaves
+        # those undecided, a few more decide them.
         sign = torch.zeros_like(midpoint)
-        sign[positive] = 1.0
-        sign[negative] = -1.0
+        decided = torch.zeros_like(midpoint, dtype=torch.bool)
+        margin = 1 + gamma(len(parts) + 2)
+        for _ in range(DISTILL_PASSES):
+            for i in range(1, len(parts)):
+                low, high = parts[i - 1], parts[i]
+                step = low + high  # TwoSum (Knuth): step + err == low + high exactly
+                back = step - low
+                parts[i - 1], parts[i] = (low - (step - back)) + (high - back), step
+            head, rest = parts[-1], torch.zeros_like(midpoint)
+            for part in parts[:-1]:
+                rest = rest + part.abs()
+            sure = (head.abs() > rest * margin) & ~decided
+            sign = torch.where(sure, torch.sign(head), sign)
+            decided |= sure
+            if bool(decided.all()):
+                break
+        # every part zero: the exact value is the midpoint itself
+        on = torch.ones_like(decided)
+        for part in parts:
+            on &= part == 0
+        on &= ~tiny & finite
         sign[tiny | ~finite] = 0.0  # undecided
-        # every TwoSum error zero and the sum zero: the exact value is the midpoint itself
-        on = (total == 0) & (error_size == 0) & ~tiny & finite
         return sign, finite, on
 
     above_low, low_finite, on_low = sign_against(low_mid)
