@@ -40,11 +40,19 @@ def overflow_count(output: Tensor, source: Tensor) -> int:
     What rounding to the save dtype (or a float64 sum) turned from finite into
     non-finite: an output no reader can use, so the executors refuse it. An
     inf/NaN already in ``source`` is passed through, not counted. One
-    vectorised pass over ``output`` when nothing overflowed.
+    vectorised reduction over ``output`` when nothing overflowed.
     """
-    if not output.is_floating_point():
+    if not output.is_floating_point() or not output.numel():
         return 0
-    bad = ~torch.isfinite(_checkable(output))
+    checked = _checkable(output)
+    # aminmax propagates NaN and returns ±inf when one is present, so two finite extremes mean an all-finite
+    # tensor. It is a vectorised reduction: 30-40x faster than the elementwise isfinite mask on one thread
+    # (66 M bf16 elements, one Flux linear1 weight: 0.07 s against 2.4 s), which made this check a third of
+    # a full-size Flux bake's main loop.
+    low, high = torch.aminmax(checked)
+    if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
+        return 0
+    bad = ~torch.isfinite(checked)
     if not bool(bad.any()):
         return 0
     if source.is_floating_point():
