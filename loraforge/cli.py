@@ -147,6 +147,9 @@ def build(
     force: bool = typer.Option(False, "--force", help="Rebuild the named targets (all when none are named) even if up to date."),
     jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Build up to N independent targets at once."),
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Memory the concurrent targets may use, e.g. 12G (default: half the RAM)."),
+    executor: str = typer.Option("local", "--executor", help="local (this process) | ray (each target a Ray task; needs loraforge[ray])."),
+    address: Optional[str] = typer.Option(None, "--address", help="With --executor ray: the Ray cluster (HEAD:6379, or auto); default: a Ray instance on this machine."),
+    store: Optional[str] = typer.Option(None, "--store", help="With --executor ray: fsspec URL of a store every worker reaches (file://, s3://, gs://); default $LORAFORGE_STORE, else the shared filesystem."),
 ) -> None:
     """Build what is not up to date; outputs are written atomically with provenance metadata."""
     from loraforge.cli_resolve import fetch_progress, resolve_options
@@ -157,11 +160,12 @@ def build(
             from loraforge.execute.jobs import parse_memory_size
 
             parse_memory_size(memory_budget)  # a bad size is refused before anything is fetched or planned
+        runner = _executor(executor, address, store, device=device, quiet=quiet, jobs=jobs, memory_budget=memory_budget)
         with fetch_progress(stderr, enabled=not quiet) as fetching:
             build_plan = _plan(recipe, targets or [], resolve_options(offline, locked, fetching), device=device)
         forced = [t.name for t in build_plan.targets if not targets or t.name in targets] if force else []
         with interruptions_kept():
-            summary = execute_plan(build_plan, device=device, quiet=quiet, locked=locked, force=forced, jobs=jobs, memory_budget=memory_budget)
+            summary = execute_plan(build_plan, device=device, quiet=quiet, locked=locked, force=forced, jobs=jobs, memory_budget=memory_budget, executor=runner)
     except LoraforgeError as error:
         _fail(error)
     except KeyboardInterrupt as interrupt:
@@ -170,6 +174,30 @@ def build(
         stderr.print("interrupted: no partial output was left behind. Targets that finished are kept and in the lock.")
         raise typer.Exit(exit_code_of(interrupt))
     render_build_result(stdout, summary)
+
+
+def _executor(name: str, address: str | None, store: str | None, *, device, quiet: bool, jobs: int, memory_budget):
+    """None for the local executor (execute_plan makes it from --jobs); the RayExecutor for ``ray``, checked
+    (Ray installed, options that apply) before anything is fetched or planned. A local build never imports ray."""
+    from loraforge.errors import UsageError
+
+    if name not in ("local", "ray"):
+        raise UsageError(f"--executor {name!r} is not an executor: use local (the default) or ray.")
+    if name == "local":
+        if address is not None or store is not None:
+            given = " and ".join(option for option, value in (("--address", address), ("--store", store)) if value is not None)
+            verb = "apply" if address is not None and store is not None else "applies"
+            raise UsageError(f"{given} only {verb} to --executor ray; add --executor ray, or leave it out for a local build.")
+        return None
+    if jobs != 1 or memory_budget is not None:
+        raise UsageError("--jobs and --memory-budget are for the local executor; with --executor ray, Ray runs as many targets "
+                         "at once as the cluster's CPUs and memory allow (each target asks for its memory estimate).")
+    from loraforge.execute.ray_executor import RayExecutor, import_ray
+    from loraforge.execute.remote_store import store_url
+
+    import_ray()
+    log = None if quiet else (lambda line: stderr.print(line, markup=False, highlight=False, soft_wrap=True))
+    return RayExecutor(address=address, device=device, store=store_url(store), log=log)
 
 
 def _print_json(report: dict) -> None:

@@ -30,14 +30,15 @@ def interrupted(interrupt: KeyboardInterrupt, message: str) -> None:
     raise typer.Exit(exit_code_of(interrupt))
 
 
-def execute_plan(build_plan, *, device=None, quiet=False, locked=False, force=(), jobs=1, memory_budget=None):
+def execute_plan(build_plan, *, device=None, quiet=False, locked=False, force=(), jobs=1, memory_budget=None, executor=None):
     """Run a plan the way `build` does: progress bars, the lock updated after each target (never
-    under --locked, which checks every target against it instead). Shared by `build` and `release`."""
+    under --locked, which checks every target against it instead). Shared by `build` and `release`.
+    ``executor``: None for this machine (``jobs``, ``memory_budget``), or e.g. a RayExecutor."""
     from loraforge.execute.driver import drive_build
     from loraforge.render import BuildProgress
 
     bars = BuildProgress(stderr, enabled=not quiet)
     return drive_build(
         build_plan, device=device, progress=bars.for_target, display=bars,
-        lock="check" if locked else "record", force=force, jobs=jobs, memory_budget=memory_budget,
+        lock="check" if locked else "record", force=force, jobs=jobs, memory_budget=memory_budget, executor=executor,
     )

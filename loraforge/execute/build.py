@@ -4,8 +4,10 @@ A target whose output is up to date (plan/status.py) is skipped unless
 forced. After a target is built its output counts as built for the targets
 that read it: they are planned again from the real file (their action key
 needs its sha256; execute/state.py), and may turn out up to date when the
-bytes did not change. The executor (execute/executor.py) decides where and
-how many run at once; each target's bytes do not depend on it.
+bytes did not change. Each target to build is handed to the executor
+(execute/executor.py) as a self-contained ``BuildJob`` (execute/job.py); the
+executor decides where and how many run at once, and each target's bytes do
+not depend on it.
 """
 
 from __future__ import annotations
@@ -15,18 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Collection
 
-from loraforge.execute.executor import Executor, LocalExecutor
-from loraforge.execute.jobs import cancellable
-from loraforge.execute.resources import Resources
-from loraforge.execute.run import ProgressCallback, TargetRun
+from loraforge.execute.executor import Executor, LocalExecutor, ProgressFactory
+from loraforge.execute.job import BuildJob, ReadFile
 from loraforge.execute.state import BuildState
 from loraforge.plan.model import BuildPlan
 from loraforge.plan.outputs import other_recipe_writer
 from loraforge.plan.status import UP_TO_DATE
 from loraforge.plan.target import PlannedTarget
-
-# Given a target about to run, returns the callback that receives its progress.
-ProgressFactory = Callable[[PlannedTarget], ProgressCallback]
 
 
 @dataclass
@@ -78,7 +75,7 @@ def run_build(
     summary = BuildSummary(kinds=plan.kinds)
     results: dict[str, object] = {}
 
-    def prepare(name: str) -> PlannedTarget | None:
+    def prepare(name: str) -> BuildJob | None:
         target, status = state.current(name)
         if check is not None:
             check(target)
@@ -87,20 +84,26 @@ def run_build(
             return None
         if name not in force:
             refuse_other_recipes_output(plan, target)
-        return target
+        return BuildJob(plan, target, state.lock, _reads(plan, state, target))
 
-    def run(target: PlannedTarget, resources: Resources, cancelled: Callable[[], bool]):
-        callback = progress(target) if progress else (lambda nbytes: None)
-        context = TargetRun(plan, resources, cancellable(callback, cancelled), state.lock)
-        return plan.kinds.of(target).run(target, context)
-
-    def finish(target: PlannedTarget, result) -> None:
-        state.finished(target, result)
-        results[target.name] = result
+    def finish(job: BuildJob, result) -> None:
+        state.finished(job.target, result)
+        results[job.name] = result
 
     dependencies = {t.name: tuple(d for d in t.dependencies if d in order) for t in plan.targets}
-    executor.execute(order, dependencies, prepare, run, finish)
+    executor.execute(order, dependencies, prepare, finish, progress)
     summary.built = [results[name] for name in order if name in results]
     summary.up_to_date.sort(key=order.index)
     summary.targets = dict(state.planned)
     return summary
+
+
+def _reads(plan: BuildPlan, state: BuildState, target: PlannedTarget) -> tuple[ReadFile, ...]:
+    """The files ``target`` reads (inputs, and outputs of the targets it reads) with their sha256, in name order."""
+    reads = []
+    for name, sha256 in sorted((target.read_hashes or {}).items()):
+        resolved = plan.inputs.get(name)
+        path = resolved.path if resolved is not None else (state.built[name].path if name in state.built else None)
+        if path is not None:
+            reads.append(ReadFile(name, Path(path), sha256))
+    return tuple(reads)
