@@ -16,6 +16,7 @@ from loraforge.formats.adapters.matching import detect_adapter_architecture, mat
 from loraforge.formats.arch import detect_architecture, loaders
 from loraforge.formats.hashing import autov2, data_sha256, file_sha256
 from loraforge.formats.safetensors_reader import SafetensorsFile, open_safetensors
+from loraforge.plan.layout import SCALE_INPUT_SUFFIX, SCALED_FP8_MARKER, scaled_weights
 
 
 def inspect_file(path: Path) -> dict:
@@ -72,6 +73,24 @@ def _describe_checkpoint(file: SafetensorsFile, detection) -> dict:
         "components": dict(sorted(components.items())),
         "missing_keys": list(detection.missing),
         "extra_keys": list(detection.extra),
+        "float8": _float8(file),
+    }
+
+
+def _float8(file: SafetensorsFile) -> dict | None:
+    """How the file stores float8 weights: None (it does not), plain, or scaled (ComfyUI's scaled fp8:
+    ``<module>.scale_weight`` per weight, maybe ``scale_input`` and the ``scaled_fp8`` marker; docs/baking.md)."""
+    names = list(file.names())
+    fp8 = sum(1 for n in names if file.info(n).dtype in ("F8_E4M3", "F8_E5M2") and file.info(n).nbytes)
+    scaled = scaled_weights(file)
+    if not fp8 and not scaled:
+        return None
+    return {
+        "kind": "scaled" if scaled else "plain",
+        "float8_tensors": fp8,
+        "scaled_weights": len(scaled),
+        "scale_input": sum(1 for n in names if n.endswith(SCALE_INPUT_SUFFIX)),
+        "marker": next((n for n in names if n == SCALED_FP8_MARKER or n.endswith("." + SCALED_FP8_MARKER)), None),
     }
 
 

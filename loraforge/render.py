@@ -51,6 +51,7 @@ def render_inspect(console: Console, report: dict) -> None:
 def _kind_line(report: dict) -> str:
     if report["kind"] == "checkpoint":
         variants = [v for v, on in (("inpaint", report["inpaint"]), ("v-prediction", report["v_prediction"])) if on]
+        variants += [f"{report['float8']['kind']} fp8"] if report.get("float8") else []
         suffix = f" [{', '.join(variants)}]" if variants else ""
         return f"checkpoint, {report['architecture_title']} ({report['size_text']}){suffix}"
     if report["kind"] == "adapter":

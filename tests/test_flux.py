@@ -569,14 +569,22 @@ def test_fp8_flux_base_bakes_into_the_dtype_asked_for_and_never_drops_the_delta(
         assert torch.equal(got[key].view(torch.int16), want.view(torch.int16)), key
 
 
-def test_scaled_fp8_flux_base_is_refused_in_one_paragraph(tmp_path, base_path):
+def test_scaled_fp8_flux_base_is_dequantised_into_the_save_dtype(tmp_path, base_path):
+    """Golden values, requantisation and rescaling: tests/test_flux_scaled_fp8.py."""
     (tmp_path / "bf16.safetensors").write_bytes(base_path.read_bytes())
     _fp8_base(tmp_path / "base.safetensors", scaled=True)
-    DeltaSet(rank=2, seed=31).kohya_file(tmp_path / "lora.safetensors")
+    deltas = DeltaSet(rank=2, seed=31)
+    deltas.kohya_file(tmp_path / "lora.safetensors")
     assert detect_architecture({k: tuple(v.shape) for k, v in _read(tmp_path / "base.safetensors").items()}).architecture.name == "flux"
     result = invoke("build", _fp8_recipe(tmp_path, "bfloat16"))
-    assert result.exit_code != 0 and "scaled fp8" in result.output and "scale_weight" in result.output
-    assert "Traceback" not in result.output and not (tmp_path / "out" / "baked.safetensors").exists()
+    assert result.exit_code == 0, result.output
+    base, got = _read(tmp_path / "base.safetensors"), _read(tmp_path / "out" / "baked.safetensors")
+    assert not any(k.endswith(".scale_weight") or k == "scaled_fp8" for k in got)
+    for key, delta in deltas.expected_deltas().items():
+        exact = _f64(base[key]) * 0.5 + delta  # the stored value x its scale, plus ΔW
+        exact = torch.where((delta == 0) & (exact == 0), _f64(base[key]), exact)  # a -0 base plus nothing stays -0
+        want = exact.to(torch.bfloat16)
+        assert torch.equal(got[key].view(torch.int16), want.view(torch.int16)), key
 
 
 # --------------------------------------------------------------------------- XLabs

@@ -37,11 +37,12 @@ from loraforge.formats.hashing import modelspec_hash
 from loraforge.formats.metadata import HASH_KEY, checkpoint_metadata, release_date
 from loraforge.formats.safetensors_reader import SafetensorsFile, open_safetensors
 from loraforge.formats.safetensors_writer import SafetensorsWriter, TensorPlan, WriteResult
-from loraforge.ops.bake import DenseTerm, LowRankTerm, Term, bake_weight, swap_halves
+from loraforge.ops.bake import DenseTerm, LowRankTerm, Term, bake_weight, bake_weight_scaled_fp8, swap_halves
+from loraforge.ops.fp8 import dequantised, scale_value
 from loraforge.ops.rounding import round_float64
 from loraforge.ops.finite import all_finite, nonfinite_counts, overflow_count
 from loraforge.plan.provenance import output_title, provenance_fields
-from loraforge.plan.layout import OutputTensor, output_layout
+from loraforge.plan.layout import OutputTensor, output_layout, scaled_weights
 from loraforge.plan.model import BakeTarget, BuildPlan, ModuleApplication
 
 PREFETCH_DEPTH = 2  # tensors read ahead of the one being computed
@@ -77,7 +78,8 @@ def run_bake(
     with ExitStack() as stack:
         base = stack.enter_context(open_safetensors(target.base_path) if target.merge is None else MergedBase(target.merge, target.name))
         adapters = [stack.enter_context(open_safetensors(i.path)) for i in target.ingredients]
-        layout = output_layout(base, target.save, baked=target.applications)
+        scaled = scaled_weights(base) if target.merge is None else {}  # ComfyUI scaled fp8 (plan/layout.py)
+        layout = output_layout(base, target.save, baked=target.applications, scaled=scaled)
         _check_base_matches_plan(base, target)
         _make_output_folder(target)
         writer = stack.enter_context(
@@ -99,10 +101,16 @@ def run_bake(
         if isinstance(base, MergedBase):
             base.use_pool(pool)  # a merge's chunks run on the same threads (computed on the read-ahead thread)
         workers = min(BAKE_WORKERS, resources.cpu_threads)
+        requantised = _Requantised(base, target, scaled, adapters, device, workspace, pool, workers)
         try:
             with _BackgroundWrites(writer, on_progress) as writes:
                 for entry, data in _prefetched(base, layout):
-                    if entry.action == "bake":
+                    if entry.name in scaled and entry.action in ("bake", "dequantise"):
+                        source, data = data, requantised.weight(entry, data)
+                        _refuse_overflow(target, entry, data, source)
+                    elif entry.action == "scale":
+                        data = requantised.scale(entry, data)
+                    elif entry.action == "bake":
                         applications = target.applications[entry.name]
                         source, data = data, _bake_tensor(data, applications, adapters, device, torch_dtype(entry.dtype), workspace, pool, workers)
                         _refuse_overflow(target, entry, data, source)
@@ -119,7 +127,53 @@ def run_bake(
         action: sum(1 for t in layout if t.action == action and (action == "bake" or t.name not in merged))
         for action in ("bake", "copy", "convert")
     }
+    counts["convert"] += sum(1 for t in layout if t.action == "dequantise")  # scaled fp8 weights into the save dtype
     return BakeResult(target.name, written, counts["bake"], counts["copy"], counts["convert"], len(merged))
+
+
+class _Requantised:
+    """The weights of a scaled-fp8 base (ops/fp8.py) as the layout wants them, and their new scales.
+
+    Under a float save dtype a scaled weight is dequantised (exact in float64) and baked or rounded into it. Under
+    `save: same` a baked one is requantised to F8_E4M3 with the scale ops/fp8.output_scale picks; its
+    ``scale_weight`` may come before or after it in the file, so whichever comes first computes both and keeps the
+    other (one weight's float8 bytes or one number) until its turn.
+    """
+
+    def __init__(self, base, target: BakeTarget, scaled, adapters, device, workspace, pool, workers):
+        self._base, self._target, self._scaled, self._adapters = base, target, scaled, adapters
+        self._device, self._workspace, self._pool, self._workers = device, workspace, pool, workers
+        self._weight_of = {scale: weight for weight, scale in scaled.items()}
+        self._done: dict[str, tuple[torch.Tensor, float]] = {}  # weight key -> (float8 weight, scale)
+
+    def _scale_of(self, weight: str) -> float:
+        return scale_value(self._base.read(self._scaled[weight]))
+
+    def weight(self, entry: OutputTensor, stored: torch.Tensor) -> torch.Tensor:
+        wide = dequantised(stored, self._scale_of(entry.name))
+        if entry.action == "dequantise":
+            return round_float64(wide, torch_dtype(entry.dtype), self._pool)  # one rounding of the exact product
+        if self._target.save != "same":
+            return _bake_tensor(wide, self._target.applications[entry.name], self._adapters, self._device,
+                                torch_dtype(entry.dtype), self._workspace, self._pool, self._workers)
+        return self._requantise(entry.name, wide)[0]
+
+    def scale(self, entry: OutputTensor, stored: torch.Tensor) -> torch.Tensor:
+        _, value = self._requantise(self._weight_of[entry.name])
+        return torch.tensor(value, dtype=torch.float32).reshape(stored.shape)
+
+    def _requantise(self, weight: str, wide: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+        done = self._done.pop(weight, None)
+        if done is not None:
+            return done
+        if wide is None:  # the scale comes first: read its weight now
+            wide = dequantised(self._base.read(weight), self._scale_of(weight))
+        terms = _terms(wide, self._target.applications[weight], self._adapters, self._device)
+        result = bake_weight_scaled_fp8(wide.to(self._device), terms, self._scale_of(weight), self._workspace,
+                                        self._pool, self._workers)
+        result = (result[0].cpu(), result[1])
+        self._done[weight] = result  # the partner entry (scale or weight) takes it
+        return result
 
 
 def _workspace(layout: Sequence[OutputTensor], device: torch.device) -> torch.Tensor | None:

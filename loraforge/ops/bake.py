@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from loraforge.ops import fp8
 from loraforge.ops.certified import certifiable, certify, exact_round, gamma
 from loraforge.ops.exact import dyadic_sum
 from loraforge.ops.rounding import round_float64
@@ -163,27 +164,67 @@ def bake_weight(
 
 def _round_exactly(rounded: Tensor, positions: list, weight: Tensor, terms: list[Term], out_dtype: torch.dtype) -> None:
     """Write RN(exact value) at each (row, column) of ``rounded`` (the matrix view of the weight)."""
-    width = weight.shape[1]
     values = []
     for row, column in positions:
         base = weight[row, column].item()
         if not math.isfinite(base):  # inf/NaN in the base: IEEE's result (inf + finite, NaN) is the only one
             values.append(rounded[row, column].item())
             continue
-        total = Fraction(base)
-        for term in terms:
-            first, stop = term.rows if term.rows is not None else (0, weight.shape[0])
-            if not first <= row < stop:
-                continue
-            if isinstance(term, LowRankTerm):
-                total += term.exact(row - first, column)
-            else:
-                local = (row - first) * width + column
-                delta = term.exact(local) if term.exact is not None else Fraction(term.delta.reshape(-1)[local].item())
-                total += Fraction(term.coefficient) * delta
+        total = _exact_total(weight, terms, row, column)
         values.append(base if total == 0 and base == 0 else exact_round(total, out_dtype))
     index = torch.tensor(positions, dtype=torch.long, device=rounded.device)
     rounded[index[:, 0], index[:, 1]] = torch.tensor(values, dtype=torch.float64, device=rounded.device).to(out_dtype)
+
+
+def _exact_total(weight: Tensor, terms: list[Term], row: int, column: int) -> Fraction:
+    """The exact value of W + Σ c·ΔW at (row, column) of the matrix view (a finite base element)."""
+    width = weight.shape[1]
+    total = Fraction(weight[row, column].item())
+    for term in terms:
+        first, stop = term.rows if term.rows is not None else (0, weight.shape[0])
+        if not first <= row < stop:
+            continue
+        if isinstance(term, LowRankTerm):
+            total += term.exact(row - first, column)
+        else:
+            local = (row - first) * width + column
+            delta = term.exact(local) if term.exact is not None else Fraction(term.delta.reshape(-1)[local].item())
+            total += Fraction(term.coefficient) * delta
+    return total
+
+
+def bake_weight_scaled_fp8(
+    weight: Tensor,
+    terms: Iterable[Term],
+    scale: float,
+    workspace: Tensor | None = None,
+    pool: Executor | None = None,
+    workers: int = 1,
+) -> tuple[Tensor, float]:
+    """(stored F8_E4M3 weight, its scale) for a baked scaled-fp8 weight: RN_E4M3((W + Σ c·ΔW) / s'), rounded once.
+
+    ``weight`` is the dequantised weight in float64 (:func:`loraforge.ops.fp8.dequantised`), ``scale`` the base's.
+    The bake is first certified to float32 (y = RN_f32(exact)); s' comes from y (:func:`loraforge.ops.fp8.output_scale`:
+    the base's scale unless a value would exceed 448 s). y / s' is then rounded to the E4M3 grid, and the elements
+    whose float32 and division error could straddle an E4M3 midpoint are rounded from their exact rational value,
+    so every byte is RN of the exact quotient whatever the BLAS. Never saturates: s' makes every value fit.
+    """
+    terms = list(terms)
+    rounded32 = bake_weight(weight, terms, torch.float32, workspace, pool, workers)
+    out_scale = fp8.output_scale(rounded32, scale)
+    quotient = rounded32.to(torch.float64) / out_scale
+    rounded, sure = fp8.round_e4m3(quotient, fp8.requantise_bound(rounded32, out_scale, quotient))
+    matrix = weight.reshape(weight.shape[0], -1) if weight.dim() > 0 else weight.reshape(1, 1)
+    flat = rounded.view(-1)
+    for index in (~sure & torch.isfinite(quotient)).view(-1).nonzero().view(-1).tolist():
+        row, column = divmod(index, matrix.shape[1])
+        base = matrix[row, column].item()
+        total = _exact_total(matrix, terms, row, column)
+        flat[index] = base / out_scale if total == 0 and base == 0 else fp8.exact_e4m3(total / Fraction(out_scale))
+    finite = torch.isfinite(rounded)
+    if bool((rounded[finite].abs() > fp8.E4M3_MAX).any()):  # cannot happen with output_scale's choice; never saturate
+        raise ValueError("a requantised value exceeds 448")
+    return fp8.to_e4m3(rounded), out_scale
 
 
 def _gemm_groups(terms: list[LowRankTerm]) -> list[tuple[tuple[int, int] | None, Tensor, Tensor, list[LowRankTerm]]]:

@@ -21,7 +21,7 @@ from loraforge.plan.checkpoint_merge import merge_action_key, merge_memory_bytes
 from loraforge.plan.context import PlanContext
 from loraforge.plan.target import PRODUCT_WORDS
 from loraforge.plan.ingredients import adapter_source, input_file, plan_ingredient
-from loraforge.plan.layout import check_baked_keys, check_narrow_bake, output_layout
+from loraforge.plan.layout import check_baked_keys, check_narrow_bake, check_scaled_bake, output_layout, scaled_weights
 from loraforge.plan.model import BakeTarget
 
 BAKE_MEMORY_FLOOR = 256 << 20  # torch, the reader and writer threads, buffers
@@ -56,8 +56,13 @@ def plan_bake(context: PlanContext, name: str) -> BakeTarget:
     with open_safetensors(structure_path) as structure:
         check_baked_keys(loaded, name, structure, applications)  # a module aimed at a weight the file lacks
         check_narrow_bake(loaded, name, structure, save, applications)  # never a LoRA rounded away in float8
+        check_scaled_bake(loaded, name, structure, save, applications)  # scaled fp8: requantisable, or dequantised
+        scaled = bool(scaled_weights(structure))
+        if scaled and merge is not None:
+            _refuse_scaled_merge(loaded, name)
     ordered = {key: tuple(applications[key]) for key in sorted(applications)}
     largest = _largest_baked_tensor(structure_path, ordered)
+    policy = _policy(ordered) + (f" + {SCALED_FP8_POLICY}" if scaled else "")
     return BakeTarget(
         name=name,
         base=base_name,
@@ -71,13 +76,14 @@ def plan_bake(context: PlanContext, name: str) -> BakeTarget:
         ingredients=tuple(ingredients),
         applications=ordered,
         dependencies=tuple(d for d in recipe.dependencies(name) if d in recipe.targets),
-        action_key=(action_key(loaded, name, "bake", context.input_hashes(name), _policy(ordered)) if merge is None
-                    else merge_action_key(context, name, merge, _policy(ordered))),
+        action_key=(action_key(loaded, name, "bake", context.input_hashes(name), policy) if merge is None
+                    else merge_action_key(context, name, merge, policy)),
         read_bytes=read_bytes,
         write_bytes=_estimated_output_bytes(structure_path, save),
         # a float64 workspace, the weight in and out, prefetched and pending tensors, the adapters' factors
         memory_bytes=BAKE_MEMORY_FLOOR + 8 * largest * 4 + sum(i.path.stat().st_size if i.path.exists() else 0 for i in ingredients)
-        + (merge_memory_bytes(merge) if merge is not None else 0),
+        + (merge_memory_bytes(merge) if merge is not None else 0)
+        + (SCALED_FP8_BYTES_PER_ELEMENT * largest if scaled else 0),
         merge=merge,
     )
 
@@ -88,6 +94,27 @@ DORA_STRENGTH_POLICY = (
     "dora-strength-v1: W'(s) - W with the module's convention: lycoris (W+dW)(s(m/||W+dW|| + eps - 1) + 1) - W, "
     "peft m(W+s dW)/||W+s dW|| - W; fixed-order IEEE float64"
 )
+
+
+# A scaled-fp8 base (ComfyUI scale_weight tensors): part of the key of those bakes only, so every other bake
+# keeps its key and bytes (docs/baking.md, "Scaled fp8 bases").
+SCALED_FP8_POLICY = (
+    "scaled-fp8-v1: W = fp8 x scale_weight (exact, float64); save float: RN(W + sum) in it, scales and marker left "
+    "out; save same: y = RN_f32(W + sum), scale kept unless amax(y)(1 + 2^-23) > 448 scale, else RU_f32(that / 448); "
+    "RN_E4M3(exact / scale) with ties to even, never saturating"
+)
+# The requantising bake's extra buffers per element of the largest weight: the float32 bake, its float64 quotient,
+# the rounded float64 grid values and the float8 result.
+SCALED_FP8_BYTES_PER_ELEMENT = 4 + 8 + 8 + 1
+
+
+def _refuse_scaled_merge(loaded, name: str) -> None:
+    raise loaded.error(
+        ("targets", name, "merge"),
+        f"target '{name}' merges checkpoints stored as ComfyUI scaled fp8 (scale_weight tensors); a checkpoint merge "
+        "reads the stored fp8 values without their scales, so loraforge refuses it.",
+        "Merge bf16 releases of the models, or bake LoRAs into the scaled fp8 file with `base:` instead.",
+    )
 
 
 def _policy(applications) -> str:
@@ -140,6 +167,25 @@ def _estimated_output_bytes(structure_path: Path, save: str) -> int:
     with open_safetensors(structure_path) as base_file:
         layout = output_layout(base_file, save)
     return sum(entry.nbytes for entry in layout)
+
+
+def scaled_fp8_report(target: BakeTarget) -> dict | None:
+    """What a bake does to a ComfyUI scaled-fp8 base (None for any other base): how many scaled weights it
+    changes and how they are saved (requantised with their scale, or dequantised with the scales left out)."""
+    if target.merge is not None:
+        return None
+    try:
+        with open_safetensors(target.structure_path) as structure:
+            scaled = scaled_weights(structure)
+    except (OSError, FormatError):
+        return None
+    if not scaled:
+        return None
+    return {
+        "scaled_weights": len(scaled),
+        "baked": sum(1 for key in target.applications if key in scaled),
+        "saved_as": "F8_E4M3 + scale_weight" if target.save == "same" else f"{target.save}, scales left out",
+    }
 
 
 EMA_PREFIX = "model_ema."

@@ -5,13 +5,23 @@ float8 included, are saved in the recipe's save dtype (``same`` keeps each
 base dtype; float8 widens exactly to any of float16, bfloat16, float32);
 integer and boolean tensors are never converted. A tensor that no adapter
 touches and whose dtype does not change is copied byte for byte.
+
+A ComfyUI scaled-fp8 base (``<module>.scale_weight`` next to an F8_E4M3
+``<module>.weight``; loraforge/ops/fp8.py) is laid out by
+:func:`output_layout` with ``scaled``: under ``save: same`` a baked weight
+stays F8_E4M3 and its ``scale_weight`` is rewritten (action ``scale``; the
+base's value unless the baked values need a larger one); under a float save
+dtype every scaled weight is dequantised into it (baked, or action
+``dequantise``) and the ``scale_weight``/``scale_input`` tensors and the
+``scaled_fp8`` marker are left out, so the output is a plain checkpoint that
+every loader reads as it is.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from math import prod
-from typing import Collection
+from typing import Collection, Mapping
 
 from loraforge.formats.dtypes import itemsize
 from loraforge.formats.safetensors_reader import SafetensorsFile
@@ -37,7 +47,11 @@ def output_dtype(base_dtype: str, save: str) -> str:
     return save if save != "same" and base_dtype in CONVERTIBLE else base_dtype
 
 
-def output_layout(base: SafetensorsFile, save: str, baked: Collection[str] = ()) -> list[OutputTensor]:
+def output_layout(base: SafetensorsFile, save: str, baked: Collection[str] = (),
+                  scaled: Mapping[str, str] | None = None) -> list[OutputTensor]:
+    """Every output tensor in base order; ``scaled`` (:func:`scaled_weights`) lays out a scaled-fp8 base."""
+    if scaled:
+        return _scaled_layout(base, save, baked, scaled)
     layout = []
     for name in base.names():
         info = base.info(name)
@@ -58,8 +72,8 @@ def check_narrow_bake(loaded, name: str, base: SafetensorsFile, save: str, baked
     LoRA's effect would vanish from the file without a word. Any float
     ``save:`` dtype widens float8 exactly and keeps the change.
     """
-    _refuse_scaled_weights(loaded, name, base, baked)
-    narrow = sorted(key for key in baked if key in base and output_dtype(base.info(key).dtype, save) in NARROW)
+    scaled = scaled_weights(base)  # requantised with their scale under `save: same` (ops/fp8.py), not refused
+    narrow = sorted(key for key in baked if key in base and key not in scaled and output_dtype(base.info(key).dtype, save) in NARROW)
     if not narrow:
         return
     dtypes = "/".join(sorted({base.info(key).dtype for key in narrow}))
@@ -73,27 +87,67 @@ def check_narrow_bake(loaded, name: str, base: SafetensorsFile, save: str, baked
 
 
 SCALE_WEIGHT_SUFFIX = ".scale_weight"  # ComfyUI "scaled fp8": weight = stored fp8 value x this per-tensor scale
+SCALE_INPUT_SUFFIX = ".scale_input"  # ComfyUI: the activation scale of fp8 matrix multiplication (not the weight's)
+SCALED_FP8_MARKER = "scaled_fp8"  # ComfyUI's marker tensor (its dtype names the fp8 format), maybe prefixed
 
 
-def _refuse_scaled_weights(loaded, name: str, base: SafetensorsFile, baked: Collection[str]) -> None:
-    """Refuse a bake into weights stored with a per-tensor scale (ComfyUI scaled fp8, e.g. Flux fp8_scaled).
+def scaled_weights(base: SafetensorsFile) -> dict[str, str]:
+    """Weight key -> its ``scale_weight`` key, for every weight of ``base`` stored with a per-tensor scale."""
+    found = {}
+    for key in base.names():
+        if key.endswith(SCALE_WEIGHT_SUFFIX):
+            weight = key[: -len(SCALE_WEIGHT_SUFFIX)] + ".weight"
+            if weight in base:
+                found[weight] = key
+    return found
 
-    Adding ΔW to the stored values would change the weight by ΔW·scale, not ΔW; until the bake
-    dequantises them, saying so beats writing a silently wrong file.
-    """
-    scaled = sorted(key for key in baked if key.endswith(".weight")
-                    and key[: -len(".weight")] + SCALE_WEIGHT_SUFFIX in base)
-    if not scaled:
+
+def is_scale_tensor(key: str) -> bool:
+    """A tensor that only a scaled-fp8 loader reads: a scale, an input scale or the marker."""
+    return key.endswith((SCALE_WEIGHT_SUFFIX, SCALE_INPUT_SUFFIX)) or key == SCALED_FP8_MARKER or key.endswith("." + SCALED_FP8_MARKER)
+
+
+def _scaled_layout(base: SafetensorsFile, save: str, baked: Collection[str], scaled: Mapping[str, str]) -> list[OutputTensor]:
+    rescaled = {scale for weight, scale in scaled.items() if weight in baked}
+    layout = []
+    for name in base.names():
+        info = base.info(name)
+        shape = tuple(info.shape)
+        if save != "same" and is_scale_tensor(name):
+            continue  # dequantised output: no loader may scale it again
+        if save == "same" and name in rescaled:
+            layout.append(OutputTensor(name, info.dtype, shape, "scale"))
+            continue
+        dtype = output_dtype(info.dtype, save)
+        if name in baked:
+            action = "bake"
+        elif name in scaled and save != "same":
+            action = "dequantise"
+        else:
+            action = "copy" if dtype == info.dtype else "convert"
+        layout.append(OutputTensor(name, dtype, shape, action))
+    return layout
+
+
+def check_scaled_bake(loaded, name: str, base: SafetensorsFile, save: str, baked: Collection[str]) -> None:
+    """Under `save: same`, refuse a baked scaled weight loraforge cannot requantise exactly: it handles F8_E4M3
+    weights with a one-element float32 scale (what ComfyUI's scaled fp8 writes). Dequantising needs neither."""
+    if save != "same":
         return
-    raise loaded.error(
-        ("targets", name, "base"),
-        f"target '{name}' bakes into {len(scaled)} weight(s) of its base that are stored scaled (ComfyUI scaled fp8: "
-        f"the real weight is the stored value times {scaled[0][: -len('.weight')]}{SCALE_WEIGHT_SUFFIX}, e.g. for "
-        f"{scaled[0]}); loraforge does not dequantise those yet, and adding the LoRAs to the stored values would "
-        "scale their change by the per-tensor scale.",
-        "Use a bf16 (or plain fp8) release of the base, or convert the base to bf16 first (each weight times its "
-        "scale_weight, the scale tensors dropped).",
-    )
+    scaled = scaled_weights(base)
+    odd = sorted(weight for weight in baked if weight in scaled and (
+        base.info(weight).dtype != "F8_E4M3" or base.info(scaled[weight]).dtype != "F32"
+        or prod(base.info(scaled[weight]).shape) != 1))
+    if odd:
+        weight, scale = base.info(odd[0]), base.info(scaled[odd[0]])
+        raise loaded.error(
+            ("targets", name, "base"),
+            f"target '{name}' would requantise {len(odd)} scaled weight(s) of its base that are not F8_E4M3 with a "
+            f"float32 scalar scale (e.g. {odd[0]}: {weight.dtype}, scale {scale.dtype} {list(scale.shape)}); "
+            "loraforge requantises ComfyUI's scaled fp8 (F8_E4M3 weights, float32 scale_weight) only.",
+            "Set `precision: {save: bfloat16}` (or float16, float32): the weights are then dequantised into that "
+            "dtype and the scales left out.",
+        )
 
 
 def check_baked_keys(loaded, name: str, base: SafetensorsFile, applications) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from loraforge.execute.bake import run_bake
 from loraforge.plan.action_key import BAKE_NUMERIC_POLICY
-from loraforge.plan.bake import ema_tensors_left, plan_bake
+from loraforge.plan.bake import ema_tensors_left, plan_bake, scaled_fp8_report
 from loraforge.plan.kinds import TargetKind
 from loraforge.plan.model import BakeTarget
 from loraforge.plan.report import ingredient_report, model_fields
@@ -36,6 +36,7 @@ class CheckpointKind(TargetKind):
             "loras": [ingredient_report(ingredient) for ingredient in target.ingredients],
             **({"merge": merge_report(target.merge)} if target.merge is not None else {}),
             **({"ema_tensors_left": ema} if (ema := ema_tensors_left(target)) else {}),
+            **({"scaled_fp8": scaled} if (scaled := scaled_fp8_report(target)) else {}),
         }
 
     def describe(self, report) -> list:
@@ -50,6 +51,7 @@ class CheckpointKind(TargetKind):
             *([f"[yellow]warning: {report['ema_tensors_left']} EMA tensors (model_ema.*) left as they are: the LoRA is "
                "baked into model.diffusion_model.* only, so loaders that use the EMA weights (use_ema) see the base[/]"]
               if report.get("ema_tensors_left") else []),
+            *(_scaled_lines(report["scaled_fp8"]) if report.get("scaled_fp8") else []),
         ]
 
     def built_lines(self, result) -> list[str]:
@@ -63,3 +65,13 @@ class CheckpointKind(TargetKind):
 
     def operation_label(self, target) -> str:
         return "bake"
+
+
+def _scaled_lines(scaled: dict) -> list[str]:
+    """plan's lines for a ComfyUI scaled-fp8 base (docs/baking.md, "Scaled fp8 bases")."""
+    line = (f"scaled fp8 base: {scaled['scaled_weights']} weights stored as F8_E4M3 x scale_weight; "
+            f"{scaled['baked']} baked, saved as {scaled['saved_as']}")
+    if scaled["saved_as"].startswith("F8_E4M3") and scaled["baked"]:
+        return [line, "[yellow]warning: the baked weights are requantised to F8_E4M3 (3 mantissa bits): a change below "
+                "about 1/16 of a weight rounds back to it; `precision: {save: bfloat16}` keeps the whole change[/]"]
+    return [line]
