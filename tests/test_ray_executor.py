@@ -92,6 +92,10 @@ def test_matrix_demo_with_ray_gives_the_local_build_bytes_and_lock_and_a_second_
     names = [t.name for t in summary.targets.values()]
     assert len([n for n in names if n.startswith("neon-noir@")]) == 6
     assert executor.submitted == names  # every target, each as one Ray task
+    for name in names:  # the memory estimate as Ray's memory resource; no GPU for CPU targets
+        memory = summary.targets[name].memory_bytes
+        assert executor.requests[name] == {"num_cpus": 1, "num_gpus": 0, **({"memory": memory} if memory else {})}
+    assert all("memory" in executor.requests[name] for name in names if name != "release")
     assert [r.target for r in summary.built] == names
 
     ours = _outputs(remote.parent)

@@ -75,6 +75,7 @@ class RayExecutor:
     log: Callable[[str], None] | None = None  # a line per target started / finished
     init_options: dict = field(default_factory=dict)  # more ray.init arguments (a local instance's num_cpus, say)
     submitted: list[str] = field(default_factory=list)  # every target submitted, in order (tests count them)
+    requests: dict[str, dict] = field(default_factory=dict)  # target -> the Ray resources its task asked for
 
     def execute(self, order, dependencies, prepare, finish, progress=None) -> None:
         ray = import_ray()
@@ -205,6 +206,7 @@ class _RayBuild:
         callback = self.progress(job.target) if self.progress else None
         self.running[ref] = (job, callback, time.perf_counter())
         self.executor.submitted.append(name)
+        self.executor.requests[name] = resources
         self._log(f"started {name} ({job.target.kind}) as a Ray task")
 
     def _cpus(self) -> float:
