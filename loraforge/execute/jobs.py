@@ -72,8 +72,9 @@ def run_concurrently(
     jobs: int = 1,
     memory_budget: int | None = None,
 ) -> None:
-    """prepare(name) -> target, or None when there is nothing to do; run(target, cancelled) -> result
-    (in a worker thread when jobs > 1); finish(target, result) in this thread."""
+    """prepare(name) -> a job (execute/job.py BuildJob: its ``name`` and ``memory_bytes`` are read here), or
+    None when there is nothing to do; run(job, cancelled) -> result (in a worker thread when jobs > 1);
+    finish(job, result) in this thread."""
     if jobs <= 1:
         for name in order:
             target = prepare(name)
