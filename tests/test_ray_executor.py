@@ -13,6 +13,10 @@ the usual one-paragraph error naming the target and the lock keeps what
 finished; a worker killed mid-write is retried once, and reported naming the
 target when it dies again; Ctrl-C cancels the running task; a store (file://) carries every file when the
 workers cannot open the driver's paths; a local build never imports ray.
+Without Ray: a job pickles with its plan and the worker side (run in this
+process) builds it, reports an unexpected exception as one paragraph naming
+the target, and refuses a task from another loraforge version or, for an
+SVD target, another numeric environment.
 """
 
 from __future__ import annotations
@@ -268,6 +272,59 @@ def test_ctrl_c_cancels_the_running_task_and_keeps_what_finished(ray_instance, t
     assert set(json.loads(recipe.with_suffix(".lock").read_text())["targets"]) == {"merged"}
     dist = recipe.parent / "dist"
     assert sorted(p.name for p in dist.iterdir()) == ["merged.merge.json", "merged.safetensors"]  # no temp file left
+
+
+def _shipped(recipe: Path, name: str, **options):
+    """Run one target the way a Ray worker does (execute/remote_job.py), in this process, without Ray."""
+    from loraforge import __version__
+    from loraforge.build import plan_build
+    from loraforge.execute.job import BuildJob, dumps, loads
+    from loraforge.execute.remote_job import WorkerOptions, run_shipped
+    from loraforge.recipe.loader import load_recipe
+
+    plan = plan_build(load_recipe(recipe))
+    job = BuildJob(plan, plan.target(name), plan.lock)
+    worker = WorkerOptions(**{"device": "cpu", "cpu_threads": 1, "version": __version__, **options})
+    return loads(run_shipped("plan-id", dumps(plan), dumps(job.without_plan()), worker))
+
+
+def test_a_job_pickles_with_its_plan_and_the_worker_side_builds_it(tmp_path):
+    from loraforge.execute.remote_job import Shipped
+
+    recipe = _chain(tmp_path / "job")
+    outcome = _shipped(recipe, "merged")
+    assert isinstance(outcome, Shipped) and outcome.uploads == ()
+    assert outcome.result.written.path == recipe.parent / "dist" / "merged.safetensors"
+    assert hashlib.sha256(outcome.result.written.path.read_bytes()).hexdigest() == outcome.result.written.sha256
+
+
+def test_an_unexpected_error_on_a_worker_is_one_paragraph_naming_the_target(tmp_path, monkeypatch):
+    from loraforge.execute.remote_job import Failed
+    from loraforge.targets.lora import LoraKind
+
+    def broken(self, target, run):
+        raise ValueError("something loraforge did not expect")
+
+    monkeypatch.setattr(LoraKind, "run", broken)
+    outcome = _shipped(_chain(tmp_path / "bug"), "merged")
+    assert isinstance(outcome, Failed) and outcome.error is None
+    assert outcome.message.startswith("target 'merged' failed on the Ray worker ")
+    assert "unexpected ValueError: something loraforge did not expect" in outcome.message
+    assert "\n" not in outcome.message
+
+
+def test_a_worker_with_another_version_or_numeric_environment_refuses_the_task(tmp_path):
+    from loraforge.execute.remote_job import Failed
+    from loraforge.plan.numeric_environment import numeric_environment
+
+    recipe = _chain(tmp_path / "versions")
+    outcome = _shipped(recipe, "merged", version="0.0.1")
+    assert isinstance(outcome, Failed) and "the driver 0.0.1" in outcome.message and "target 'merged'" in outcome.message
+    other = {**numeric_environment("cpu").to_json(), "torch": "0.0.1"}  # the driver's torch, as the worker sees it
+    outcome = _shipped(recipe, "merged", environment=other)
+    assert isinstance(outcome, Failed)
+    assert "target 'merged' was not built on the Ray worker" in outcome.message and "torch" in outcome.message
+    assert not (recipe.parent / "dist").exists()
 
 
 def _run_python(code: str, cwd: Path) -> subprocess.CompletedProcess:
