@@ -28,6 +28,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -227,7 +228,13 @@ def test_with_a_store_workers_that_cannot_see_the_driver_files_fetch_and_upload_
     lines = []
     # Workers cannot open anything below the driver's project folder (as on another machine).
     monkeypatch.setenv("LORAFORGE_TEST_RAY_HIDE", str(remote.parent))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = Path(tempfile.gettempdir()) / f"loraforge-ray-{dead.pid}-left"  # a scratch folder of a killed worker
+    stale.mkdir()
+    (stale / "half.safetensors").write_bytes(b"x")
     summary, executor = _drive(remote, store=store.as_uri(), log=lines.append)
+    assert not stale.exists()
     assert executor.submitted == ["merged", "baked"]
     assert _outputs(remote.parent) == _outputs(local.parent)
     assert remote.with_suffix(".lock").read_text() == local.with_suffix(".lock").read_text()

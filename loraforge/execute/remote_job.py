@@ -122,6 +122,7 @@ def _run(job: BuildJob, options: WorkerOptions) -> Shipped:
     progress = _test_hooks(job.name, options)
     if options.store is None:  # one filesystem: read and write the driver's paths in place
         return Shipped(job.run(resources, progress), (), socket.gethostname(), 0.0)
+    _remove_stale_scratch()
     scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
     try:
         mapping, fetched = _inputs(job, options.store)
@@ -139,6 +140,22 @@ def _run(job: BuildJob, options: WorkerOptions) -> Shipped:
         return Shipped(remap(result, back), tuple(uploads), socket.gethostname(), 0.0, fetched)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _remove_stale_scratch() -> None:
+    """Scratch folders of workers that died (killed mid-task): their pid is in the name (loraforge/atomic.py's rule)."""
+    from loraforge.atomic import owner_alive
+
+    folder = Path(tempfile.gettempdir())
+    try:
+        names = [name for name in os.listdir(folder) if name.startswith(SCRATCH_PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        path = folder / name
+        if pid.isdigit() and not owner_alive(int(pid)) and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _inputs(job: BuildJob, store) -> tuple[dict[Path, Path], tuple[str, ...]]:
