@@ -42,7 +42,7 @@ def mask_seed(recipe_seed: int, tensor: str, model: int) -> int:
 # --- linear: correctly rounded ---------------------------------------------------------
 
 
-LINEAR_CHUNK = 1 << 20  # elements computed at once: the float64 work arrays stay a few tens of MB per tensor
+LINEAR_CHUNK = 1 << 18  # elements computed at once: each float64 work array 2 MiB (about 60 MiB of them per thread)
 
 
 def linear_combination(
@@ -339,28 +339,34 @@ def trim_mask(delta: Tensor, density: float) -> Tensor:
     """The elements :func:`trim_top` keeps (flat bool mask): the ⌊density·n⌋ largest magnitudes, ties by lower index.
 
     The set a stable descending sort of the magnitudes would take first, found in linear time: every
-    magnitude above the ⌊density·n⌋-th largest (``kthvalue``, a selection), then as many of those equal
-    to it as are still missing, lowest flat index first. NaNs (which the sort puts first) take the sort.
+    magnitude above the ⌊density·n⌋-th largest (a selection), then as many of those equal to it as are
+    still missing, lowest flat index first. NaNs (which the sort puts first) take the sort.
     """
-    return _top_mask(delta.reshape(-1).abs(), density)
+    flat = delta.reshape(-1)
+    return _top_mask(lambda: flat.abs(), flat.numel(), density)
 
 
-def _top_mask(magnitude: Tensor, density: float) -> Tensor:
-    count = magnitude.numel()
+def _top_mask(magnitudes, count: int, density: float) -> Tensor:
+    """``magnitudes()``: a fresh float64 array of the |task vector| (called twice: the selection reorders the first)."""
     keep = math.floor(Fraction(density) * count)
     if keep >= count:
         return torch.ones(count, dtype=torch.bool)
     if keep == 0:
         return torch.zeros(count, dtype=torch.bool)
-    if bool(magnitude.isnan().any()):
+    values = magnitudes()
+    if bool(values.isnan().any()):
         kept = torch.zeros(count, dtype=torch.bool)
-        kept[torch.sort(magnitude, descending=True, stable=True).indices[:keep]] = True
+        kept[torch.sort(values, descending=True, stable=True).indices[:keep]] = True
         return kept
-    threshold = torch.kthvalue(magnitude, count - keep + 1).values
-    kept = magnitude > threshold
+    selected = values.numpy()
+    selected.partition(count - keep)  # in place (no copy, unlike kthvalue): the keep-th largest at count - keep
+    threshold = float(selected[count - keep])
+    del values, selected
+    values = magnitudes()
+    kept = values > threshold
     missing = keep - int(kept.sum())
     if missing:
-        kept[(magnitude == threshold).nonzero().reshape(-1)[:missing]] = True
+        kept[(values == threshold).nonzero().reshape(-1)[:missing]] = True
     return kept
 
 
@@ -387,13 +393,14 @@ def dare_delta(delta: Tensor, density: float, seed: int, start: int = 0) -> Tens
 def top_magnitudes(models: Sequence[Tensor], base: Tensor, density: float, pool: Executor | None = None) -> list[Tensor]:
     """TIES' trim of each model's task vector as a flat bool mask (:func:`trim_mask` of model − base).
 
-    Takes the stored tensors; one float64 magnitude array (and kthvalue's copy of it) per model at a
-    time on each thread, so a chunked merge never holds every model's float64 delta."""
+    Takes the stored tensors; one float64 magnitude array per model at a time on each thread (selected in
+    place, then computed again for the mask), so a chunked merge never holds every model's float64 delta."""
     flat_base = base.reshape(-1)
 
     def mask(model: Tensor) -> Tensor:
-        magnitude = model.reshape(-1).to(torch.float64).sub_(flat_base).abs_()  # exact upcasts, one rounding
-        return _top_mask(magnitude, density)
+        flat = model.reshape(-1)
+        # exact upcasts, one rounding: the same numbers as (model − base) in float64
+        return _top_mask(lambda: flat.to(torch.float64).sub_(flat_base).abs_(), flat.numel(), density)
 
     return list(pool.map(mask, models)) if pool is not None else [mask(m) for m in models]
 
