@@ -91,7 +91,7 @@ def _init(ray, address: str | None, options: dict) -> None:
     import logging
 
     arguments = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR, **options}
-    if address is None:
+    if address is None and not os.environ.get("RAY_ADDRESS"):  # starting an instance here, not joining one
         arguments.setdefault("object_store_memory", LOCAL_OBJECT_STORE)
     try:
         ray.init(address=address, **arguments)
