@@ -91,11 +91,9 @@ def _least_float32_at_least(value: Fraction) -> float:
 
 
 def expected_scale(exact: np.ndarray, scale: float) -> float:
-    """docs/baking.md: keep the scale unless max|RN_f32(X)| (1 + 2^-23) > 448 scale; then the least float32 above
-    that over 448."""
-    amax = Fraction(float(np.abs(exact.astype(np.float32)).max()))
-    needed = amax * (1 + Fraction(1, 2**23))
-    return scale if needed <= 448 * Fraction(scale) else _least_float32_at_least(needed / 448)
+    """docs/baking.md: keep the scale unless max |X| > 448 scale; then the least float32 >= max |X| / 448."""
+    amax = Fraction(float(np.abs(exact).max()))
+    return scale if amax <= 448 * Fraction(scale) else _least_float32_at_least(amax / 448)
 
 
 # --------------------------------------------------------------------------- files
@@ -254,7 +252,7 @@ def test_plan_reports_the_scaled_base_and_its_memory(tmp_path):
     largest = max(int(np.prod(base[k].shape)) for k in DeltaSet(rank=2, seed=31).expected_deltas())
     memory = {name: plan_build(load_recipe(folder / "recipe.yaml")).targets[0].memory_bytes
               for name, folder in (("plain", plain), ("scaled", tmp_path))}
-    assert memory["scaled"] - memory["plain"] == (4 + 8 + 8 + 1) * largest
+    assert memory["scaled"] - memory["plain"] == (8 + 1) * largest
 
 
 def test_the_scaled_policy_is_in_the_action_key_of_scaled_bases_only(tmp_path, monkeypatch):
@@ -317,3 +315,24 @@ def test_values_at_and_next_to_e4m3_midpoints_round_once_from_the_exact_value():
     np.testing.assert_array_equal(_bytes(stored), e4m3_codes(np.array(values)))  # the table's rounding agrees
     half = bake_weight_scaled_fp8(weight, [term], 0.5)  # 448 x 0.5 = 224 still holds every value: the scale stays
     assert half[1] == 0.5 and half[0].to(torch.float64).view(-1).tolist() == [2.0, 2.25, 2.0, 2.5, 2.25, -4.0, -4.5, 0.0]
+
+
+def test_a_file_with_each_weight_before_its_scale_bakes_to_the_same_tensors(tmp_path):
+    """The scale may come before its weight (sorted files) or after it: the same bytes per tensor either way."""
+    from loraforge.formats.safetensors_writer import SafetensorsWriter, TensorPlan
+
+    base, _, recipe = _project(tmp_path / "sorted", headroom=1.0, save="same", strength=40.0)
+    sorted_out = _read(_build(recipe))
+    order = sorted(base, key=lambda k: (k.rsplit(".", 1)[0], k.endswith(".scale_weight")))  # weight, then its scale
+    assert order.index("model.diffusion_model.img_in.weight") < order.index("model.diffusion_model.img_in.scale_weight")
+    other = tmp_path / "weight-first"
+    other.mkdir()
+    with SafetensorsWriter(other / "base.safetensors", [TensorPlan.of(k, base[k]) for k in order]) as writer:
+        for key in order:
+            writer.write(key, base[key])
+        writer.commit()
+    (other / "lora.safetensors").write_bytes((tmp_path / "sorted" / "lora.safetensors").read_bytes())
+    got = _read(_build(_recipe(other, "same", 40.0)))
+    assert sorted(got) == sorted(sorted_out)
+    for key, tensor in got.items():
+        assert tensor.dtype == sorted_out[key].dtype and np.array_equal(_bytes(tensor), _bytes(sorted_out[key])), key

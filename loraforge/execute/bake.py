@@ -169,8 +169,7 @@ class _Requantised:
         if wide is None:  # the scale comes first: read its weight now
             wide = dequantised(self._base.read(weight), self._scale_of(weight))
         terms = _terms(wide, self._target.applications[weight], self._adapters, self._device)
-        result = bake_weight_scaled_fp8(wide.to(self._device), terms, self._scale_of(weight), self._workspace,
-                                        self._pool, self._workers)
+        result = bake_weight_scaled_fp8(wide.to(self._device), terms, self._scale_of(weight), self._workspace)
         result = (result[0].cpu(), result[1])
         self._done[weight] = result  # the partner entry (scale or weight) takes it
         return result

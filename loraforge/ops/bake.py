@@ -136,6 +136,19 @@ def bake_weight(
         weight = weight.to(torch.float32)  # exact; torch has no min/max or GEMM for float8
     if _blockable(weight, terms, out_dtype):
         return _bake_low_rank_in_blocks(weight, terms, out_dtype, workspace, pool if workers > 1 else None, workers)
+    baked, matrix, envelope, depth = _float64_sum(weight, terms, workspace)
+    if not certifiable(out_dtype):
+        return round_float64(baked, out_dtype)
+    rounded, sure = certify(matrix, envelope.mul_(gamma(depth)), out_dtype)
+    unsure = (~sure).nonzero().tolist()
+    if unsure:
+        _round_exactly(rounded, unsure, weight.reshape(matrix.shape), terms, out_dtype)
+    return rounded.view(weight.shape)
+
+
+def _float64_sum(weight: Tensor, terms: list[Term], workspace: Tensor | None) -> tuple[Tensor, Tensor, Tensor, int]:
+    """(sum, its matrix view, the envelope Σ|each term|, rounding depth): the fast float64 evaluation of the bake
+    and what its error bound is made of (bound = envelope x gamma(depth))."""
     baked = _float64_copy(weight, workspace)
     matrix = baked.view(baked.shape[0], -1) if baked.dim() > 0 else baked.view(1, 1)
     envelope = matrix.abs()
@@ -153,13 +166,7 @@ def bake_weight(
                 magnitude = term.envelope if term.envelope is not None else term.delta.abs()
                 bound.add_(magnitude.reshape(bound.shape), alpha=abs(term.coefficient))
                 depth += term.depth + 3
-    if not certifiable(out_dtype):
-        return round_float64(baked, out_dtype)
-    rounded, sure = certify(matrix, envelope.mul_(gamma(depth)), out_dtype)
-    unsure = (~sure).nonzero().tolist()
-    if unsure:
-        _round_exactly(rounded, unsure, weight.reshape(matrix.shape), terms, out_dtype)
-    return rounded.view(weight.shape)
+    return baked, matrix, envelope, depth
 
 
 def _round_exactly(rounded: Tensor, positions: list, weight: Tensor, terms: list[Term], out_dtype: torch.dtype) -> None:
@@ -198,33 +205,65 @@ def bake_weight_scaled_fp8(
     terms: Iterable[Term],
     scale: float,
     workspace: Tensor | None = None,
-    pool: Executor | None = None,
-    workers: int = 1,
 ) -> tuple[Tensor, float]:
     """(stored F8_E4M3 weight, its scale) for a baked scaled-fp8 weight: RN_E4M3((W + Σ c·ΔW) / s'), rounded once.
 
     ``weight`` is the dequantised weight in float64 (:func:`loraforge.ops.fp8.dequantised`), ``scale`` the base's.
-    The bake is first certified to float32 (y = RN_f32(exact)); s' comes from y (:func:`loraforge.ops.fp8.output_scale`:
-    the base's scale unless a value would exceed 448 s). y / s' is then rounded to the E4M3 grid, and the elements
-    whose float32 and division error could straddle an E4M3 midpoint are rounded from their exact rational value,
-    so every byte is RN of the exact quotient whatever the BLAS. Never saturates: s' makes every value fit.
+    The bake is evaluated in float64 with its error bound, as for any save dtype. s' is the base's scale when the
+    largest exact |W + Σ| fits under 448 x scale, else the least float32 >= that maximum / 448: the maximum is
+    taken exactly, over the few elements the bound cannot rule out, so the choice is a function of the inputs
+    only. Then each element is rounded to the E4M3 grid from the float64 quotient, and those whose bound reaches an
+    E4M3 midpoint (or whose sign the bound leaves open) from their exact rational value. Never saturates.
     """
     terms = list(terms)
-    rounded32 = bake_weight(weight, terms, torch.float32, workspace, pool, workers)
-    out_scale = fp8.output_scale(rounded32, scale)
-    quotient = rounded32.to(torch.float64) / out_scale
-    rounded, sure = fp8.round_e4m3(quotient, fp8.requantise_bound(rounded32, out_scale, quotient))
-    matrix = weight.reshape(weight.shape[0], -1) if weight.dim() > 0 else weight.reshape(1, 1)
-    flat = rounded.view(-1)
-    for index in (~sure & torch.isfinite(quotient)).view(-1).nonzero().view(-1).tolist():
+    _, matrix, envelope, depth = _float64_sum(weight, terms, workspace)
+    bound = envelope.mul_(gamma(depth))
+    base = weight.reshape(matrix.shape)
+    out_scale = _output_scale(matrix, bound, base, terms, scale)
+    inverse = 1.0 / out_scale
+    stored = torch.empty(matrix.shape, dtype=torch.float8_e4m3fn, device=matrix.device)
+    unsure: list[int] = []
+    step = max(1, SCALED_CHUNK_ELEMENTS // max(1, matrix.shape[1]))
+    for first in range(0, matrix.shape[0], step):
+        last = min(matrix.shape[0], first + step)
+        quotient = matrix[first:last] / out_scale
+        slack = bound[first:last] * (inverse * (1 + 2.0**-50)) + quotient.abs() * 2.0**-52
+        rounded, sure = fp8.round_e4m3(quotient, slack)
+        stored[first:last] = fp8.to_e4m3(rounded)
+        unsure.extend((first * matrix.shape[1] + (~sure & torch.isfinite(quotient)).view(-1).nonzero().view(-1)).tolist())
+    for index in unsure:
         row, column = divmod(index, matrix.shape[1])
-        base = matrix[row, column].item()
-        total = _exact_total(matrix, terms, row, column)
-        flat[index] = base / out_scale if total == 0 and base == 0 else fp8.exact_e4m3(total / Fraction(out_scale))
-    finite = torch.isfinite(rounded)
-    if bool((rounded[finite].abs() > fp8.E4M3_MAX).any()):  # cannot happen with output_scale's choice; never saturate
-        raise ValueError("a requantised value exceeds 448")
-    return fp8.to_e4m3(rounded), out_scale
+        value = base[row, column].item()
+        total = _exact_total(base, terms, row, column)
+        exact = value / out_scale if total == 0 and value == 0 else fp8.exact_e4m3(total / Fraction(out_scale))
+        stored[row, column] = torch.tensor(exact, dtype=torch.float32).to(torch.float8_e4m3fn)
+    return stored.view(weight.shape), out_scale
+
+
+# Rows per pass of the requantising loop: about this many elements, so its float64 temporaries stay small.
+SCALED_CHUNK_ELEMENTS = 1 << 19
+
+
+def _output_scale(matrix: Tensor, bound: Tensor, base: Tensor, terms: list[Term], scale: float) -> float:
+    """s' from the exact max |W + Σ| (see bake_weight_scaled_fp8): only elements within their bound of the
+    largest approximation can hold the maximum; their exact values decide it."""
+    lowest = -math.inf
+    step = max(1, SCALED_CHUNK_ELEMENTS // max(1, matrix.shape[1]))
+    for first in range(0, matrix.shape[0], step):
+        low = matrix[first:first + step].abs() - bound[first:first + step]
+        low = low[torch.isfinite(low)]
+        if low.numel():
+            lowest = max(lowest, float(low.max()))
+    if lowest == -math.inf:
+        return scale  # nothing finite: nothing to fit
+    candidates = []
+    for first in range(0, matrix.shape[0], step):
+        high = matrix[first:first + step].abs() + bound[first:first + step]
+        found = (high >= lowest).nonzero()
+        candidates.extend((first + int(r), int(c)) for r, c in found.tolist())
+    largest = max((abs(_exact_total(base, terms, r, c)) for r, c in candidates if math.isfinite(base[r, c].item())),
+                  default=Fraction(0))
+    return fp8.output_scale(largest, scale)
 
 
 def _gemm_groups(terms: list[LowRankTerm]) -> list[tuple[tuple[int, int] | None, Tensor, Tensor, list[LowRankTerm]]]:

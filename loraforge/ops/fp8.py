@@ -31,10 +31,6 @@ E4M3_MAX = 448.0
 _MANTISSA_BITS = 3
 _MIN_EXPONENT = -6  # lowest normal binade; below it the quantum stays 2^-9
 _QUANTUM_FLOOR = _MIN_EXPONENT - _MANTISSA_BITS  # -9
-# A float32 result y = RN(x) is within half a float32 step of x: |x - y| <= 2^-24 |y| for normal y, at most
-# 2^-150 for subnormal ones. The bound used is twice that, so its own float64 evaluation needs no care.
-_F32_RELATIVE = 2.0**-23
-_F32_ABSOLUTE = 2.0**-149
 
 
 def dequantised(weight: Tensor, scale: float) -> Tensor:
@@ -51,30 +47,20 @@ def scale_value(tensor: Tensor) -> float:
     return float(tensor.reshape(-1)[0].to(torch.float64))
 
 
-def output_scale(rounded32: Tensor, scale: float) -> float:
-    """The scale the requantised weight is stored with: the base's own when every value fits, else the least
-    float32 under which they all do.
+def output_scale(largest: Fraction, scale: float) -> float:
+    """The scale a requantised weight is stored with, from the exact largest |value| of the baked weight.
 
-    ``rounded32`` is the baked weight correctly rounded to float32 (a function
-    of the inputs only, so the choice is too: no BLAS-dependent float64 sum
-    decides it). The exact baked values lie within 2^-23 of it relatively;
-    the scale is kept when that whole interval, for the largest magnitude,
-    fits under 448 x scale, so an unchanged tensor keeps its scale and every
-    element whose delta is zero keeps its stored byte. Otherwise the scale is
-    rounded up from amax (1 + 2^-23) / 448, so no value ever exceeds 448.
+    The base's scale when every value fits under it (largest <= 448 x scale):
+    an unchanged tensor keeps its scale and every element the LoRAs leave
+    alone keeps its stored byte. Otherwise the least float32 >= largest / 448,
+    so no value ever exceeds 448 and nothing is clipped or saturated.
     """
-    if rounded32.numel() == 0:
+    if largest <= E4M3_MAX * Fraction(scale):
         return scale
-    amax = float(rounded32.abs().max().to(torch.float64))
-    if not math.isfinite(amax):
-        return scale  # NaN/inf in the base: nothing to fit (the bake's overflow check reports new ones)
-    needed = Fraction(amax) * (1 + Fraction(1, 2**23))
-    if needed <= E4M3_MAX * Fraction(scale):
-        return scale
-    return _round_up_float32(needed / Fraction(int(E4M3_MAX)))
+    return least_float32_at_least(largest / Fraction(int(E4M3_MAX)))
 
 
-def _round_up_float32(value: Fraction) -> float:
+def least_float32_at_least(value: Fraction) -> float:
     """The least float32 >= ``value`` (> 0), as a Python float."""
     candidate = np.float32(float(value))
     while Fraction(float(candidate)) < value:
@@ -90,28 +76,23 @@ def _round_up_float32(value: Fraction) -> float:
 def round_e4m3(values: Tensor, bound: Tensor) -> tuple[Tensor, Tensor]:
     """(RN(values) on the E4M3 grid as float64, mask of elements certainly rounded as their exact value would be).
 
-    ``values`` (float64, |v| <= 448 where finite) approximate exact reals to
-    within ``bound`` (float64, >= 0). Round half to even on the grid of each
-    value's binade, from the bit layout: quantum 2^(floor(log2|v|) - 3), at
-    least 2^-9. An element is certain when no midpoint of the grid lies
-    within its bound (and the bound is under a quarter quantum, so no
-    midpoint of a neighbouring binade can be nearer than one of its own).
+    ``values`` (contiguous float64, |v| <= 448 where finite) approximate exact
+    reals to within ``bound`` (float64, >= 0). Round half to even on the grid
+    of each value's binade, read from the float64 bit layout: quantum
+    2^(exponent - 3), at least 2^-9. An element is certain when no midpoint
+    of the grid lies within its bound (and the bound is under a quarter
+    quantum, so no midpoint of a neighbouring binade can be nearer than one
+    of its own), and when the bound leaves its sign settled (|v| > bound), so
+    a zero comes out with the exact value's sign.
     """
-    _, exponent = torch.frexp(values)  # |v| = m 2^e, m in [0.5, 1): floor(log2 |v|) = e - 1
-    quantum_exponent = torch.clamp(exponent.to(torch.float64) - 1 - _MANTISSA_BITS, min=float(_QUANTUM_FLOOR))
-    quantum = torch.pow(2.0, quantum_exponent)
+    exponent = (values.view(torch.int64) >> 52) & 0x7FF  # biased float64 exponent; 0 for zeros and subnormals
+    quantum_exponent = torch.clamp(exponent - (1023 + _MANTISSA_BITS), min=_QUANTUM_FLOOR)
+    quantum = ((quantum_exponent + 1023) << 52).view(torch.float64)  # 2^quantum_exponent, built from its bits
     scaled = values / quantum  # exact: a power-of-two division
-    whole = torch.round(scaled)  # half to even
-    rounded = whole * quantum
-    distance = ((scaled - torch.floor(scaled)) - 0.5).abs() * quantum  # to the nearest midpoint of the binade
-    sure = (distance > bound) & (bound < 0.25 * quantum) & torch.isfinite(values)
+    rounded = torch.round(scaled).mul_(quantum)  # half to even
+    distance = (scaled - torch.floor(scaled)).sub_(0.5).abs_().mul_(quantum)  # to the nearest midpoint of the binade
+    sure = (distance > bound) & (bound < 0.25 * quantum) & (values.abs() > bound) & torch.isfinite(values)
     return rounded, sure
-
-
-def requantise_bound(rounded32: Tensor, out_scale: float, quotient: Tensor) -> Tensor:
-    """A bound on |exact / out_scale - quotient|, where quotient = float64(rounded32 / out_scale)."""
-    wide = rounded32.to(torch.float64).abs()
-    return (wide * _F32_RELATIVE + _F32_ABSOLUTE) / out_scale * (1 + 2.0**-40) + quotient.abs() * 2.0**-50
 
 
 def exact_e4m3(value: Fraction) -> float:

@@ -100,12 +100,12 @@ DORA_STRENGTH_POLICY = (
 # keeps its key and bytes (docs/baking.md, "Scaled fp8 bases").
 SCALED_FP8_POLICY = (
     "scaled-fp8-v1: W = fp8 x scale_weight (exact, float64); save float: RN(W + sum) in it, scales and marker left "
-    "out; save same: y = RN_f32(W + sum), scale kept unless amax(y)(1 + 2^-23) > 448 scale, else RU_f32(that / 448); "
+    "out; save same: scale kept unless the exact max |W + sum| > 448 scale, else the least float32 >= max / 448; "
     "RN_E4M3(exact / scale) with ties to even, never saturating"
 )
-# The requantising bake's extra buffers per element of the largest weight: the float32 bake, its float64 quotient,
-# the rounded float64 grid values and the float8 result.
-SCALED_FP8_BYTES_PER_ELEMENT = 4 + 8 + 8 + 1
+# A scaled bake's extra buffers per element of the largest weight: the dequantised float64 weight and the float8
+# result (the requantising loop's float64 temporaries are bounded by ops/bake.SCALED_CHUNK_ELEMENTS).
+SCALED_FP8_BYTES_PER_ELEMENT = 8 + 1
 
 
 def _refuse_scaled_merge(loaded, name: str) -> None:
