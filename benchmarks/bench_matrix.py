@@ -21,9 +21,10 @@ recipe bakes the style and detail LoRAs into the base with
 It reports wall time, the ratios, and peak memory of the whole process tree
 (the build and, for Ray, its raylet, GCS and workers), sampled from /proc every
 0.2 s: the largest single process and the largest sum. Each run starts from
-no outputs and no lock; the two locks must be identical (every variant's
-sha256), and the outputs are deleted after each run (8 x 2 GiB) unless
-``--keep``. On a machine of 2 cores the point is the overhead, not a speed-up.
+no outputs and no lock; the locks must be identical (every variant's
+sha256). Unless ``--keep``, each output is deleted as soon as the lock
+records it (the build never reads it again; 8 x 2 GiB do not always fit on
+the shared box), and whatever is left after each run. On a machine of 2 cores the point is the overhead, not a speed-up.
 """
 
 from __future__ import annotations
@@ -102,8 +103,20 @@ def _tree_rss(root: int) -> tuple[int, int]:
     return max(values, default=0), sum(values)
 
 
-def timed(command: list[str], cwd: Path) -> tuple[float, int, int]:
-    """Wall seconds, peak RSS of the largest process and peak sum over the process tree."""
+def delete_recorded(folder: Path) -> None:
+    """Delete each variant's output once the lock records it (the build never reads it again): the
+    shared box has not always 8 x 2 GiB free. The lock is replaced by rename, so it is read whole."""
+    try:
+        lock = json.loads((folder / "matrix.lock").read_text())
+    except (OSError, ValueError):
+        return
+    for entry in lock.get("targets", {}).values():
+        (folder / entry["output"]).unlink(missing_ok=True)
+
+
+def timed(command: list[str], cwd: Path, tick=None) -> tuple[float, int, int]:
+    """Wall seconds, peak RSS of the largest process and peak sum over the process tree; ``tick()`` runs
+    with each sample."""
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     peaks = [0, 0]
@@ -113,6 +126,8 @@ def timed(command: list[str], cwd: Path) -> tuple[float, int, int]:
         while not stop.is_set():
             largest, total = _tree_rss(process.pid)
             peaks[0], peaks[1] = max(peaks[0], largest), max(peaks[1], total)
+            if tick is not None:
+                tick()
             stop.wait(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -153,7 +168,7 @@ def main() -> None:
     for name, extra in (("local", []), ("local -j 2", ["--jobs", "2"]), ("ray", ["--executor", "ray"])):
         clean(folder)
         load = os.getloadavg()
-        seconds, largest, total = timed(loraforge + extra, folder)
+        seconds, largest, total = timed(loraforge + extra, folder, None if args.keep else lambda: delete_recorded(folder))
         locks[name] = (folder / "matrix.lock").read_text()
         rows.append((f"{name} (8 bakes)", seconds, largest, total, load[0]))
         print(f"  {name}: {seconds:.1f} s, load before {load[0]:.2f}", flush=True)
