@@ -336,3 +336,20 @@ def test_a_file_with_each_weight_before_its_scale_bakes_to_the_same_tensors(tmp_
     assert sorted(got) == sorted(sorted_out)
     for key, tensor in got.items():
         assert tensor.dtype == sorted_out[key].dtype and np.array_equal(_bytes(tensor), _bytes(sorted_out[key])), key
+
+
+def test_kind_convert_dequantises_a_scaled_base_too(tmp_path):
+    """`kind: convert` to bfloat16 writes stored x scale rounded once, and leaves the scales and marker out (it
+    used to round the float32 scales to bfloat16 and keep the fp8 weights)."""
+    base, _, _ = _project(tmp_path, headroom=1.0, save="same")
+    (tmp_path / "recipe.yaml").write_text("\n".join([
+        "loraforge: 1", "name: conv", 'date: "2026-11-01"', "inputs:", "  base: {source: base.safetensors}",
+        "targets:", "  plain: {kind: convert, source: base, dtype: bfloat16, output: out/plain.safetensors}"]) + "\n")
+    result = invoke("build", tmp_path / "recipe.yaml")
+    assert result.exit_code == 0, result.output
+    got = _read(tmp_path / "out" / "plain.safetensors")
+    assert list(got) == [k for k in base if not k.endswith((".scale_weight", ".scale_input")) and k != "scaled_fp8"]
+    for key, tensor in got.items():
+        assert tensor.dtype == torch.bfloat16, key
+        if key[: -len(".weight")] + ".scale_weight" in base:
+            np.testing.assert_array_equal(tensor.to(torch.float64).numpy(), _round_bf16(_dequantised(base, key)), err_msg=key)

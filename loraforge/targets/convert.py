@@ -9,6 +9,11 @@ anew, data hashes (``modelspec.hash_sha256``, ``sshs_model_hash``) are
 recomputed and kohya's ``sshs_legacy_hash``, a hash of file bytes that can no
 longer be right, is dropped. A value the dtype cannot hold stops the build.
 
+A ComfyUI scaled-fp8 checkpoint (``scale_weight`` tensors) is dequantised as
+a bake into a float dtype dequantises it (docs/baking.md): each scaled weight
+becomes RN(stored x scale), and the scales and the ``scaled_fp8`` marker are
+left out.
+
 The output is what the source is: a converted LoRA can be a later target's
 `loras:` entry, a converted checkpoint its `base:`.
 
@@ -37,11 +42,13 @@ from loraforge.formats.metadata import HASH_KEY, HASH_PLACEHOLDER
 from loraforge.formats.safetensors_reader import open_safetensors
 from loraforge.formats.safetensors_writer import SafetensorsWriter, TensorPlan, WriteResult
 from loraforge.ops.finite import overflow_count
+from loraforge.ops.fp8 import dequantised, scale_value
 from loraforge.ops.rounding import round_float64
 from loraforge.plan.action_key import BAKE_NUMERIC_POLICY, action_key
+from loraforge.plan.bake import SCALED_FP8_POLICY
 from loraforge.plan.ingredients import input_file
 from loraforge.plan.kinds import TargetKind
-from loraforge.plan.layout import OutputTensor, output_layout
+from loraforge.plan.layout import OutputTensor, output_layout, scaled_weights
 from loraforge.plan.provenance import provenance_fields
 from loraforge.plan.report import common_fields
 from loraforge.plan.target import PlannedTarget
@@ -106,12 +113,14 @@ class ConvertKind(TargetKind):
         spec = loaded.recipe.targets[name]
         dtype = precision_code(spec.dtype)
         fields = _unbuilt_source(context, name) if _is_unbuilt_target(context, spec.source) else _file_source(context, name, dtype)
+        # A ComfyUI scaled-fp8 checkpoint is dequantised (docs/baking.md): its key says so, other keys are unchanged.
+        policy = BAKE_NUMERIC_POLICY + (f" + {SCALED_FP8_POLICY}" if _scaled_source(fields["source_path"]) else "")
         return ConversionTarget(
             name=name,
             output=context.output_path(name),
             device="cpu",  # no tensor math beyond rounding: the device never matters
             dependencies=tuple(d for d in spec.dependencies() if d in loaded.recipe.targets),
-            action_key=action_key(loaded, name, "convert", context.input_hashes(name), BAKE_NUMERIC_POLICY),
+            action_key=action_key(loaded, name, "convert", context.input_hashes(name), policy),
             source=spec.source,
             dtype=dtype,
             **fields,
@@ -119,7 +128,8 @@ class ConvertKind(TargetKind):
 
     def run(self, target: ConversionTarget, run) -> ConvertResult:
         with open_safetensors(target.source_path) as source:
-            layout = output_layout(source, target.dtype)
+            scaled = scaled_weights(source)  # ComfyUI scaled fp8: weights dequantised, scales left out
+            layout = output_layout(source, target.dtype, scaled=scaled)
             metadata, deferred = _output_metadata(source.metadata, provenance_fields(run.plan, target))
             target.output.parent.mkdir(parents=True, exist_ok=True)
             plan = [TensorPlan(t.name, t.dtype, t.shape) for t in layout]
@@ -128,10 +138,12 @@ class ConvertKind(TargetKind):
                 for entry, data in prefetched(layout, load, PREFETCH_DEPTH):
                     if entry.action == "convert":
                         data = _converted(target, entry, data)
+                    elif entry.action == "dequantise":  # stored fp8 x scale, exact in float64, rounded once
+                        data = _converted(target, entry, dequantised(data, scale_value(source.read(scaled[entry.name]))))
                     writer.write(entry.name, data)
                     run.progress(entry.nbytes)
                 written = writer.commit(deferred_metadata=deferred or None)
-        converted = sum(1 for t in layout if t.action == "convert")
+        converted = sum(1 for t in layout if t.action in ("convert", "dequantise"))
         return ConvertResult(target.name, written, converted, len(layout) - converted)
 
     def report(self, target: ConversionTarget) -> dict:
@@ -201,7 +213,7 @@ def _file_source(context, name: str, dtype: str) -> dict:
         with open_safetensors(path) as file:
             adapter = parse_adapter(file)
             shapes = {key: tuple(file.info(key).shape) for key in file.names()}
-            layout = output_layout(file, dtype)
+            layout = output_layout(file, dtype, scaled=scaled_weights(file))
             size = file.file_size
     except FormatError as error:
         raise loaded.error(("targets", name, "source"), f"'{source}' ({path}) cannot be converted: {error}") from None
@@ -215,6 +227,17 @@ def _file_source(context, name: str, dtype: str) -> dict:
         read_bytes=size, write_bytes=sum(t.nbytes for t in layout),
         memory_bytes=CONVERT_MEMORY_FLOOR + (PREFETCH_DEPTH + 2) * largest * itemsize("F64"),
     )
+
+
+def _scaled_source(path: Path | None) -> bool:
+    """Whether the source file (when it exists yet) is a ComfyUI scaled-fp8 checkpoint."""
+    if path is None or not Path(path).is_file():
+        return False
+    try:
+        with open_safetensors(path) as file:
+            return bool(scaled_weights(file))
+    except (OSError, FormatError):
+        return False
 
 
 def _detection(shapes: dict) -> Detection | None:
