@@ -147,7 +147,7 @@ def build(
     force: bool = typer.Option(False, "--force", help="Rebuild the named targets (all when none are named) even if up to date."),
     jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Build up to N independent targets at once."),
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Memory the concurrent targets may use, e.g. 12G (default: half the RAM)."),
-    executor: str = typer.Option("local", "--executor", help="local (this process) | ray (each target a Ray task; needs loraforge[ray])."),
+    executor: str = typer.Option("local", "--executor", help="local (this process) | ray (each target a Ray task; needs the ray extra, docs/scaling.md)."),
     address: Optional[str] = typer.Option(None, "--address", help="With --executor ray: the Ray cluster (HEAD:6379, or auto); default: a Ray instance on this machine."),
     store: Optional[str] = typer.Option(None, "--store", help="With --executor ray: fsspec URL of a store every worker reaches (file://, s3://, gs://); default $LORAFORGE_STORE, else the shared filesystem."),
 ) -> None:
