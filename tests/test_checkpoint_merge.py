@@ -148,6 +148,42 @@ def _project(folder: Path, models: Path, targets: str) -> Path:
     return recipe
 
 
+# Builds every method in a fresh process: with one CPU thread for the run (os.cpu_count() = 1: no worker
+# pool) and the default chunks, or with two (a pool of two threads) and chunks of CHUNK elements, so
+# large tensors are split over the threads. Both also differ in OMP/MKL threads, PYTHONHASHSEED and --jobs.
+CHUNK = 4096
+DRIVER = """
+import os, sys
+cpus, chunk = int(sys.argv[1]), int(sys.argv[2])
+os.cpu_count = lambda: cpus  # Resources.local: the run's CPU threads
+import loraforge.execute.checkpoint_merge as executor
+import loraforge.ops.checkpoint_merge as ops
+if chunk:
+    ops.LINEAR_CHUNK = executor.MERGE_CHUNK = chunk
+from loraforge.cli import app
+sys.argv = ["loraforge", *sys.argv[3:]]
+app()
+"""
+RUNS = {"serial": ("1", "1", 0, "1"), "threaded": ("2", "2", CHUNK, "3")}  # OMP threads, CPUs, chunk, --jobs
+
+
+@pytest.fixture(scope="module")
+def every_method(models, tmp_path_factory) -> dict[str, Path]:
+    """run name -> its dist/ folder, LINEAR_TARGETS and NONLINEAR_TARGETS built in two processes side by side."""
+    started = {}
+    for name, (threads, cpus, chunk, jobs) in RUNS.items():
+        folder = tmp_path_factory.mktemp(f"every-method-{name}")
+        recipe = _project(folder, models, LINEAR_TARGETS + NONLINEAR_TARGETS)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MKL_"))}
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONHASHSEED=threads)
+        command = [sys.executable, "-c", DRIVER, cpus, str(chunk), "build", "-q", "--jobs", jobs, str(recipe)]
+        started[name] = (folder, subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for name, (folder, process) in started.items():
+        output, _ = process.communicate()
+        assert process.returncode == 0, (name, output)
+    return {name: folder / "dist" for name, (folder, _) in started.items()}
+
+
 def _build(recipe: Path, *extra: str) -> None:
     result = runner.invoke(app, ["build", "-q", str(recipe), *extra])
     assert result.exit_code == 0, result.output
@@ -189,12 +225,11 @@ def _check_correctly_rounded(out: np.ndarray, approx: np.ndarray, exact) -> int:
     return len(differ)
 
 
-def test_linear_methods_are_correctly_rounded_exact_references(tmp_path, models):
-    recipe = _project(tmp_path, models, LINEAR_TARGETS)
-    _build(recipe)
+def test_linear_methods_are_correctly_rounded_exact_references(every_method, models):
+    """On the build in chunks on two threads (every_method["threaded"]; the serial build has the same bytes)."""
     inputs = _inputs(models)
     a, b, c = (inputs[n] for n in MODELS)
-    outputs = {name: _read(tmp_path / "dist" / f"{name}.safetensors")[0] for name in ("ws", "ws-norm", "addd", "ta")}
+    outputs = {name: _read(every_method["threaded"] / f"{name}.safetensors")[0] for name in ("ws", "ws-norm", "addd", "ta")}
     checked = 0
     for key in _merged_keys(a):
         block = block_of(key)
@@ -306,15 +341,13 @@ def ref_train_difference(a, b, c, alpha):
     return a + alpha * ((np.sign(b - c) * scale) * d_bc * 1.8)
 
 
-def test_nonlinear_methods_equal_float64_references_and_masks(tmp_path, models, monkeypatch):
-    import loraforge.execute.checkpoint_merge as executor
-
-    monkeypatch.setattr(executor, "MERGE_CHUNK", 1000)  # elementwise methods in many chunks (masks: advanced generators)
-    recipe = _project(tmp_path, models, NONLINEAR_TARGETS)
-    _build(recipe)
+def test_nonlinear_methods_equal_float64_references_and_masks(every_method, models):
+    """On the build in CHUNK-element chunks on two threads: elementwise methods split large tensors (masks from
+    generators advanced to each chunk) and must still equal the whole-tensor references."""
     inputs = _inputs(models)
     names = ("ties", "dare", "dare-ties", "della", "stock", "train-diff", "slerp", "slerp-base")
-    outputs = {name: _read(tmp_path / "dist" / f"{name}.safetensors")[0] for name in names}
+    outputs = {name: _read(every_method["threaded"] / f"{name}.safetensors")[0] for name in names}
+    assert max(v.size for v in inputs["a"].values()) > 4 * CHUNK  # some tensors are split
     for key in _merged_keys(inputs["a"]):
         block = block_of(key)
         a, b, c = (inputs[n][key].astype(np.float64) for n in MODELS)
@@ -414,19 +447,11 @@ def test_tensor_blocks_agree_with_the_lora_block_table():
 # --- reproducibility -------------------------------------------------------------------------
 
 
-def test_same_bytes_for_1_and_2_threads_and_jobs(tmp_path, models):
-    targets = LINEAR_TARGETS + NONLINEAR_TARGETS  # every method
-    hashes = []
-    for run, (threads, jobs) in enumerate((("1", "1"), ("2", "3"))):
-        folder = tmp_path / f"run{run}"
-        folder.mkdir()
-        recipe = _project(folder, models, targets)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MKL_"))}
-        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONHASHSEED=threads)
-        done = subprocess.run([sys.executable, "-m", "loraforge.cli", "build", "-q", "--jobs", jobs, str(recipe)],
-                              env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr + done.stdout
-        hashes.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((folder / "dist").iterdir())})
+def test_same_bytes_for_1_and_2_threads_and_jobs(every_method):
+    """Every method: one thread, default chunks, --jobs 1 vs two threads, small chunks, --jobs 3 (and different
+    OMP/MKL threads and PYTHONHASHSEED), in separate processes."""
+    hashes = [{p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(dist.iterdir())}
+              for dist in every_method.values()]
     assert len(hashes[0]) == 12 and hashes[0] == hashes[1]
 
 
