@@ -19,7 +19,8 @@ side by side in one run:
 
 - ``raw copy`` / ``copy``: the largest input's bytes to a new file (8 MiB
   chunks), and the plain streaming safetensors read+write the targets are
-  stated against (both from bench_bake.py), each with fsync;
+  stated against (both from bench_bake.py), each with fsync, timed again
+  before each job;
 - ``loraforge``: ``loraforge build`` of the job's target (no lock, so it
   always builds), default threads (every core);
 - ``sd-mecha`` (with ``--mecha-python``): the same job through sd-mecha's
@@ -34,7 +35,8 @@ on the largest merged tensors, where the two definitions of the trim differ
 lower index, magnitudes in float64; sd-mecha keeps every float32 magnitude at
 or above its kthvalue of rank max(int((1 − density)·n), 1), i.e. one more
 and every tie), which explains the differences beyond float32 rounding.
-Outputs are deleted afterwards unless ``--keep-outputs``.
+Each job's outputs are compared and deleted before the next job runs (unless
+``--keep-outputs``), so a full-size run needs room for two outputs at a time.
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ import argparse
 import math
 import os
 import statistics
-import subprocess
 import sys
 import textwrap
 import time
@@ -174,7 +175,7 @@ def compare_outputs(ours: Path, theirs: Path) -> dict:
     return found
 
 
-def trim_definitions(count: int = 6) -> list[str]:
+def trim_definitions(count: int = 3) -> list[str]:
     """On the ``count`` largest merged tensors: how many elements each definition of TIES' trim keeps, and
     where the two results differ by more than one float16 step, how many of those elements are kept by one
     definition only in some model (the explanation of the disagreement)."""
@@ -220,41 +221,49 @@ def trim_definitions(count: int = 6) -> list[str]:
 
 
 def run(jobs: list[str], repeats: int, mecha_python: str | None, keep: bool) -> dict:
+    """Per job: the copy, loraforge and sd-mecha side by side, then the outputs compared and deleted (a
+    full-size run needs room for two 2 GiB outputs at a time, not six)."""
     print("preparing inputs", flush=True)
     recipe = prepare()
     out = WORK / "out"
     out.mkdir(exist_ok=True)
     largest = max((WORK / f"{name}.safetensors" for name in ("base", *MODEL_SEEDS)), key=lambda p: p.stat().st_size)
-    commands = {
+    copies = {
         "raw copy": [sys.executable, "-c", COPY_SCRIPT, str(largest), str(out / "raw-copy.safetensors")],
         "copy": [sys.executable, "-c", SAFETENSORS_COPY_SCRIPT, str(largest), str(out / "copy.safetensors")],
     }
-    for job in jobs:
-        commands[f"loraforge {job}"] = [sys.executable, "-m", "loraforge.cli", "build", str(recipe), job, "--quiet", "--device", "cpu"]
-        if mecha_python:
-            commands[f"sd-mecha {job}"] = mecha_command(mecha_python, job)
-    samples: dict[str, list[tuple[float, int]]] = {name: [] for name in commands}
-    timed(commands["raw copy"])  # warm the page cache for every contender alike
+    timed(copies["raw copy"])  # warm the page cache for every contender alike
+    (out / "raw-copy.safetensors").unlink()
     load = os.getloadavg()
-    for _ in range(repeats):
-        for name, command in commands.items():
-            # A lock from the previous run must never turn a timed build into an up-to-date no-op.
-            recipe.with_suffix(".lock").unlink(missing_ok=True)
-            samples[name].append(timed(command))
-            print(f"  {name}: {samples[name][-1][0]:.2f} s, peak RSS {samples[name][-1][1] / 2**20:.0f} MiB", flush=True)
-    load = (load, os.getloadavg())
-    result = {name: (statistics.median(s[0] for s in runs), max(s[1] for s in runs)) for name, runs in samples.items()}
+    samples: dict[str, list[tuple[float, int]]] = {}
     comparisons = {}
-    if mecha_python:
-        for job in jobs:
+
+    def sample(name: str, command: list[str], written: Path | None = None) -> None:
+        # A lock from the previous run must never turn a timed build into an up-to-date no-op.
+        recipe.with_suffix(".lock").unlink(missing_ok=True)
+        samples.setdefault(name, []).append(timed(command))
+        print(f"  {name}: {samples[name][-1][0]:.2f} s, peak RSS {samples[name][-1][1] / 2**20:.0f} MiB", flush=True)
+        if written is not None:
+            written.unlink()
+
+    for job in jobs:
+        for _ in range(repeats):
+            for name, command in copies.items():
+                sample(f"{name} ({job})", command, out / f"{name.replace(' ', '-')}.safetensors")
+            sample(f"loraforge {job}", [sys.executable, "-m", "loraforge.cli", "build", str(recipe), job, "--quiet", "--device", "cpu"])
+            if mecha_python:
+                sample(f"sd-mecha {job}", mecha_command(mecha_python, job))
+        if mecha_python:
             comparisons[job] = compare_outputs(out / f"{job}.safetensors", out / f"mecha-{job}.safetensors")
             print_comparison(job, comparisons[job])
-        if "ties" in jobs:
-            for line in trim_definitions():
-                print(f"  ties trim: {line}", flush=True)
-    if not keep:
-        for path in out.glob("*.safetensors"):
-            path.unlink()
+            if job == "ties":
+                for line in trim_definitions():
+                    print(f"  ties trim: {line}", flush=True)
+        if not keep:
+            for path in out.glob("*.safetensors"):
+                path.unlink()
+    load = (load, os.getloadavg())
+    result = {name: (statistics.median(s[0] for s in runs), max(s[1] for s in runs)) for name, runs in samples.items()}
     return {"largest_bytes": largest.stat().st_size, "load": load, "result": result, "comparisons": comparisons}
 
 
@@ -275,18 +284,20 @@ def print_comparison(job: str, found: dict) -> None:
 
 def report(row: dict, jobs: list[str]) -> None:
     result = row["result"]
-    copy_t, copy_rss = result["copy"]
     (l1, l5, l15), (e1, e5, e15) = row["load"]
     print(f"\nload average before {l1:.2f} {l5:.2f} {l15:.2f}, after {e1:.2f} {e5:.2f} {e15:.2f}; "
-          f"largest input {row['largest_bytes'] / 2**30:.2f} GiB; raw copy {result['raw copy'][0]:.2f} s")
-    print("| job | safetensors copy | loraforge | loraforge / copy | sd-mecha | sd-mecha / copy | copy RSS | loraforge RSS | sd-mecha RSS |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"largest input {row['largest_bytes'] / 2**30:.2f} GiB")
+    print("| job | raw copy | safetensors copy | loraforge | loraforge / copy | sd-mecha | sd-mecha / copy "
+          "| copy RSS | loraforge RSS | sd-mecha RSS |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for job in jobs:
+        raw_t, _ = result[f"raw copy ({job})"]
+        copy_t, copy_rss = result[f"copy ({job})"]
         ours_t, ours_rss = result[f"loraforge {job}"]
         mecha = result.get(f"sd-mecha {job}")
         mecha_cells = "- | - " if mecha is None else f"{mecha[0]:.2f} s | {mecha[0] / copy_t:.2f}x "
         mecha_rss = "-" if mecha is None else f"{mecha[1] / 2**20:.0f} MiB"
-        print(f"| {job} | {copy_t:.2f} s | {ours_t:.2f} s | {ours_t / copy_t:.2f}x | {mecha_cells}"
+        print(f"| {job} | {raw_t:.2f} s | {copy_t:.2f} s | {ours_t:.2f} s | {ours_t / copy_t:.2f}x | {mecha_cells}"
               f"| {copy_rss / 2**20:.0f} MiB | {ours_rss / 2**20:.0f} MiB | {mecha_rss} |")
 
 
