@@ -138,11 +138,21 @@ def merge_action_key(context, name: str, merge: CheckpointMergePlan, bake_policy
     return action_key(context.loaded, name, "bake", context.input_hashes(name), policy, extra)
 
 
+CHUNK_WORK_BYTES = 64 << 20  # float64 work arrays of one chunk (2^18 elements) on one thread, rounded up
+MERGE_THREADS = 2  # the bake's worker pool, which computes a merge's chunks
+
+
 def merge_memory_bytes(plan: CheckpointMergePlan) -> int:
-    """Peak memory of the merge: per tensor in flight (the bake's read-ahead), each model's copy and float64 work."""
+    """Peak memory of the merge (docs/merging-checkpoints.md, "Streaming and memory"): three tensors in flight
+    (the bake's read-ahead) of every model; chunked methods add fixed work arrays per thread (TIES one float64
+    magnitude array of the tensor per thread), whole-tensor methods float64 copies of every model's tensor."""
     with open_safetensors(plan.primary_model.structure_path) as handle:
         largest = max((math.prod(handle.info(key).shape) for key in plan.tensor_blocks), default=0)
     in_flight = 3  # the tensor being baked and two read ahead
+    method = plan.method_class
+    if method.linear or method.elementwise:
+        trim = MERGE_THREADS * 8 * largest if method.name == "ties" else 0
+        return in_flight * largest * 8 * len(plan.models) + MERGE_THREADS * CHUNK_WORK_BYTES + trim
     return in_flight * largest * 8 * (2 * len(plan.models) + 4)
 
 
