@@ -111,14 +111,16 @@ def _linear_chunk(sources: Sequence[Tensor], terms: Terms, divisor: Sequence[flo
     if not certifiable(dtype):
         return round_float64(total, dtype).reshape(shape)
     rounded, sure = _certified(total, bound, dtype)
-    # Elements whose every product has a zero factor are exactly 0 (written +0): certification never
-    # trusts a zero approximation, and they would all take the exact path.
-    zero = torch.ones_like(sure)
-    for factors, source in terms:
-        if all(float(f) != 0 for f in factors):  # the exact coefficient is nonzero (even if its float64 product underflows)
-            zero &= wide[source] == 0
-    rounded[zero] = 0
-    todo = (~sure & ~zero & total.isfinite()).nonzero().reshape(-1)
+    todo = (~sure).nonzero().reshape(-1)  # the rest is decided; only these need a closer look
+    if todo.numel():
+        # Elements whose every product has a zero factor are exactly 0 (written +0): certification never
+        # trusts a zero approximation (so they are all here), and they would all take the exact path.
+        zero = torch.ones_like(todo, dtype=torch.bool)
+        for factors, source in terms:
+            if all(float(f) != 0 for f in factors):  # the exact coefficient is nonzero (even if its float64 product underflows)
+                zero &= wide[source][todo] == 0
+        rounded[todo[zero]] = 0
+        todo = todo[~zero & total[todo].isfinite()]
     if todo.numel():
         # Dyadic weights (0.5, 0.25) often give a float64 sum that is the exact value, and that value
         # often lies exactly on a rounding midpoint (about 20 % of elements for 0.5·a + 0.25·b): where
