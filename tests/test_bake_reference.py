@@ -239,10 +239,11 @@ def test_dora_diff_and_peft_bake_match_reference(tmp_path):
         spec = arch.module_by_kohya[module]
         expected[spec.key] += -1.5 * factors["diff"]
         expected[spec.bias_key] += -1.5 * factors["diff_b"]
-    for key, value in read_all(tmp_path / "peft.safetensors").items():
+    peft = read_all(tmp_path / "peft.safetensors")
+    for key, value in peft.items():
         if key.endswith(".lora_A.weight"):
             name = key[: -len(".lora_A.weight")]
-            up = read_all(tmp_path / "peft.safetensors")[name + ".lora_B.weight"].double()
+            up = peft[name + ".lora_B.weight"].double()
             spec = arch.module_by_diffusers[name]
             target = expected[spec.key] if spec.rows is None else expected[spec.key][spec.rows[0]:spec.rows[1]]
             target += 0.9 * (up.reshape(up.shape[0], -1) @ value.double().reshape(value.shape[0], -1)).reshape(target.shape)

@@ -106,23 +106,28 @@ def test_plan_json_reports_matching_and_status(project):
     assert again["targets"][0]["status"] == "up to date"
 
 
-def _build_in_subprocess(project: Path, threads: str, hashseed: str) -> str:
+def _build_in_subprocess(project: Path, threads: str, hashseed: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONHASHSEED": hashseed}
     code = (
         "import torch, sys; torch.set_num_threads(int(sys.argv[1])); "
         "from loraforge.cli import app; app(sys.argv[2:])"
     )
-    subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-c", code, threads, "build", str(project / "recipe.yaml"), "-q"],
-        check=True, env=env, capture_output=True,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
-    return hashlib.sha256((project / "dist/baked.safetensors").read_bytes()).hexdigest()
 
 
-def test_builds_are_byte_identical_across_processes_threads_and_hash_seeds(project):
-    first = _build_in_subprocess(project, "1", "1")
-    (project / "dist/baked.safetensors").unlink()
-    second = _build_in_subprocess(project, "2", "4242")
+def test_builds_are_byte_identical_across_processes_threads_and_hash_seeds(project, models):
+    other = project / "other"  # a second copy of the project: the two builds run side by side
+    other.mkdir()
+    (other / "models").symlink_to(models, target_is_directory=True)
+    (other / "recipe.yaml").write_text(RECIPE)
+    builds = [_build_in_subprocess(project, "1", "1"), _build_in_subprocess(other, "2", "4242")]
+    for build in builds:
+        output, _ = build.communicate(timeout=600)
+        assert build.returncode == 0, output.decode()
+    first, second = (hashlib.sha256((folder / "dist/baked.safetensors").read_bytes()).hexdigest() for folder in (project, other))
     assert first == second
 
 

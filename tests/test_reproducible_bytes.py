@@ -6,6 +6,10 @@ SSE2 kernels), ``MKL_CBWR=AVX2`` where the CPU has it, and with one and two
 threads, and must all equal the sha256 committed in the example locks, which
 were written on another machine: certified rounding makes these bytes a
 function of the input bytes alone.
+
+One fresh process per environment builds every certified target (`loraforge
+build` once per recipe, each target once); the environments' processes run
+side by side, so their bytes must not depend on the machine being busy either.
 """
 
 from __future__ import annotations
@@ -57,28 +61,57 @@ def _locked_sha256(recipe: str, target: str) -> str:
     return lock["targets"][target]["sha256"]
 
 
+# Builds each recipe's certified targets with the CLI, in this one process, in order; exit codes on stdout.
+DRIVER = """
+import json, sys
+from loraforge.cli import app
+codes = []
+for argv in json.loads(sys.argv[1]):
+    try:
+        app(argv)
+    except SystemExit as done:
+        codes.append(done.code or 0)
+print(json.dumps(codes))
+"""
+
+
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("repro")
-    (folder / "models").mkdir()
-    for name in MODELS:
-        shutil.copy(RECIPES / "models" / f"{name}.safetensors", folder / "models")
-    return folder
+def builds(tmp_path_factory):
+    """{environment id: (process, folder)}: every environment's build started at once, each in its own folder."""
+    recipes: dict[str, list[str]] = {}
+    for recipe, target in CERTIFIED:
+        recipes.setdefault(recipe, []).append(target)
+    started = {}
+    for param in ENVIRONMENTS:
+        if any(mark.name == "skipif" and mark.args[0] for mark in param.marks):
+            continue
+        overrides = param.values[0]
+        folder = tmp_path_factory.mktemp(f"repro-{param.id}")
+        (folder / "models").mkdir()
+        for name in MODELS:
+            shutil.copy(RECIPES / "models" / f"{name}.safetensors", folder / "models")
+        for recipe in recipes:
+            shutil.copy(RECIPES / f"{recipe}.yaml", folder / f"{recipe}.yaml")
+        argvs = [["build", "-q", str(folder / f"{recipe}.yaml"), *targets] for recipe, targets in recipes.items()]
+        env = {key: value for key, value in os.environ.items() if not key.startswith(("MKL_", "OMP_"))}
+        env.update(overrides, PYTHONHASHSEED=overrides.get("OMP_NUM_THREADS", "0"))
+        process = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(argvs)], env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        started[param.id] = (process, folder, len(argvs))
+    yield started
+    for process, _, _ in started.values():
+        if process.poll() is None:  # a test stopped early: leave no build running
+            process.kill()
+            process.communicate()
 
 
 @pytest.mark.parametrize("overrides", ENVIRONMENTS)
-def test_certified_outputs_equal_the_committed_lock_under_every_code_path(workspace, tmp_path, overrides):
+def test_certified_outputs_equal_the_committed_lock_under_every_code_path(builds, request, overrides):
+    process, folder, count = builds[request.node.callspec.id]
+    stdout, stderr = process.communicate(timeout=900)
+    assert process.returncode == 0, stderr
+    assert json.loads(stdout.strip().splitlines()[-1]) == [0] * count, stderr
     for recipe, target in CERTIFIED:
-        folder = tmp_path / f"{recipe}-{target}"
-        shutil.copytree(workspace, folder)
-        shutil.copy(RECIPES / f"{recipe}.yaml", folder / f"{recipe}.yaml")
-        env = {key: value for key, value in os.environ.items() if not key.startswith(("MKL_", "OMP_"))}
-        env.update(overrides, PYTHONHASHSEED=overrides.get("OMP_NUM_THREADS", "0"))
-        completed = subprocess.run(
-            [sys.executable, "-m", "loraforge.cli", "build", "-q", str(folder / f"{recipe}.yaml"), target],
-            env=env, capture_output=True, text=True,
-        )
-        assert completed.returncode == 0, completed.stderr
         lock = json.loads((folder / f"{recipe}.lock").read_text())
         output = folder / lock["targets"][target]["output"]
         assert file_hashes(output).sha256 == _locked_sha256(recipe, target), (recipe, target, overrides)
