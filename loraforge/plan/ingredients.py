@@ -19,6 +19,7 @@ from typing import Sequence
 from loraforge.errors import FormatError
 from loraforge.formats.adapters import AdapterFile, dora_convention, parse_adapter
 from loraforge.formats.adapters.matching import detect_adapter_architecture, match_adapter
+from loraforge.formats.adapters.model import component_of
 from loraforge.formats.arch.block_weights import BlockWeightError, parse_block_weights
 from loraforge.formats.arch.table import Architecture
 from loraforge.formats.pickle_input import safetensors_input
@@ -126,7 +127,24 @@ def plan_ingredient(
     if match.shape_mismatches:
         raise loaded.error((*where, "use"), _shape_mismatch_message(lora.use, adapter, match.shape_mismatches, arch))
     _check_one_module_per_layer(loaded, where, lora.use, adapter, match.matched)
-    unmatched = tuple(sorted([m.name for m in match.unmatched] + list(adapter.unclaimed)))
+    blocks = _block_weights(loaded, (*where, "blocks"), lora.blocks, arch)
+    te = lora.strength if lora.te is None else lora.te
+    not_in_base = _text_encoder_modules_without_encoder(match.unmatched, arch)
+    if not_in_base and te != 0.0 and not allow_unmatched:
+        raise loaded.error(
+            (*where, "te") if lora.te is not None else (*where, "use"),
+            f"{len(not_in_base)} text-encoder module(s) of '{lora.use}' ({source.path.name}) have nothing to change: "
+            f"the {arch.title} {base_label} holds no text encoder (e.g. BFL's transformer-only file), so baking them "
+            f"would silently drop them: {listing(not_in_base)}.",
+            "Set `te: 0` on this LoRA to bake the rest and skip them knowingly (load the LoRA's text-encoder part at "
+            "inference), or bake into a checkpoint that includes the text encoders.",
+        )
+    if te == 0.0:  # skipped knowingly, and accounted for in the plan (not_in_base)
+        skipped = set(not_in_base)
+        unmatched_modules = [m for m in match.unmatched if m.name not in skipped]
+    else:
+        not_in_base, unmatched_modules = (), match.unmatched
+    unmatched = tuple(sorted([m.name for m in unmatched_modules] + list(adapter.unclaimed)))
     if unmatched and not allow_unmatched:
         raise loaded.error(
             (*where, "use"),
@@ -135,8 +153,6 @@ def plan_ingredient(
             "Check that the LoRA was made for this base model, or set `allow_unmatched: true` on the "
             "target to skip them (they are then listed by `loraforge plan`).",
         )
-    blocks = _block_weights(loaded, (*where, "blocks"), lora.blocks, arch)
-    te = lora.strength if lora.te is None else lora.te
     applications = []
     for module, module_spec in match.matched:
         try:
@@ -161,9 +177,18 @@ def plan_ingredient(
         matched=len(match.matched),
         applied=len(applications),
         unmatched=unmatched,
+        not_in_base=tuple(sorted(not_in_base)),
         blocks_used=dict(sorted(Counter(s.block for _, s in match.matched).items())),
     )
     return ingredient, applications
+
+
+def _text_encoder_modules_without_encoder(unmatched, arch: Architecture) -> tuple[str, ...]:
+    """Names of unmatched text-encoder modules when the architecture holds no text encoder at all (a Flux
+    transformer-only file): they are not the wrong model's, there is just nothing here for them to change."""
+    if not unmatched or any(spec.is_text_encoder for spec in arch.modules):
+        return ()
+    return tuple(m.name for m in unmatched if component_of(m.name) not in ("unet", None, ""))
 
 
 def _check_one_module_per_layer(loaded, where, use, adapter, matched) -> None:

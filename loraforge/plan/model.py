@@ -37,6 +37,8 @@ class LoraIngredient:
     applied: int  # of those, modules with a non-zero coefficient
     unmatched: tuple[str, ...]  # adapter modules / keys that land nowhere
     blocks_used: Mapping[str, int]  # block id -> matched module count
+    # Text-encoder modules skipped at te: 0 because the base holds no text encoder (plan/ingredients.py).
+    not_in_base: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -86,4 +86,5 @@ def ingredient_report(ingredient) -> dict:
         "applied": ingredient.applied,
         "modules_per_block": dict(ingredient.blocks_used),
         "unmatched": list(ingredient.unmatched),
+        "not_in_base": list(ingredient.not_in_base),
     }

@@ -17,6 +17,8 @@ def lora_entry_lines(loras: list[dict]) -> list:
             nested.append("block weights: " + ", ".join(f"{b}={w:g}" for b, w in weights.items()))
         if lora["unmatched"]:
             nested.append(f"[yellow]unmatched (allowed): {listing(lora['unmatched'])}[/]")
+        if lora["not_in_base"]:
+            nested.append(f"{len(lora['not_in_base'])} text-encoder module(s) skipped at te 0: the base holds no text encoder")
         lines.append((
             f"[bold]{lora['use']}[/] {lora['adapter_kind']}: strength {lora['strength']:g}{te}; "
             f"{lora['matched']}/{lora['modules']} modules matched, {lora['applied']} applied",
