@@ -389,7 +389,7 @@ def test_flux_starter_loads_names_the_bfl_file_and_pins_no_hash(tmp_path):
     assert "first\n    # `loraforge build` records the sha256" in starter.text
     assert recipe.precision.save == "bfloat16"
     bake = recipe.targets["my-model"]
-    assert [(lora.use, lora.strength, lora.te_strength) for lora in bake.loras] == [("style", 0.8, 0.8), ("detail", 0.6, 0.6)]
+    assert [(lora.use, lora.strength, lora.te_strength) for lora in bake.loras] == [("style", 0.8, 0.0), ("detail", 0.6, 0.6)]
     assert bake.loras[0].blocks == "DOUBLES"
     assert len(recipe.targets["my-model-lora"].loras[0].blocks) == 61
     assert "conv_rank" not in starter.text  # the transformer has no conv layers
@@ -478,20 +478,22 @@ def test_flux_starter_plans_and_builds_on_a_small_flux_model(flux_models, tmp_pa
 
 
 def test_flux_starter_says_what_a_lora_with_text_encoder_modules_needs(flux_models, tmp_path):
-    """The starter's comment: such a LoRA stops plan, naming the modules; allow_unmatched leaves them out."""
+    """The starter's te: 0 skips such a LoRA's CLIP-L/T5 modules (listed by plan); without it plan stops,
+    naming the modules and te: 0."""
     arch, models = flux_models
     recipe = _project(tmp_path / "a", "flux", models, pins=0)
     text = recipe.read_text().replace("source: models/style.safetensors", "source: models/style-te.safetensors")
     # Only the bake: the LoRA merge and the bundle are not what this checks.
     text = text[: text.index("  # One LoRA merged")] + text[text.index("  # Extract a LoRA"): text.index("  # A release bundle")]
     recipe.write_text(text)
-    planned = invoke("plan", recipe)
-    assert planned.exit_code == 2 and "lora_te1_" in planned.output and "allow_unmatched: true" in planned.output
-    recipe.write_text(text.replace("    # allow_unmatched: true ", "    allow_unmatched: true   ", 1))
     planned = invoke("plan", recipe, "--json")
     assert planned.exit_code == 0, planned.output
     [style] = [lora for lora in json.loads(planned.output)["targets"][0]["loras"] if lora["use"] == "style"]
-    assert style["matched"] < style["modules"]
+    assert style["not_in_base"] and all(name.startswith(("lora_te1_", "lora_te3_")) for name in style["not_in_base"])
+    assert style["unmatched"] == [] and style["matched"] + len(style["not_in_base"]) == style["modules"]
+    recipe.write_text(text.replace("        te: 0 ", "        # te: 0 ", 1))
+    planned = invoke("plan", recipe)
+    assert planned.exit_code == 2 and "lora_te1_" in planned.output and "te: 0" in planned.output
 
 
 def _keys(path: Path) -> set[str]:

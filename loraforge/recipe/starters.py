@@ -35,8 +35,9 @@ LFS object id is the file's sha256):
   builds check it (the starter says so in a comment).
 
 The Flux starter has no ``--example merge`` (checkpoint merges do not take
-Flux yet); its bake sets no ``te:``, since BFL's file holds only the
-transformer (a LoRA's CLIP-L/T5 modules are then reported by ``plan``).
+Flux yet); its bake sets ``te: 0``, since BFL's file holds only the
+transformer (a LoRA's CLIP-L/T5 modules are then skipped and listed by ``plan``;
+docs/baking.md).
 """
 
 from __future__ import annotations
@@ -388,9 +389,9 @@ _ARCH_PARTS["flux"] = {
     ),
     "save_line": "  save: bfloat16             # float16 | bfloat16 | float32 | same (keep each base tensor's dtype); Flux ships in bfloat16",
     "bake_style_te": (
-        "        # No `te:` (text-encoder strength): BFL's file has no text encoders. A LoRA with\n"
-        "        # CLIP-L/T5 modules stops `plan`, which names them; `allow_unmatched: true` on the\n"
-        "        # target leaves them out (plan lists them), or bake into an all-in-one base."
+        "        te: 0                # BFL's file holds no text encoder: a LoRA's CLIP-L/T5 modules are\n"
+        "        #                      skipped (plan lists them); load that part at inference, or bake\n"
+        "        #                      into an all-in-one base. Without te: 0 such a LoRA stops plan."
     ),
     "bake_style_blocks": (
         "        # A Flux preset: FLUXALL (every block), DOUBLES (double blocks only), SINGLES\n"
