@@ -393,6 +393,10 @@ def test_plan_matches_every_module_and_inspect_names_family_variant_and_dialect(
     assert not match.unmatched and not match.shape_mismatches and len(match.matched) == len(deltas.parts)
     report = json.loads(invoke("inspect", "--json", tmp_path / "d.safetensors").output)
     assert report["architecture"] == "flux" and report["dialect"] == "diffusers"
+    assert report["adapter_kind"] == "PEFT LoRA"  # lora_A / lora_B halves
+    DIALECTS["comfyui"](deltas, tmp_path / "c.safetensors")
+    report = json.loads(invoke("inspect", "--json", tmp_path / "c.safetensors").output)
+    assert report["dialect"] == "comfyui" and report["adapter_kind"] == "LoRA"  # kohya's halves, dotted names
     report = json.loads(invoke("inspect", "--json", base_path).output)
     assert (report["architecture"], report["variant"]) == ("flux", "dev")
     assert report["architecture_title"] == "Flux.1 dev"

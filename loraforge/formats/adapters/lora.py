@@ -94,7 +94,9 @@ class LoraKind(AdapterKind):
     def label(self, module):
         if module.dora:
             return "DoRA"
-        if module.naming == "diffusers":
+        # lora_A/lora_B (and diffusers' lora.down) halves are PEFT's; dotted names with kohya's lora_down/
+        # lora_up halves (ComfyUI's diffusion_model.… Flux LoRAs) are kohya-style LoRAs in another naming.
+        if module.naming == "diffusers" and not module.keys["down"].endswith("lora_down.weight"):
             return "PEFT LoRA"
         return "LoCon" if module.is_conv or module.tucker else "LoRA"
 
