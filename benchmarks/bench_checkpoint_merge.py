@@ -45,6 +45,7 @@ import argparse
 import math
 import os
 import statistics
+import subprocess
 import sys
 import textwrap
 import time
@@ -254,11 +255,10 @@ def run(jobs: list[str], repeats: int, mecha_python: str | None, keep: bool) -> 
             if mecha_python:
                 sample(f"sd-mecha {job}", mecha_command(mecha_python, job))
         if mecha_python:
-            comparisons[job] = compare_outputs(out / f"{job}.safetensors", out / f"mecha-{job}.safetensors")
-            print_comparison(job, comparisons[job])
-            if job == "ties":
-                for line in trim_definitions():
-                    print(f"  ties trim: {line}", flush=True)
+            # In a child process: wait4's ru_maxrss of every later child counts this process's RSS at fork
+            # time, so the tensors a comparison loads here would inflate the next contenders' peak RSS.
+            compare = [sys.executable, __file__, "--compare", job] + (["--tiny"] if TINY else [])
+            comparisons[job] = subprocess.run(compare, check=True).returncode
         if not keep:
             for path in out.glob("*.safetensors"):
                 path.unlink()
@@ -308,10 +308,18 @@ def main() -> None:
     parser.add_argument("--mecha-python", metavar="PATH", help="a python with sd-mecha 1.1.x: adds that contender")
     parser.add_argument("--keep-outputs", action="store_true", help="leave the merged files under benchmarks/work/")
     parser.add_argument("--tiny", action="store_true", help="small test-size models (checks the script only)")
+    parser.add_argument("--compare", choices=JOBS, help=argparse.SUPPRESS)  # the comparison step of run()
     args = parser.parse_args()
     if args.tiny:
         global WORK, TINY
         WORK, TINY = WORK.with_name("checkpoint-merge-tiny"), True
+    if args.compare:
+        out = WORK / "out"
+        print_comparison(args.compare, compare_outputs(out / f"{args.compare}.safetensors", out / f"mecha-{args.compare}.safetensors"))
+        if args.compare == "ties":
+            for line in trim_definitions():
+                print(f"  ties trim: {line}", flush=True)
+        return
     version, note = mecha_version(args.mecha_python)
     print(note, flush=True)
     jobs = args.job or list(JOBS)
