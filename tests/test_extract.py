@@ -182,16 +182,16 @@ def test_a_rebuild_in_another_process_with_other_threads_is_byte_identical(full_
     assert (folder / "again" / "ex.extract.json").read_bytes() == first.report_path.read_bytes()
 
 
-def build_in_subprocess(folder: Path, name: str, text: str, threads: int) -> Path:
-    """Build ``text`` (its outputs moved under ``name/``) in a fresh process with OMP/MKL on ``threads`` threads."""
+def build_in_subprocess(folder: Path, name: str, text: str, threads: int) -> tuple[subprocess.Popen, Path]:
+    """Start building ``text`` (its outputs moved under ``name/``) in a fresh process with OMP/MKL on ``threads`` threads."""
     (folder / f"{name}.yaml").write_text(text.replace("first/", f"{name}/"))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     code = "from loraforge.cli import app; app()"
-    subprocess.run(
+    process = subprocess.Popen(
         [sys.executable, "-c", code, "build", "-q", str(folder / f"{name}.yaml"), "--device", "cpu"],
-        check=True, env=env, capture_output=True,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
-    return folder / name / "ex.safetensors"
+    return process, folder / name / "ex.safetensors"
 
 
 @pytest.mark.parametrize("svd", ["randomized", "exact"])
@@ -199,8 +199,11 @@ def test_builds_on_one_and_on_two_threads_are_byte_identical(full_rank, svd):
     """Each module's SVD runs on one LAPACK/BLAS thread whatever OMP_NUM_THREADS/MKL_NUM_THREADS say."""
     folder = full_rank[0]
     text = recipe_text(rank=4, conv_rank=4, text_encoder="false", svd=svd, output="first/ex.safetensors")
-    one = build_in_subprocess(folder, f"{svd}-1", text, threads=1)
-    two = build_in_subprocess(folder, f"{svd}-2", text, threads=2)
+    builds = [build_in_subprocess(folder, f"{svd}-{threads}", text, threads=threads) for threads in (1, 2)]  # side by side
+    for process, _ in builds:
+        output, _ = process.communicate(timeout=600)
+        assert process.returncode == 0, output.decode()
+    (_, one), (_, two) = builds
     assert sha256(one) == sha256(two)
     assert one.with_suffix(".extract.json").read_bytes() == two.with_suffix(".extract.json").read_bytes()
 

@@ -154,14 +154,19 @@ def test_independent_of_hash_seed_and_threads(tmp_path):
         "print(write_synthetic_checkpoint(sys.argv[1], ARCH, seed=9).sha256)\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    digests = []
-    for hash_seed, threads in (("1", "1"), ("2", "2")):
-        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": root}
-        out = subprocess.run(
+    runs = [  # side by side
+        subprocess.Popen(
             [sys.executable, "-c", script, str(tmp_path / f"{threads}.safetensors"), threads],
-            env=env, cwd=root, capture_output=True, text=True, check=True,
+            env={**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": root}, cwd=root,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
-        digests.append(out.stdout.strip())
+        for hash_seed, threads in (("1", "1"), ("2", "2"))
+    ]
+    digests = []
+    for run in runs:
+        stdout, stderr = run.communicate(timeout=600)
+        assert run.returncode == 0, stderr
+        digests.append(stdout.strip())
     local = write_synthetic_checkpoint(tmp_path / "here.safetensors", ARCH, seed=9).sha256
     assert digests == [local, local]
 
