@@ -170,7 +170,15 @@ def exact_round(value: Fraction, dtype: torch.dtype) -> float:
         return 0.0
     _, precision, emin, emax = _FORMATS[dtype]
     sign = -1.0 if value < 0 else 1.0
-    magnitude = abs(value)
+    result = round_magnitude(abs(value), precision, emin)
+    if result >= Fraction(2) ** (emax + 1):
+        return sign * math.inf
+    return sign * float(result)  # exact: the result has at most `precision` significant bits
+
+
+def round_magnitude(magnitude: Fraction, precision: int, emin: int) -> Fraction:
+    """RN(magnitude > 0) to ``precision`` significant bits, subnormal below 2^emin, half to even; no
+    overflow check (each format decides: IEEE's ±inf here, E4M3's refusal in ops/fp8.py)."""
     exponent = magnitude.numerator.bit_length() - magnitude.denominator.bit_length()
     if Fraction(2) ** exponent > magnitude:  # bit lengths can overestimate by one
         exponent -= 1
@@ -180,7 +188,4 @@ def exact_round(value: Fraction, dtype: torch.dtype) -> float:
     rest = scaled - whole
     if rest > Fraction(1, 2) or (rest == Fraction(1, 2) and whole % 2 == 1):
         whole += 1
-    result = whole * quantum
-    if result >= Fraction(2) ** (emax + 1):
-        return sign * math.inf
-    return sign * float(result)  # exact: the result has at most `precision` significant bits
+    return whole * quantum

@@ -20,12 +20,13 @@ Pure functions on tensors and numbers; no I/O.
 
 from __future__ import annotations
 
-import math
 from fractions import Fraction
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from loraforge.ops.certified import round_magnitude
 
 E4M3_MAX = 448.0
 _MANTISSA_BITS = 3
@@ -103,17 +104,7 @@ def exact_e4m3(value: Fraction) -> float:
     if value == 0:
         return 0.0
     sign = -1.0 if value < 0 else 1.0
-    magnitude = abs(value)
-    exponent = magnitude.numerator.bit_length() - magnitude.denominator.bit_length()
-    if Fraction(2) ** exponent > magnitude:  # bit lengths can overestimate by one
-        exponent -= 1
-    quantum = Fraction(2) ** max(exponent - _MANTISSA_BITS, _QUANTUM_FLOOR)
-    scaled = magnitude / quantum
-    whole = scaled.numerator // scaled.denominator
-    rest = scaled - whole
-    if rest > Fraction(1, 2) or (rest == Fraction(1, 2) and whole % 2 == 1):
-        whole += 1
-    result = whole * quantum
+    result = round_magnitude(abs(value), _MANTISSA_BITS + 1, _MIN_EXPONENT)
     if result > Fraction(int(E4M3_MAX)):
         raise ValueError(f"{float(value)} is beyond the largest E4M3 value, 448")
     return sign * float(result)
