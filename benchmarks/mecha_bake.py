@@ -34,15 +34,14 @@ from __future__ import annotations
 import argparse
 import os
 
-import torch
-
 import sd_mecha
 from sd_mecha.extensions import merge_methods
+
+from mecha_common import DTYPES, merge_to_file
 from sd_mecha.keys_map import RealizedKeyRelation
 
 # The LoRA model config sd-mecha registers for kohya-named LoRAs of each base config.
 LORA_CONFIGS = {"sd1-ldm": "sd1-kohya_kohya_lora", "sdxl-sgm": "sdxl-kohya_kohya_lora"}
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 
 def _patch_relation_indexing() -> None:
@@ -83,25 +82,8 @@ def main() -> None:
 
     _patch_relation_indexing()
     recipe = build_recipe(args.base, args.config, args.lora)
-    progress = {} if args.progress else {"tqdm": _silent_tqdm}
-    sd_mecha.merge(
-        recipe,
-        merge_device="cpu",
-        merge_dtype=DTYPES[args.merge_dtype],
-        output_device="cpu",
-        output_dtype=DTYPES[args.output_dtype],
-        threads=args.threads,
-        **progress,
-        output=os.path.abspath(args.output),
-    )
-    with open(args.output, "rb+") as written:
-        os.fsync(written.fileno())
+    merge_to_file(recipe, args)
 
-
-def _silent_tqdm(*args, **kwargs):
-    from tqdm import tqdm
-
-    return tqdm(*args, disable=True, **kwargs)
 
 
 if __name__ == "__main__":

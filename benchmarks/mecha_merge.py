@@ -35,12 +35,11 @@ from __future__ import annotations
 import argparse
 import os
 
-import torch
-
 import sd_mecha
 from sd_mecha.extensions import merge_methods
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+from mecha_common import DTYPES, merge_to_file
+
 
 
 def weighted_sum_recipe(models: list, weights: list[float]):
@@ -87,25 +86,8 @@ def main() -> None:
         if not args.base:
             parser.error("ties needs --base")
         recipe = ties_recipe(sd_mecha.model(args.base, args.config), models, args.density, args.scale)
-    progress = {} if args.progress else {"tqdm": _silent_tqdm}
-    sd_mecha.merge(
-        recipe,
-        merge_device="cpu",
-        merge_dtype=DTYPES[args.merge_dtype],
-        output_device="cpu",
-        output_dtype=DTYPES[args.output_dtype],
-        threads=args.threads,
-        **progress,
-        output=os.path.abspath(args.output),
-    )
-    with open(args.output, "rb+") as written:
-        os.fsync(written.fileno())
+    merge_to_file(recipe, args)
 
-
-def _silent_tqdm(*args, **kwargs):
-    from tqdm import tqdm
-
-    return tqdm(*args, disable=True, **kwargs)
 
 
 if __name__ == "__main__":
