@@ -20,6 +20,7 @@ from loraforge.plan.context import BuiltOutput
 from loraforge.plan.model import BuildPlan
 from loraforge.plan.numeric_environment import target_environment
 from loraforge.plan.planner import replan_target
+from loraforge.plan.status import UP_TO_DATE
 from loraforge.plan.target import PlannedTarget
 from loraforge.plan.tolerance import lock_tolerance_entry
 from loraforge.errors import BuildError
@@ -47,6 +48,11 @@ class BuildState:
             target, state = replan_target(self.plan, name, self.planned, self.built)
             self.planned[name], self.states[name] = target, state
             self.planned_with[name] = self._built_producers(name)
+            if state == UP_TO_DATE and self.lock is not None and name in self.lock.targets:
+                # Up to date once its producers were rebuilt to the same bytes: its output counts as built,
+                # so the targets that read it are planned again too (a release planned while it was still
+                # waiting would otherwise record its stale plan: no action key).
+                self.built[name] = BuiltOutput(target.output, self.lock.targets[name]["sha256"])
         target = self.planned[name]
         reads = target.read_hashes if target.read_hashes is not None else self.plan.loaded.recipe.dependencies(name)
         self.input_files.check(name, [n for n in reads if n in self.plan.inputs])
