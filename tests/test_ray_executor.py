@@ -376,3 +376,34 @@ def test_without_ray_the_ray_executor_is_one_paragraph_naming_the_extra(tmp_path
     assert "pip install 'loraforge[ray]'" in output and "Traceback" not in output
     assert len(output.strip().split("\n\n")) == 1
     assert not (recipe.parent / "dist").exists()  # refused before anything was planned or built
+
+
+def test_a_damaged_store_blob_is_refused_and_nothing_is_left(tmp_path, monkeypatch):
+    """Both ways out of the store (into an output path, into this machine's store) check the sha256:
+    other bytes under a blob's name are one error naming the file, and no file or temp file remains."""
+    import hashlib
+
+    from loraforge.errors import BuildError
+    from loraforge.execute.remote_store import RemoteStore
+
+    monkeypatch.setenv("LORAFORGE_CACHE", str(tmp_path / "cache"))
+    store = RemoteStore(f"file://{tmp_path / 'store'}")
+    good = tmp_path / "good.bin"
+    good.write_bytes(b"the right bytes")
+    sha256 = hashlib.sha256(good.read_bytes()).hexdigest()
+    assert store.upload(good, sha256)
+    (tmp_path / "out").mkdir()
+    assert store.download(sha256, tmp_path / "out" / "copy.bin", "input 'x'") == len(b"the right bytes")
+    assert (tmp_path / "out" / "copy.bin").read_bytes() == b"the right bytes"
+    assert store.fetch_into_local_store(sha256, "input 'x'").read_bytes() == b"the right bytes"
+
+    damaged = hashlib.sha256(b"other").hexdigest()
+    blob = Path(store.key(damaged))
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(b"not what the name says")
+    with pytest.raises(BuildError, match="holds other bytes under sha256"):
+        store.download(damaged, tmp_path / "out" / "bad.bin", "input 'y'")
+    with pytest.raises(BuildError, match="input 'y': the store .* holds other bytes"):
+        store.fetch_into_local_store(damaged, "input 'y'")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["copy.bin"]
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and "tmp" in p.parent.name]

@@ -112,20 +112,9 @@ class RemoteStore:
     def download(self, sha256: str, destination: Path, what: str) -> int:
         """Write the blob to ``destination`` atomically, checking its sha256 on the way; returns its size.
         ``what`` names the file in errors (an input, a target's output)."""
-        fs, _root = self._filesystem()
-        hashes = StreamHashes()
         temp, handle = create_temp(Path(destination))
         try:
-            with fs.open(self.key(sha256), "rb") as source:
-                while chunk := source.read(CHUNK):
-                    hashes.update(chunk)
-                    handle.write(chunk)
-            if hashes.sha256 != sha256:
-                raise BuildError(
-                    f"{what}: the store {self.url} holds other bytes under sha256 {sha256[:16]}… (they hash to "
-                    f"{hashes.sha256[:16]}…); nothing was written to {destination}. Remove that blob from the store "
-                    "(it is damaged) and build again."
-                )
+            hashes = self._copy_blob(sha256, handle, what, f"; nothing was written to {destination}")
             commit(temp, handle, Path(destination))
         except FileNotFoundError:
             discard(temp, handle)
@@ -151,18 +140,10 @@ class RemoteStore:
             blob = local.get(sha256)
             if blob is not None:
                 return blob.path
-            fs, _root = self._filesystem()
-            temp, hashes = local.temp_path(), StreamHashes()
+            temp, handle = create_temp(local.temp_path())  # O_EXCL, never through a planted link (atomic.py)
             try:
-                with fs.open(self.key(sha256), "rb") as source, open(temp, "wb") as handle:
-                    while chunk := source.read(CHUNK):
-                        hashes.update(chunk)
-                        handle.write(chunk)
-                if hashes.sha256 != sha256:
-                    raise BuildError(
-                        f"{what}: the store {self.url} holds other bytes under sha256 {sha256[:16]}… (they hash to "
-                        f"{hashes.sha256[:16]}…). Remove that blob from the store (it is damaged) and build again."
-                    )
+                with handle:
+                    hashes = self._copy_blob(sha256, handle, what, "")
                 return local.commit(temp, hashes, sha256, what).path
             except FileNotFoundError:
                 raise BuildError(f"{what}: the store {self.url} has no blob sha256 {sha256[:16]}…; the driver uploads "
@@ -172,6 +153,21 @@ class RemoteStore:
                 raise self._error("downloading", sha256, error) from None
             finally:
                 Path(temp).unlink(missing_ok=True)
+
+    def _copy_blob(self, sha256: str, handle, what: str, nothing_written: str) -> StreamHashes:
+        """Stream the blob into the open ``handle``, hashing it; BuildError when it is not the blob named."""
+        fs, _root = self._filesystem()
+        hashes = StreamHashes()
+        with fs.open(self.key(sha256), "rb") as source:
+            while chunk := source.read(CHUNK):
+                hashes.update(chunk)
+                handle.write(chunk)
+        if hashes.sha256 != sha256:
+            raise BuildError(
+                f"{what}: the store {self.url} holds other bytes under sha256 {sha256[:16]}… (they hash to "
+                f"{hashes.sha256[:16]}…){nothing_written}. Remove that blob from the store (it is damaged) and build again."
+            )
+        return hashes
 
     def _error(self, doing: str, sha256: str, error: OSError) -> BuildError:
         return BuildError(f"{doing} sha256 {sha256[:16]}… in the store {self.url} failed: {error}. Check that the store "
