@@ -114,6 +114,12 @@ def _tree_size(path: Path) -> int:
         return 0
 
 
+def open_new(path: Path) -> IO:
+    """``path`` created for writing (binary): FileExistsError if anything, a link included, is there already,
+    so a planted symlink never redirects the write. For temp names chosen elsewhere (resolve/store.py)."""
+    return os.fdopen(os.open(path, _FLAGS, 0o666), "wb")
+
+
 def create_temp(path: Path, mode: str = "wb", **open_args) -> tuple[Path, IO]:
     """A new, empty temp file in ``path``'s folder, open for writing: (its path, the file object).
 

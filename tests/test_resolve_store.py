@@ -90,3 +90,21 @@ def test_ingest_copies_or_links_a_local_file_and_verifies_it(tmp_path):
     with pytest.raises(ResolveError, match="'base'"):
         store.ingest_file(source, "1" * 64, "base")
     assert [p.name for p in store.blobs()] == [sha(data)]
+
+
+def test_ingest_never_writes_through_a_link_planted_at_its_temp_name(tmp_path, monkeypatch):
+    """The copy path opens its temp file O_EXCL|O_NOFOLLOW: a symlink waiting at the name is refused, the
+    file it points to keeps its bytes, and the planted link is removed."""
+    store = Store(tmp_path / "store")
+    source = tmp_path / "model.safetensors"
+    data = safetensors_bytes(300)
+    source.write_bytes(data)
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"keep me")
+    planted = store.temp_path()
+    planted.symlink_to(victim)
+    monkeypatch.setattr(Store, "temp_path", lambda self: planted)
+    with pytest.raises(FileExistsError):
+        store.ingest_file(source, sha(data), "model")
+    assert victim.read_bytes() == b"keep me"
+    assert not planted.is_symlink() and store.get(sha(data)) is None

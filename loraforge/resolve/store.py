@@ -31,7 +31,7 @@ from typing import Iterator
 
 from filelock import FileLock
 
-from loraforge.atomic import fsync_folder, remove_stale, write_text_atomic
+from loraforge.atomic import fsync_folder, open_new, remove_stale, write_text_atomic
 from loraforge.canonical import canonical_json
 from loraforge.errors import ResolveError
 from loraforge.resolve import hash_cache
@@ -150,7 +150,8 @@ class Store:
                 os.link(source, temp)  # same file system: no copy, just hash it
                 reader, writer = open(temp, "rb"), None
             except OSError:
-                reader, writer = open(source, "rb"), open(temp, "wb")
+                writer = open_new(temp)  # O_EXCL: never written through a link planted at the temp name
+                reader = open(source, "rb")
             with reader:
                 while chunk := reader.read(COPY_CHUNK):
                     hashes.update(chunk)
