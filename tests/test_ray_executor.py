@@ -392,6 +392,7 @@ def test_a_damaged_store_blob_is_refused_and_nothing_is_left(tmp_path, monkeypat
     good.write_bytes(b"the right bytes")
     sha256 = hashlib.sha256(good.read_bytes()).hexdigest()
     assert store.upload(good, sha256)
+    assert [p.name for p in (tmp_path / "store").rglob("*") if p.is_file()] == [sha256]  # no temp file left
     (tmp_path / "out").mkdir()
     assert store.download(sha256, tmp_path / "out" / "copy.bin", "input 'x'") == len(b"the right bytes")
     assert (tmp_path / "out" / "copy.bin").read_bytes() == b"the right bytes"

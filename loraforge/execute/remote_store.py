@@ -19,11 +19,11 @@ reader never sees part of one. fsspec is imported only when a store is used.
 from __future__ import annotations
 
 import os
-import secrets
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loraforge.atomic import commit, create_temp, discard
+from loraforge.atomic import atomic_file, commit, create_temp, discard
 from loraforge.errors import BuildError
 from loraforge.resolve.stream_hash import StreamHashes
 
@@ -95,14 +95,9 @@ class RemoteStore:
         key = self.key(sha256)
         try:
             fs.makedirs(key.rsplit("/", 1)[0], exist_ok=True)
-            if self._local():  # a shared filesystem: a temp name, then one rename
-                temp = f"{key}.tmp-{os.getpid()}-{secrets.token_hex(8)}"
-                try:
-                    fs.put_file(str(path), temp)
-                    fs.mv(temp, key)
-                finally:
-                    if fs.exists(temp):
-                        fs.rm(temp)
+            if self._local():  # a shared filesystem: the one temp-then-rename helper (O_EXCL, no link followed)
+                with open(path, "rb") as source, atomic_file(Path(key)) as handle:
+                    shutil.copyfileobj(source, handle, CHUNK)
             else:  # object stores: an object appears only once its upload completed
                 fs.put_file(str(path), key)
         except OSError as error:
