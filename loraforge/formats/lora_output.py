@@ -293,51 +293,39 @@ def planned_lora_adapter(
     """
     if format == "diffusers":
         return _planned_diffusers_adapter(path, modules, arch)
-    parsed = []
-    for name, weight_shape, rank in sorted(modules):
-        shapes = factor_shapes(weight_shape, rank)
-        parsed.append(
-            AdapterModule(
-                name=name,
-                naming="kohya",
-                kind="lora",
-                tucker=False,
-                dora=False,
-                keys={role: f"{name}.{suffix}" for role, suffix in sorted(SUFFIXES.items())},
-                rank=rank,
-                alpha=float(rank),
-                scale=1.0,  # alpha = rank
-                delta_shape=tuple(weight_shape),
-                shapes=dict(sorted(shapes.items())),
-            )
-        )
+    parsed = [_planned_module(name, "kohya", SUFFIXES, weight_shape, rank, alpha=float(rank))
+              for name, weight_shape, rank in sorted(modules)]
     module_tuple = tuple(parsed)
     return AdapterFile(path=str(path), modules=module_tuple, unclaimed=(), metadata={}, kind=describe_kind(module_tuple))
 
 
 def _planned_diffusers_adapter(path, modules, arch: Architecture) -> AdapterFile:
-    parsed = []
-    for kohya_name, weight_shape, rank in modules:
-        for part in diffusers_parts(arch, kohya_name):
-            shape = _part_shape(weight_shape, part)
-            shapes = factor_shapes(shape, rank)
-            parsed.append(
-                AdapterModule(
-                    name=part.name,
-                    naming="diffusers",
-                    kind="lora",
-                    tucker=False,
-                    dora=False,
-                    keys={role: f"{part.name}.{suffix}" for role, suffix in sorted(PEFT_SUFFIXES.items())},
-                    rank=rank,
-                    alpha=None,  # none written: PEFT's default, alpha = rank
-                    scale=1.0,
-                    delta_shape=shape,
-                    shapes={role: shapes[role] for role in sorted(PEFT_SUFFIXES)},
-                )
-            )
+    parsed = [
+        # no alpha written: PEFT's default, alpha = rank
+        _planned_module(part.name, "diffusers", PEFT_SUFFIXES, _part_shape(weight_shape, part), rank, alpha=None)
+        for kohya_name, weight_shape, rank in modules
+        for part in diffusers_parts(arch, kohya_name)
+    ]
     module_tuple = tuple(sorted(parsed, key=lambda m: m.name))
     return AdapterFile(path=str(path), modules=module_tuple, unclaimed=(), metadata={}, kind=describe_kind(module_tuple))
+
+
+def _planned_module(name: str, naming: str, suffixes: dict[str, str], weight_shape, rank: int, alpha: float | None) -> AdapterModule:
+    """One LoRA module as the writer will write it (``suffixes``: role -> key suffix; scale 1, alpha = rank)."""
+    shapes = factor_shapes(weight_shape, rank)
+    return AdapterModule(
+        name=name,
+        naming=naming,
+        kind="lora",
+        tucker=False,
+        dora=False,
+        keys={role: f"{name}.{suffix}" for role, suffix in sorted(suffixes.items())},
+        rank=rank,
+        alpha=alpha,
+        scale=1.0,
+        delta_shape=tuple(weight_shape),
+        shapes={role: shapes[role] for role in sorted(suffixes)},
+    )
 
 
 def estimated_lora_bytes(
